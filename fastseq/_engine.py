@@ -1,0 +1,101 @@
+"""Glue between the public classes and the kernels.
+
+For one layer and direction: allocate the workspace, make the one kernel call, and return
+what backward needs. Layers (many steps, packed rows) and cells (one step) both come here,
+so every cell's math lives only in its kernel module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fastseq.kernels.gru import gru_backward, gru_forward
+from fastseq.kernels.lstm import lstm_backward, lstm_forward
+from fastseq.kernels.rnn import rnn_backward, rnn_forward
+from fastseq.registry import CELLS
+
+#: Internal names of one direction's parameters, in the kernels' argument order.
+WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep")
+
+
+class CellOptions(NamedTuple):
+    """Cell variant switches (all False/True defaults give torch's cells)."""
+
+    relu: bool = False  # RNN: relu instead of tanh
+    peephole: bool = False  # LSTM: peephole connections
+    reset_after: bool = True  # GRU: reset gate after the hidden GEMM (torch)
+
+
+def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
+    """Run one layer and direction forward.
+
+    Parameters
+    ----------
+    cell : str
+        Registry key.
+    opts : CellOptions
+    w : dict
+        ``WEIGHT_KEYS`` -> arrays (see the shapes legend in fastseq.kernels; ``w_peep``
+        (3, H) is only read for a peephole LSTM).
+    x : ndarray (R, C)
+        Packed input.
+    states : tuple of ndarray (N, H)
+        Initial state(s) in sorted sample order, overwritten with the final state(s).
+    packing : fastseq._packing.Packing
+    out : ndarray (R, D*H)
+        Packed output; columns ``out_col:out_col+H`` are written.
+    reverse, training : bool
+
+    Returns
+    -------
+    dict or None
+        The workspace backward needs (training), else None.
+    """
+    rows, hd, dt = x.shape[0], states[0].shape[1], x.dtype
+    gates = np.empty((rows, CELLS[cell].gates * hd), dt)
+    ws_rows = rows if training else 0
+    hprev = np.empty((ws_rows, hd), dt)
+    pk = (packing.batch_sizes, packing.offsets, packing.lengths, reverse)
+    ws = {"x": x, "gates": gates, "hprev": hprev}
+    if cell == "rnn":
+        rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
+                    out, out_col, states[0], gates, hprev, training)  # fmt: skip
+    elif cell == "lstm":
+        ws["cprev"] = np.empty((ws_rows, hd), dt)
+        ws["cnew"] = np.empty((ws_rows, hd), dt)
+        lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"],
+                     opts.peephole, *pk, out, out_col, states[0], states[1], gates, hprev,
+                     ws["cprev"], ws["cnew"], training)  # fmt: skip
+    else:
+        ws["hn"] = np.empty((ws_rows, hd), dt)
+        gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.reset_after, *pk,
+                    out, out_col, states[0], gates, hprev, ws["hn"], training)  # fmt: skip
+    return ws if training else None
+
+
+def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads):
+    """Run one layer and direction backward, consuming ``ws`` (its buffers are overwritten).
+
+    ``dout`` (R, D*H): gradient of the packed output (columns ``out_col:out_col+H`` read).
+    ``dstates``: tuple of (N, H), gradient of the final state(s) in sorted order,
+    overwritten with the gradient of the initial state(s). ``dx`` (R, C): written, or added
+    to when ``accumulate_dx``. ``grads``: ``WEIGHT_KEYS`` -> arrays the parameter gradients
+    are added into.
+    """
+    pk = (packing.batch_sizes, packing.offsets, packing.lengths, reverse)
+    x, gates, hprev = ws["x"], ws["gates"], ws["hprev"]
+    if cell == "rnn":
+        rnn_backward(x, w["w_ih"], w["w_hh"], opts.relu, *pk, dout, out_col, dstates[0],
+                     gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
+                     grads["b_ih"], grads["b_hh"])  # fmt: skip
+    elif cell == "lstm":
+        lstm_backward(x, w["w_ih"], w["w_hh"], w["w_peep"], opts.peephole, *pk, dout,
+                      out_col, dstates[0], dstates[1], gates, hprev, ws["cprev"],
+                      ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
+                      grads["b_ih"], grads["b_hh"], grads["w_peep"])  # fmt: skip
+    else:
+        gru_backward(x, w["w_ih"], w["w_hh"], opts.reset_after, *pk, dout, out_col,
+                     dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],
+                     grads["w_hh"], grads["b_ih"], grads["b_hh"])  # fmt: skip

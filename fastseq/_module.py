@@ -1,0 +1,95 @@
+"""Parameter handling shared by layers and cells: params, grads, state_dict, train/eval."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class Module:
+    """Base of every object with parameters.
+
+    Attributes
+    ----------
+    params : dict of str -> ndarray
+        The live parameter arrays (torch's names). Update them in place, e.g.
+        ``p -= lr * module.grads[name]``; ``load_state_dict`` also writes in place.
+    grads : dict of str -> ndarray
+        Gradients with the same keys and shapes, accumulated by ``backward`` until
+        :meth:`zero_grad`.
+    training : bool
+        Training mode (default): forward keeps what backward needs. Eval mode runs the
+        inference path and keeps nothing.
+    """
+
+    params: dict
+    grads: dict
+    training: bool = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters, keyed by torch's names."""
+        return {name: value.copy() for name, value in self.params.items()}
+
+    def load_state_dict(self, state) -> None:
+        """Copy parameters in from a mapping of names to array-likes.
+
+        Accepts anything ``np.asarray`` understands (for example ``t.detach().numpy()`` of
+        torch tensors). Every key and shape is checked before any parameter changes.
+
+        Raises
+        ------
+        TypeError
+            ``state`` is not a mapping, or a value is not numeric.
+        ValueError
+            Keys are missing or unexpected, or a value has the wrong shape.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to arrays; received {type(state).__name__}")
+        missing = sorted(set(self.params) - set(state))
+        unexpected = sorted(set(state) - set(self.params))
+        if missing or unexpected:
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
+                f"expected exactly {sorted(self.params)}"
+            )
+        staged = {}
+        for name, current in self.params.items():
+            value = np.asarray(state[name])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"load_state_dict: {name!r} must be numeric; received dtype {value.dtype}")
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"load_state_dict: {name!r} has shape {value.shape}; expected {current.shape}"
+                )
+            staged[name] = value
+        for name, value in staged.items():
+            self.params[name][...] = value
+
+    def zero_grad(self) -> None:
+        """Set every accumulated gradient to zero."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def train(self, mode: bool = True):
+        """Switch training mode on (default) or off; returns self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be True or False; received {mode!r}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Switch to eval (inference) mode; returns self."""
+        return self.train(False)
+
+
+def uniform_init(rng, shapes: dict, hidden_size: int, dtype) -> dict:
+    """torch's default init: every array drawn from U(-1/sqrt(H), 1/sqrt(H)), in dict order."""
+    bound = 1.0 / np.sqrt(hidden_size)
+    return {name: rng.uniform(-bound, bound, size=s).astype(dtype) for name, s in shapes.items()}

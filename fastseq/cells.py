@@ -1,0 +1,178 @@
+"""Single-step cells with torch's API: RNNCell, LSTMCell, GRUCell (generation, streaming)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastseq import _engine
+from fastseq import _validate as v
+from fastseq._module import Module, uniform_init
+from fastseq._packing import Packing
+from fastseq.layers import state_arrays
+from fastseq.registry import CELLS
+
+
+class _RecurrentCell(Module):
+    """Shared implementation of the cells: one time step, forward and backward.
+
+    In training mode every forward keeps its step's workspace on a stack and each backward
+    consumes the most recent one, so a sequence unrolled through the cell is
+    back-propagated by calling backward in reverse step order (as autograd would).
+    Eval mode keeps nothing; use it for generation.
+    """
+
+    _cell = ""
+
+    def _setup(self, input_size, hidden_size, bias, dtype, seed, opts, forget_bias=0.0):
+        self.input_size = v.positive_int("input_size", input_size)
+        self.hidden_size = v.positive_int("hidden_size", hidden_size)
+        self.bias = v.flag("bias", bias)
+        self.dtype = v.dtype_option(dtype)
+        forget_bias = v.finite_float("forget_bias", forget_bias)
+        if forget_bias and not self.bias:
+            raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+        self._opts = opts
+        hd = self.hidden_size
+        gh = CELLS[self._cell].gates * hd
+        shapes = {"weight_ih": (gh, self.input_size), "weight_hh": (gh, hd)}
+        self._keys = {"w_ih": "weight_ih", "w_hh": "weight_hh"}
+        if self.bias:
+            shapes["bias_ih"] = shapes["bias_hh"] = (gh,)
+            self._keys.update(b_ih="bias_ih", b_hh="bias_hh")
+        if opts.peephole:
+            shapes["weight_peephole"] = (3, hd)
+            self._keys["w_peep"] = "weight_peephole"
+        self.params = uniform_init(np.random.default_rng(seed), shapes, hd, self.dtype)
+        if forget_bias:
+            self.params["bias_ih"][hd : 2 * hd] += self.dtype.type(forget_bias)
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        absent = {"b_ih": np.zeros(gh, self.dtype), "b_hh": np.zeros(gh, self.dtype),
+                  "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
+        absent_grads = {k: np.zeros_like(a) for k, a in absent.items()}
+        self._weights = {k: self.params[self._keys[k]] if k in self._keys else absent[k] for k in _engine.WEIGHT_KEYS}
+        self._grad_views = {k: self.grads[self._keys[k]] if k in self._keys else absent_grads[k] for k in _engine.WEIGHT_KEYS}
+        self._stack = []
+        self._packing = None
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, bias={self.bias}, dtype={self.dtype.name})"
+
+    def _step_packing(self, batch):
+        if self._packing is None or self._packing.batch != batch:
+            self._packing = Packing(None, 1, batch)
+        return self._packing
+
+    def forward(self, x, hx=None):
+        """One step.
+
+        Parameters
+        ----------
+        x : array (N, C) or unbatched (C,)
+        hx : array (N, H) or (H,); LSTMCell: pair (h, c); None (default) means zeros.
+
+        Returns
+        -------
+        h' : ndarray (N, H) or (H,); LSTMCell: pair (h', c')
+        """
+        x = v.float_array("x", x, self.dtype)
+        if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(f"x has shape {x.shape}; expected (N, C) or (C,) with C = input_size = {self.input_size}")
+        unbatched = x.ndim == 1
+        x2 = x[None, :] if unbatched else x
+        batch = x2.shape[0]
+        if batch == 0:
+            raise ValueError(f"x has shape {x.shape}; the batch axis must not be empty")
+        spec = CELLS[self._cell]
+        shape = (self.hidden_size,) if unbatched else (batch, self.hidden_size)
+        states = state_arrays("hx", hx, spec.n_states, shape, "(N, H)" if not unbatched else "(H,)", self.dtype)
+        states = tuple(np.zeros((batch, self.hidden_size), self.dtype) if s is None
+                       else np.array(s.reshape(batch, self.hidden_size), order="C") for s in states)  # fmt: skip
+        x2 = np.ascontiguousarray(x2)
+        if not x2.flags.writeable:
+            x2 = x2.copy()
+        packing = self._step_packing(batch)
+        out = np.empty((batch, self.hidden_size), self.dtype)
+        ws = _engine.forward(self._cell, self._opts, self._weights, x2, states, packing, out, 0, False, self.training)
+        if self.training:
+            self._stack.append((ws, packing, unbatched))
+        result = [s[0] if unbatched else s for s in states]
+        return result[0] if spec.n_states == 1 else tuple(result)
+
+    def backward(self, grad):
+        """Back-propagate the most recent training-mode step not yet back-propagated.
+
+        Parameters
+        ----------
+        grad : array like h' ; LSTMCell: pair (grad_h, grad_c), either may be None
+
+        Returns
+        -------
+        dx : ndarray like x
+        dhx : ndarray like hx; LSTMCell: pair (dh, dc)
+        """
+        if not self._stack:
+            raise ValueError(
+                "backward() needs a preceding forward() in training mode that has not been "
+                "back-propagated yet: call cell.train() and forward() first"
+            )
+        spec = CELLS[self._cell]
+        ws, packing, unbatched = self._stack[-1]
+        batch = packing.batch
+        shape = (self.hidden_size,) if unbatched else (batch, self.hidden_size)
+        grads = state_arrays("grad", grad, spec.n_states, shape, "the shape of h'", self.dtype)
+        self._stack.pop()
+        grads = [np.zeros((batch, self.hidden_size), self.dtype) if g is None
+                 else np.array(g.reshape(batch, self.hidden_size), order="C") for g in grads]  # fmt: skip
+        # The step's output is its new h: its gradient enters through dout; dstates carry
+        # only the extra cell-state gradient of an LSTM.
+        dout = grads[0]
+        dstates = (np.zeros_like(dout),) + tuple(grads[1:])
+        dx = np.empty((batch, self.input_size), self.dtype)
+        _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False, self._grad_views)
+        result = [s[0] if unbatched else s for s in dstates]
+        dx = dx[0] if unbatched else dx
+        return dx, (result[0] if spec.n_states == 1 else tuple(result))
+
+
+class RNNCell(_RecurrentCell):
+    """Elman RNN cell, as ``torch.nn.RNNCell``: h' = act(W_ih x + b_ih + W_hh h + b_hh).
+
+    Parameters: ``weight_ih`` (H, C), ``weight_hh`` (H, H), ``bias_ih``, ``bias_hh`` (H,).
+    """
+
+    _cell = "rnn"
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", *, dtype=np.float32, seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; received {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self._setup(input_size, hidden_size, bias, dtype, seed, _engine.CellOptions(relu=nonlinearity == "relu"))
+
+
+class LSTMCell(_RecurrentCell):
+    """LSTM cell, as ``torch.nn.LSTMCell`` (gates i, f, g, o); state is a pair (h, c).
+
+    Parameters: ``weight_ih`` (4H, C), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H,),
+    and with ``peephole=True`` ``weight_peephole`` (3, H). ``forget_bias`` is added to the
+    forget slice of ``bias_ih`` at initialisation.
+    """
+
+    _cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None, peephole=False, forget_bias=0.0):
+        opts = _engine.CellOptions(peephole=v.flag("peephole", peephole))
+        self._setup(input_size, hidden_size, bias, dtype, seed, opts, forget_bias)
+
+
+class GRUCell(_RecurrentCell):
+    """GRU cell, as ``torch.nn.GRUCell`` (gates r, z, n); ``reset_after=False`` gives Cho et
+    al.'s variant n = tanh(W_in x + b_in + W_hn (r*h) + b_hn).
+
+    Parameters: ``weight_ih`` (3H, C), ``weight_hh`` (3H, H), ``bias_ih``, ``bias_hh`` (3H,).
+    """
+
+    _cell = "gru"
+
+    def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None, reset_after=True):
+        opts = _engine.CellOptions(reset_after=v.flag("reset_after", reset_after))
+        self._setup(input_size, hidden_size, bias, dtype, seed, opts)

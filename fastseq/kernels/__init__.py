@@ -1,0 +1,48 @@
+"""Numba kernels: forward and backward passes of every recurrent cell.
+
+Pure ``@njit`` functions taking arrays and scalars only, one module per cell. The public
+classes in :mod:`fastseq.layers` and :mod:`fastseq.cells` validate, allocate and make at most
+one kernel call per layer and direction.
+
+Shapes legend (rightmost dimension fastest, every array C-contiguous)::
+
+    T  time steps of the padded input           N  batch size
+    C  input features                            H  hidden units
+    G  gates (RNN 1, GRU 3, LSTM 4)              S  steps actually run = max(lengths)
+    R  packed rows = sum(lengths) = batch_sizes.sum()
+    D  directions (1 or 2); an output row holds D*H values, direction d in columns d*H:(d+1)*H
+
+Packed layout (as torch's ``PackedSequence``). Samples are sorted by length, longest first,
+and the sorted sample ``i`` at time step ``t`` lives in packed row ``offsets[t] + i``.
+``batch_sizes[t]`` samples are still running at step ``t``: always the prefix
+``0 .. batch_sizes[t]-1`` of the sorted batch, so every per-step GEMM works on a leading
+slice of a contiguous state array and the work is proportional to the valid steps.
+
+The forward direction runs step ``s = t``. The reverse direction runs step ``s`` of sample
+``i`` at time ``t = lengths[i] - 1 - s``, so each sample's reverse pass starts at its own
+last valid step.
+
+Kernel arguments shared by all cells::
+
+    x            (R, C)       in      packed layer input
+    w_ih         (G*H, C)     in      input weights, torch's gate order
+    w_hh         (G*H, H)     in      recurrent weights
+    b_ih, b_hh   (G*H,)       in      biases (zeros when the layer has no bias)
+    batch_sizes  (S,)         in      int64, samples still running at each step
+    offsets      (S+1,)       in      int64, first packed row of each time step
+    lengths      (N,)         in      int64, sorted lengths, longest first
+    reverse      bool         in      run the sequence backwards (per sample)
+    out          (R, D*H)     out     packed output; columns out_col:out_col+H written
+    h            (N, H)       in/out  initial hidden state (sorted order) -> final state
+    gates        (R, G*H)     scratch forward: input projection, then (training) the gate
+                                      activations backward needs; backward overwrites it
+                                      with the gradients of the gate pre-activations
+    hprev        (R, H)       out     (training) hidden state each row started from
+    training     bool         in      keep what backward needs; False runs inference and
+                                      writes no workspace beyond ``gates``
+
+Backward kernels take the same packing, the forward's workspace, ``dout`` (R, D*H) and
+``dh`` (N, H) (gradient of the final state in, of the initial state out), write ``dx``
+(R, C) (``accumulate_dx``: add instead of overwrite, for the second direction) and add the
+parameter gradients into ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``.
+"""

@@ -1,0 +1,361 @@
+"""Multi-layer recurrent layers with torch's API and weight layout: RNN, LSTM, GRU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastseq import _engine
+from fastseq import _validate as v
+from fastseq._module import Module, uniform_init
+from fastseq._packing import Packing
+from fastseq.registry import CELLS
+
+
+def state_arrays(name, value, n_states, expected, described, dtype):
+    """Validate a state argument (hx, grad_h_n, ...) into a list of arrays or Nones.
+
+    One-state cells take an array; LSTM takes a pair (h, c). None means zeros.
+    """
+    if n_states == 1:
+        items = [value]
+    else:
+        if value is None:
+            items = [None, None]
+        elif not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(
+                f"{name} must be a pair (h, c) of arrays for an LSTM; received "
+                f"{type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else "")
+            )
+        else:
+            items = list(value)
+    suffixes = ("",) if n_states == 1 else ("[0] (h)", "[1] (c)")
+    arrays = []
+    for item, suffix in zip(items, suffixes):
+        if item is None:
+            arrays.append(None)
+            continue
+        arr = v.float_array(name + suffix, item, dtype)
+        v.shape(name + suffix, arr, expected, described)
+        arrays.append(arr)
+    return arrays
+
+
+class _RecurrentLayer(Module):
+    """Shared implementation of :class:`RNN`, :class:`LSTM` and :class:`GRU`."""
+
+    _cell = ""
+
+    def _setup(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+               bidirectional, dtype, seed, opts, forget_bias=0.0):  # fmt: skip
+        self.input_size = v.positive_int("input_size", input_size)
+        self.hidden_size = v.positive_int("hidden_size", hidden_size)
+        self.num_layers = v.positive_int("num_layers", num_layers)
+        self.bias = v.flag("bias", bias)
+        self.batch_first = v.flag("batch_first", batch_first)
+        self.dropout = v.probability("dropout", dropout)
+        self.bidirectional = v.flag("bidirectional", bidirectional)
+        self.dtype = v.dtype_option(dtype)
+        forget_bias = v.finite_float("forget_bias", forget_bias)
+        if forget_bias and not self.bias:
+            raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+        self._opts = opts
+        self._rng = np.random.default_rng(seed)
+        self.num_directions = 2 if self.bidirectional else 1
+        spec = CELLS[self._cell]
+        gh, hd = spec.gates * self.hidden_size, self.hidden_size
+
+        shapes, self._keys = {}, []
+        for layer in range(self.num_layers):
+            cols = self.input_size if layer == 0 else self.num_directions * hd
+            per_dir = []
+            for direction in range(self.num_directions):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                keys = {"w_ih": "weight_ih" + sfx, "w_hh": "weight_hh" + sfx}
+                shapes[keys["w_ih"]] = (gh, cols)
+                shapes[keys["w_hh"]] = (gh, hd)
+                if self.bias:
+                    keys["b_ih"], keys["b_hh"] = "bias_ih" + sfx, "bias_hh" + sfx
+                    shapes[keys["b_ih"]] = shapes[keys["b_hh"]] = (gh,)
+                if opts.peephole:
+                    keys["w_peep"] = "weight_peephole" + sfx
+                    shapes[keys["w_peep"]] = (3, hd)
+                per_dir.append(keys)
+            self._keys.append(per_dir)
+        self.params = uniform_init(self._rng, shapes, hd, self.dtype)
+        if forget_bias:
+            for per_dir in self._keys:
+                for keys in per_dir:
+                    self.params[keys["b_ih"]][hd : 2 * hd] += self.dtype.type(forget_bias)
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        # Stand-ins for absent biases/peepholes: the kernels always take every argument.
+        self._absent = {"b_ih": np.zeros(gh, self.dtype), "b_hh": np.zeros(gh, self.dtype),
+                        "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
+        self._absent_grads = {k: np.zeros_like(a) for k, a in self._absent.items()}
+        self._cache = None
+
+    def _direction_arrays(self, layer, direction, table, absent):
+        keys = self._keys[layer][direction]
+        return {k: table[keys[k]] if k in keys else absent[k] for k in _engine.WEIGHT_KEYS}
+
+    def __repr__(self):
+        opts = [f"{self.input_size}", f"{self.hidden_size}", f"num_layers={self.num_layers}"]
+        opts += [f"{k}={getattr(self, k)}" for k in ("bias", "batch_first", "dropout", "bidirectional")]
+        return f"{type(self).__name__}({', '.join(opts)}, dtype={self.dtype.name})"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, hx=None, lengths=None):
+        """Run the layer over a batch of sequences.
+
+        Parameters
+        ----------
+        x : array, shape (T, N, C), or (N, T, C) with ``batch_first``, or unbatched (T, C)
+            Input sequences, of the layer's dtype.
+        hx : array (D*num_layers, N, H), or unbatched (D*num_layers, H); LSTM: pair (h0, c0)
+            Initial states; None (default) means zeros. Either element of an LSTM pair may
+            be None.
+        lengths : array of int, shape (N,), optional
+            Valid steps of each sample, any order, each in [1, T]. Outputs at padded steps
+            are 0; final states are taken after each sample's last valid step; the reverse
+            direction starts at each sample's last valid step. Batched input only.
+
+        Returns
+        -------
+        out : ndarray, shape (T, N, D*H) (or (N, T, D*H) / (T, D*H), like ``x``)
+            Last layer's output at every step, directions concatenated.
+        h_n : ndarray (D*num_layers, N, H); LSTM: pair (h_n, c_n)
+            Final state of every layer and direction.
+        """
+        x = v.float_array("x", x, self.dtype)
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"x has {x.ndim} dimension(s) (shape {x.shape}); expected a 3-D batch "
+                f"{'(N, T, C)' if self.batch_first else '(T, N, C)'} or an unbatched 2-D (T, C)"
+            )
+        unbatched = x.ndim == 2
+        if unbatched:
+            if lengths is not None:
+                raise ValueError("lengths needs batched 3-D input; received unbatched x of shape " + str(x.shape))
+            x3 = x[:, None, :]
+        else:
+            x3 = x.transpose(1, 0, 2) if self.batch_first else x
+        steps, batch, features = x3.shape
+        if features != self.input_size:
+            layout = "(T, C)" if unbatched else ("(N, T, C)" if self.batch_first else "(T, N, C)")
+            hint = ""
+            if not unbatched and x.shape[1 if self.batch_first else 0] == self.input_size:
+                hint = f" Did you mean batch_first={not self.batch_first}?"
+            raise ValueError(
+                f"x has shape {x.shape}; expected {layout} with C = input_size = {self.input_size}.{hint}"
+            )
+        if steps == 0 or batch == 0:
+            raise ValueError(f"x has shape {x.shape}; the time and batch axes must not be empty")
+        spec = CELLS[self._cell]
+        n_dirs, hd = self.num_directions, self.hidden_size
+        n_state_rows = self.num_layers * n_dirs
+        state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
+        described = "(D*num_layers, H)" if unbatched else "(D*num_layers, N, H)"
+        states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype)
+        if lengths is not None:
+            lengths = v.lengths_array(lengths, steps, batch)
+
+        packing = Packing(lengths, steps, batch)
+        states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
+                   else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
+        final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
+        layer_in = packing.pack(x3)
+        training = self.training
+        layers_ws = []
+        for layer in range(self.num_layers):
+            out = np.empty((packing.rows, n_dirs * hd), self.dtype)
+            dirs_ws = []
+            for direction in range(n_dirs):
+                row = layer * n_dirs + direction
+                states = tuple(packing.sort(s[row]) for s in states0)
+                weights = self._direction_arrays(layer, direction, self.params, self._absent)
+                ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
+                                     out, direction * hd, direction == 1, training)  # fmt: skip
+                for f, s in zip(final, states):
+                    f[row] = packing.unsort(s)
+                dirs_ws.append(ws)
+            mask = None
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                mask = self._dropout_mask(out.shape)
+                out = out * mask
+            layers_ws.append((dirs_ws, mask))
+            layer_in = out
+
+        self._cache = None
+        if training:
+            self._cache = {"packing": packing, "layers": layers_ws, "x_shape": x.shape,
+                           "out_shape": None, "unbatched": unbatched}  # fmt: skip
+        output = packing.unpack(layer_in)
+        if unbatched:
+            output, final = output[:, 0, :], [f[:, 0, :] for f in final]
+        elif self.batch_first:
+            output = output.transpose(1, 0, 2)
+        if training:
+            self._cache["out_shape"] = output.shape
+        return output, (final[0] if spec.n_states == 1 else tuple(final))
+
+    def _dropout_mask(self, shape):
+        if self.dropout >= 1.0:
+            return np.zeros(shape, self.dtype)
+        keep = self._rng.random(shape, dtype=self.dtype) >= self.dropout
+        return keep.astype(self.dtype) / self.dtype.type(1.0 - self.dropout)
+
+    # ----------------------------------------------------------------- backward
+    def backward(self, grad_output, grad_h_n=None):
+        """Back-propagate through the preceding training-mode forward.
+
+        Parameter gradients are added into :attr:`grads`. Each forward can be
+        back-propagated once: backward consumes (and frees) the forward's workspace, so a
+        second call raises ValueError until the next forward.
+
+        Parameters
+        ----------
+        grad_output : array, same shape as the forward's ``out``
+            Gradient of the loss with respect to ``out``.
+        grad_h_n : array like ``h_n``; LSTM: pair like ``(h_n, c_n)``; optional
+            Gradient with respect to the final states; None (or None elements) means zero.
+
+        Returns
+        -------
+        dx : ndarray, same shape as ``x``
+            Gradient with respect to the input (zero at padded steps).
+        dhx : ndarray like ``hx`` (D*num_layers, N, H); LSTM: pair (dh0, dc0)
+            Gradient with respect to the initial states.
+        """
+        cache = self._cache
+        if cache is None:
+            raise ValueError(
+                "backward() needs a preceding forward() in training mode: call layer.train() "
+                "and forward() first (each forward can be back-propagated once)"
+            )
+        spec = CELLS[self._cell]
+        g = v.float_array("grad_output", grad_output, self.dtype)
+        v.shape("grad_output", g, cache["out_shape"], "the forward's output shape")
+        packing, unbatched = cache["packing"], cache["unbatched"]
+        n_dirs, hd, batch = self.num_directions, self.hidden_size, packing.batch
+        n_state_rows = self.num_layers * n_dirs
+        state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
+        dfinal = state_arrays("grad_h_n", grad_h_n, spec.n_states, state_shape, "h_n's shape", self.dtype)
+        self._cache = None
+
+        dfinal = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
+                  else (s[:, None, :] if unbatched else s) for s in dfinal]  # fmt: skip
+        dinitial = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in dfinal]
+        if unbatched:
+            g3 = g[:, None, :]
+        else:
+            g3 = g.transpose(1, 0, 2) if self.batch_first else g
+        dout = packing.pack(g3)
+        for layer in range(self.num_layers - 1, -1, -1):
+            dirs_ws, _ = cache["layers"][layer]
+            cols = self.input_size if layer == 0 else n_dirs * hd
+            dx = np.empty((packing.rows, cols), self.dtype)
+            for direction in range(n_dirs):
+                row = layer * n_dirs + direction
+                dstates = tuple(packing.sort(s[row]) for s in dfinal)
+                weights = self._direction_arrays(layer, direction, self.params, self._absent)
+                grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
+                _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
+                                 direction * hd, dstates, packing, direction == 1, dx,
+                                 direction == 1, grads)  # fmt: skip
+                for d, s in zip(dinitial, dstates):
+                    d[row] = packing.unsort(s)
+            if layer > 0:
+                mask = cache["layers"][layer - 1][1]
+                dout = dx if mask is None else dx * mask
+        dx_full = packing.unpack(dx)
+        if unbatched:
+            dx_full, dinitial = dx_full[:, 0, :], [d[:, 0, :] for d in dinitial]
+        elif self.batch_first:
+            dx_full = dx_full.transpose(1, 0, 2)
+        return dx_full, (dinitial[0] if spec.n_states == 1 else tuple(dinitial))
+
+
+_COMMON_DOC = """
+    Parameters
+    ----------
+    input_size : int
+        C, features of each input step.
+    hidden_size : int
+        H, features of the hidden state.
+    num_layers : int, default 1
+        Stacked layers; layer k > 0 takes layer k-1's output.{extra}
+    bias : bool, default True
+        Use ``bias_ih``/``bias_hh``.
+    batch_first : bool, default False
+        Input and output are (N, T, features) instead of (T, N, features).
+    dropout : float, default 0
+        Dropout probability on the outputs of every layer but the last (training only).
+    bidirectional : bool, default False
+        Add a reverse direction; outputs concatenate both (D = 2).
+    dtype : np.float32 or np.float64, keyword-only
+        Precision of parameters, inputs and outputs.
+    seed : int, optional, keyword-only
+        Seeds initialisation and dropout masks (reproducible).{variant}
+
+    Parameters are in :attr:`params` under torch's names: ``weight_ih_l{{k}}`` (G*H, C or
+    D*H), ``weight_hh_l{{k}}`` (G*H, H), ``bias_ih_l{{k}}``, ``bias_hh_l{{k}}`` (G*H,), with a
+    ``_reverse`` suffix for the reverse direction; gates stacked in order {gates}.
+    Initialised from U(-1/sqrt(H), 1/sqrt(H)) like torch.
+"""
+
+
+class RNN(_RecurrentLayer):
+    _cell = "rnn"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32,
+                 seed=None):  # fmt: skip
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; received {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        opts = _engine.CellOptions(relu=nonlinearity == "relu")
+        self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                    bidirectional, dtype, seed, opts)  # fmt: skip
+
+
+RNN.__doc__ = "Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), as ``torch.nn.RNN``.\n" + _COMMON_DOC.format(
+    extra="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'", variant="", gates="(G = 1)"
+)
+
+
+class LSTM(_RecurrentLayer):
+    _cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
+                 peephole=False, forget_bias=0.0):  # fmt: skip
+        opts = _engine.CellOptions(peephole=v.flag("peephole", peephole))
+        self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                    bidirectional, dtype, seed, opts, forget_bias)  # fmt: skip
+
+
+LSTM.__doc__ = "Long short-term memory, as ``torch.nn.LSTM``; hx and h_n are pairs (h, c).\n" + _COMMON_DOC.format(
+    extra="",
+    variant="\n    peephole : bool, default False, keyword-only\n        Peephole connections: i and f see c_{t-1}, o sees c_t, through\n"
+    "        ``weight_peephole_l{k}`` (3, H), rows i, f, o.\n    forget_bias : float, default 0, keyword-only\n"
+    "        Added to the forget-gate slice of ``bias_ih`` at initialisation (1.0 helps long\n        dependencies).",
+    gates="i, f, g, o (G = 4)",
+)
+
+
+class GRU(_RecurrentLayer):
+    _cell = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
+                 reset_after=True):  # fmt: skip
+        opts = _engine.CellOptions(reset_after=v.flag("reset_after", reset_after))
+        self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                    bidirectional, dtype, seed, opts)  # fmt: skip
+
+
+GRU.__doc__ = "Gated recurrent unit, as ``torch.nn.GRU``.\n" + _COMMON_DOC.format(
+    extra="",
+    variant="\n    reset_after : bool, default True, keyword-only\n        True: n = tanh(W_in x + b_in + r*(W_hn h + b_hn)) (torch). False: the reset gate\n"
+    "        is applied before the hidden GEMM, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)\n        (Cho et al. 2014, Keras ``reset_after=False``).",
+    gates="r, z, n (G = 3)",
+)
