@@ -1,0 +1,82 @@
+"""Finite-difference gradient checks in float64: every cell and variant x num_layers {1, 2}
+x bidirectional x lengths x given/absent hx x bias; gradients of the input, the initial
+states and every parameter."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tests.cases import Case
+from tests.conftest import VARIANTS
+from tests.tolerances import FD_EPS, assert_fd_close
+
+ENTRIES_PER_TENSOR = 10
+
+
+def _numeric(case, array, index, **loss_kwargs):
+    old = array[index]
+    array[index] = old + FD_EPS
+    plus = case.loss(**loss_kwargs)
+    array[index] = old - FD_EPS
+    minus = case.loss(**loss_kwargs)
+    array[index] = old
+    return (plus - minus) / (2 * FD_EPS)
+
+
+def _check(case, name, array, analytic, rng, **loss_kwargs):
+    flat = rng.choice(array.size, size=min(ENTRIES_PER_TENSOR, array.size), replace=False)
+    indices = [np.unravel_index(i, array.shape) for i in flat]
+    numeric = [_numeric(case, array, idx, **loss_kwargs) for idx in indices]
+    assert_fd_close([analytic[idx] for idx in indices], numeric, f"{case.variant}: d{name}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("use_hx", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_finite_differences(variant, num_layers, bidirectional, use_lengths, use_hx, bias):
+    case = Case(variant, np.float64, num_layers, bidirectional, use_lengths, use_hx, bias, steps=4, batch=3)
+    _, _, dx, dinit = case.run()
+    grads = {k: g.copy() for k, g in case.layer.grads.items()}
+    rng = np.random.default_rng(99)
+    for name, param in case.layer.params.items():
+        _check(case, name, param, grads[name], rng)
+    x = case.x.copy()
+    _check(case, "x", x, dx, rng, x=x)
+    # hx=None means zeros: the gradient was taken there.
+    h0 = [s.copy() if use_hx else np.zeros_like(s) for s in case.h0]
+    for k, (s, d) in enumerate(zip(h0, dinit)):
+        _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_finite_differences_dropout_fixed_mask(variant):
+    """With dropout the loss is differentiable for a fixed mask: re-seed before each forward."""
+    case = Case(variant, np.float64, 3, True, True, True, extra={"dropout": 0.3})
+
+    def reseed():
+        case.layer._rng = np.random.default_rng(5)
+
+    reseed()
+    _, _, dx, _ = case.run()
+    grads = {k: g.copy() for k, g in case.layer.grads.items()}
+    original_loss = case.loss
+
+    def loss(**kw):
+        reseed()
+        return original_loss(**kw)
+
+    case.loss = loss
+    rng = np.random.default_rng(3)
+    for name in ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2"):
+        _check(case, name, case.layer.params[name], grads[name], rng)
+    x = case.x.copy()
+    _check(case, "x", x, dx, rng, x=x)
+
+
+def test_every_option_combination_is_parametrised():
+    combos = set(itertools.product(VARIANTS, [1, 2], [False, True], [False, True], [True, False], [True, False]))
+    assert len(combos) == 6 * 32
