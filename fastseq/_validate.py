@@ -95,7 +95,5 @@ def lengths_array(lengths, steps: int, batch: int) -> np.ndarray:
     if arr.shape != (batch,):
         raise ValueError(f"lengths has shape {arr.shape}; expected one length per sample, (N,) = ({batch},)")
     if arr.min() < 1 or arr.max() > steps:
-        raise ValueError(
-            f"lengths must be in [1, T={steps}]; received min {arr.min()}, max {arr.max()}"
-        )
+        raise ValueError(f"lengths must be in [1, T={steps}]; received min {arr.min()}, max {arr.max()}")
     return arr.astype(np.int64)

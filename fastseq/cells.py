@@ -49,8 +49,12 @@ class _RecurrentCell(Module):
         absent = {"b_ih": np.zeros(gh, self.dtype), "b_hh": np.zeros(gh, self.dtype),
                   "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
         absent_grads = {k: np.zeros_like(a) for k, a in absent.items()}
-        self._weights = {k: self.params[self._keys[k]] if k in self._keys else absent[k] for k in _engine.WEIGHT_KEYS}
-        self._grad_views = {k: self.grads[self._keys[k]] if k in self._keys else absent_grads[k] for k in _engine.WEIGHT_KEYS}
+        self._weights = {
+            k: self.params[self._keys[k]] if k in self._keys else absent[k] for k in _engine.WEIGHT_KEYS
+        }
+        self._grad_views = {
+            k: self.grads[self._keys[k]] if k in self._keys else absent_grads[k] for k in _engine.WEIGHT_KEYS
+        }
         self._stack = []
         self._packing = None
 
@@ -76,7 +80,9 @@ class _RecurrentCell(Module):
         """
         x = v.float_array("x", x, self.dtype)
         if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(f"x has shape {x.shape}; expected (N, C) or (C,) with C = input_size = {self.input_size}")
+            raise ValueError(
+                f"x has shape {x.shape}; expected (N, C) or (C,) with C = input_size = {self.input_size}"
+            )
         unbatched = x.ndim == 1
         x2 = x[None, :] if unbatched else x
         batch = x2.shape[0]
@@ -84,7 +90,9 @@ class _RecurrentCell(Module):
             raise ValueError(f"x has shape {x.shape}; the batch axis must not be empty")
         spec = CELLS[self._cell]
         shape = (self.hidden_size,) if unbatched else (batch, self.hidden_size)
-        states = state_arrays("hx", hx, spec.n_states, shape, "(N, H)" if not unbatched else "(H,)", self.dtype)
+        states = state_arrays(
+            "hx", hx, spec.n_states, shape, "(N, H)" if not unbatched else "(H,)", self.dtype
+        )
         states = tuple(np.zeros((batch, self.hidden_size), self.dtype) if s is None
                        else np.array(s.reshape(batch, self.hidden_size), order="C") for s in states)  # fmt: skip
         x2 = np.ascontiguousarray(x2)
@@ -92,7 +100,9 @@ class _RecurrentCell(Module):
             x2 = x2.copy()
         packing = self._step_packing(batch)
         out = np.empty((batch, self.hidden_size), self.dtype)
-        ws = _engine.forward(self._cell, self._opts, self._weights, x2, states, packing, out, 0, False, self.training)
+        ws = _engine.forward(
+            self._cell, self._opts, self._weights, x2, states, packing, out, 0, False, self.training
+        )
         if self.training:
             self._stack.append((ws, packing, unbatched))
         result = [s[0] if unbatched else s for s in states]
@@ -128,7 +138,20 @@ class _RecurrentCell(Module):
         dout = grads[0]
         dstates = (np.zeros_like(dout),) + tuple(grads[1:])
         dx = np.empty((batch, self.input_size), self.dtype)
-        _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False, self._grad_views)
+        _engine.backward(
+            self._cell,
+            self._opts,
+            self._weights,
+            ws,
+            dout,
+            0,
+            dstates,
+            packing,
+            False,
+            dx,
+            False,
+            self._grad_views,
+        )
         result = [s[0] if unbatched else s for s in dstates]
         dx = dx[0] if unbatched else dx
         return dx, (result[0] if spec.n_states == 1 else tuple(result))
@@ -142,11 +165,15 @@ class RNNCell(_RecurrentCell):
 
     _cell = "rnn"
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", *, dtype=np.float32, seed=None):
+    def __init__(
+        self, input_size, hidden_size, bias=True, nonlinearity="tanh", *, dtype=np.float32, seed=None
+    ):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; received {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        self._setup(input_size, hidden_size, bias, dtype, seed, _engine.CellOptions(relu=nonlinearity == "relu"))
+        self._setup(
+            input_size, hidden_size, bias, dtype, seed, _engine.CellOptions(relu=nonlinearity == "relu")
+        )
 
 
 class LSTMCell(_RecurrentCell):
@@ -159,7 +186,17 @@ class LSTMCell(_RecurrentCell):
 
     _cell = "lstm"
 
-    def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None, peephole=False, forget_bias=0.0):
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        bias=True,
+        *,
+        dtype=np.float32,
+        seed=None,
+        peephole=False,
+        forget_bias=0.0,
+    ):
         opts = _engine.CellOptions(peephole=v.flag("peephole", peephole))
         self._setup(input_size, hidden_size, bias, dtype, seed, opts, forget_bias)
 

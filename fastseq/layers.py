@@ -24,13 +24,14 @@ def state_arrays(name, value, n_states, expected, described, dtype):
         elif not isinstance(value, (tuple, list)) or len(value) != 2:
             raise TypeError(
                 f"{name} must be a pair (h, c) of arrays for an LSTM; received "
-                f"{type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else "")
+                f"{type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else "")
             )
         else:
             items = list(value)
     suffixes = ("",) if n_states == 1 else ("[0] (h)", "[1] (c)")
     arrays = []
-    for item, suffix in zip(items, suffixes):
+    for item, suffix in zip(items, suffixes, strict=True):
         if item is None:
             arrays.append(None)
             continue
@@ -134,7 +135,9 @@ class _RecurrentLayer(Module):
         unbatched = x.ndim == 2
         if unbatched:
             if lengths is not None:
-                raise ValueError("lengths needs batched 3-D input; received unbatched x of shape " + str(x.shape))
+                raise ValueError(
+                    "lengths needs batched 3-D input; received unbatched x of shape " + str(x.shape)
+                )
             x3 = x[:, None, :]
         else:
             x3 = x.transpose(1, 0, 2) if self.batch_first else x
@@ -174,7 +177,7 @@ class _RecurrentLayer(Module):
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
                                      out, direction * hd, direction == 1, training)  # fmt: skip
-                for f, s in zip(final, states):
+                for f, s in zip(final, states, strict=True):
                     f[row] = packing.unsort(s)
                 dirs_ws.append(ws)
             mask = None
@@ -261,7 +264,7 @@ class _RecurrentLayer(Module):
                 _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
                                  direction * hd, dstates, packing, direction == 1, dx,
                                  direction == 1, grads)  # fmt: skip
-                for d, s in zip(dinitial, dstates):
+                for d, s in zip(dinitial, dstates, strict=True):
                     d[row] = packing.unsort(s)
             if layer > 0:
                 mask = cache["layers"][layer - 1][1]
@@ -317,8 +320,11 @@ class RNN(_RecurrentLayer):
                     bidirectional, dtype, seed, opts)  # fmt: skip
 
 
-RNN.__doc__ = "Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), as ``torch.nn.RNN``.\n" + _COMMON_DOC.format(
-    extra="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'", variant="", gates="(G = 1)"
+RNN.__doc__ = (
+    "Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), as ``torch.nn.RNN``.\n"
+    + _COMMON_DOC.format(
+        extra="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'", variant="", gates="(G = 1)"
+    )
 )
 
 
@@ -333,12 +339,15 @@ class LSTM(_RecurrentLayer):
                     bidirectional, dtype, seed, opts, forget_bias)  # fmt: skip
 
 
-LSTM.__doc__ = "Long short-term memory, as ``torch.nn.LSTM``; hx and h_n are pairs (h, c).\n" + _COMMON_DOC.format(
-    extra="",
-    variant="\n    peephole : bool, default False, keyword-only\n        Peephole connections: i and f see c_{t-1}, o sees c_t, through\n"
-    "        ``weight_peephole_l{k}`` (3, H), rows i, f, o.\n    forget_bias : float, default 0, keyword-only\n"
-    "        Added to the forget-gate slice of ``bias_ih`` at initialisation (1.0 helps long\n        dependencies).",
-    gates="i, f, g, o (G = 4)",
+LSTM.__doc__ = (
+    "Long short-term memory, as ``torch.nn.LSTM``; hx and h_n are pairs (h, c).\n"
+    + _COMMON_DOC.format(
+        extra="",
+        variant="\n    peephole : bool, default False, keyword-only\n        Peephole connections: i and f see c_{t-1}, o sees c_t, through\n"
+        "        ``weight_peephole_l{k}`` (3, H), rows i, f, o.\n    forget_bias : float, default 0, keyword-only\n"
+        "        Added to the forget-gate slice of ``bias_ih`` at initialisation (1.0 helps long\n        dependencies).",
+        gates="i, f, g, o (G = 4)",
+    )
 )
 
 

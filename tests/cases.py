@@ -78,6 +78,6 @@ class Case:
         out, hn = self.layer(self.x if x is None else x, hx, self.lengths)
         self.layer._cache = None
         total = float(np.sum(out * self.grad_out))
-        for s, g in zip(self.states(hn), self.grad_final):
+        for s, g in zip(self.states(hn), self.grad_final, strict=True):
             total += float(np.sum(s * g))
         return total

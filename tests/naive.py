@@ -166,7 +166,7 @@ def layer_forward(cell, variant, params, x, h0, lengths, num_layers, bidirection
                 for t in _order(lengths[b], d):
                     state, caches[d, b, t] = step(cell, variant, p, inp[t, b], state)
                     out[t, b, d * hd : (d + 1) * hd] = state[0]
-                for f, s in zip(final, state):
+                for f, s in zip(final, state, strict=True):
                     f[layer * dirs + d, b] = s
         tape.append(caches)
         if masks is not None and layer < num_layers - 1:
@@ -175,7 +175,9 @@ def layer_forward(cell, variant, params, x, h0, lengths, num_layers, bidirection
     return inp, final, tape
 
 
-def layer_backward(cell, variant, params, tape, grad_out, grad_final, lengths, num_layers, bidirectional, masks=None):
+def layer_backward(
+    cell, variant, params, tape, grad_out, grad_final, lengths, num_layers, bidirectional, masks=None
+):
     """Returns dx (T, N, C), d initial states (tuple), grads (dict keyed like params)."""
     steps, batch, _ = grad_out.shape
     dirs = 2 if bidirectional else 1
@@ -199,9 +201,15 @@ def layer_backward(cell, variant, params, tape, grad_out, grad_final, lengths, n
                     dxt, dstate = step_backward(cell, variant, p, tape[layer][d, b, t], tuple(dstate), g)
                     dstate = list(dstate)
                     dx[t, b] += dxt
-                for di, s in zip(d_init, dstate):
+                for di, s in zip(d_init, dstate, strict=True):
                     di[layer * dirs + d, b] = s
-            names = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_peep": "weight_peephole"}
+            names = {
+                "w_ih": "weight_ih",
+                "w_hh": "weight_hh",
+                "b_ih": "bias_ih",
+                "b_hh": "bias_hh",
+                "w_peep": "weight_peephole",
+            }
             for k, name in names.items():
                 if name + sfx in grads:
                     grads[name + sfx] += g[k]

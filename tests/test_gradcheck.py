@@ -46,9 +46,13 @@ def test_finite_differences(variant, num_layers, bidirectional, use_lengths, use
         _check(case, name, param, grads[name], rng)
     x = case.x.copy()
     _check(case, "x", x, dx, rng, x=x)
+    if variant == "rnn-relu" and not use_hx and not bias:
+        # h0 = 0 with no bias puts ReLU pre-activations exactly at the kink (0) wherever the
+        # layer below outputs zeros: central differences see half a slope there.
+        return
     # hx=None means zeros: the gradient was taken there.
     h0 = [s.copy() if use_hx else np.zeros_like(s) for s in case.h0]
-    for k, (s, d) in enumerate(zip(h0, dinit)):
+    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
         _check(case, f"hx[{k}]", s, d, rng, h0=h0)
 
 
@@ -78,5 +82,7 @@ def test_finite_differences_dropout_fixed_mask(variant):
 
 
 def test_every_option_combination_is_parametrised():
-    combos = set(itertools.product(VARIANTS, [1, 2], [False, True], [False, True], [True, False], [True, False]))
+    combos = set(
+        itertools.product(VARIANTS, [1, 2], [False, True], [False, True], [True, False], [True, False])
+    )
     assert len(combos) == 6 * 32

@@ -16,9 +16,15 @@ OPTIONS = list(itertools.product([1, 2], [False, True], [False, True]))  # layer
 def _naive(case, masks=None):
     params = {k: v.astype(np.float64) for k, v in case.layer.params.items()}
     x = case.x.astype(np.float64)
-    h0 = tuple(s.astype(np.float64) for s in case.h0) if case.use_hx else tuple(np.zeros_like(s, dtype=np.float64) for s in case.h0)
+    h0 = (
+        tuple(s.astype(np.float64) for s in case.h0)
+        if case.use_hx
+        else tuple(np.zeros_like(s, dtype=np.float64) for s in case.h0)
+    )
     variant = VARIANTS[case.variant][1]
-    out, final, tape = naive.layer_forward(case.cell, variant, params, x, h0, case.lengths, case.num_layers, case.bidirectional, masks)
+    out, final, tape = naive.layer_forward(
+        case.cell, variant, params, x, h0, case.lengths, case.num_layers, case.bidirectional, masks
+    )
     dx, dinit, grads = naive.layer_backward(
         case.cell, variant, params, tape, case.grad_out.astype(np.float64),
         tuple(g.astype(np.float64) for g in case.grad_final), case.lengths, case.num_layers, case.bidirectional, masks,
@@ -32,10 +38,10 @@ def _compare(case, got, ref):
     dt = case.dtype
     kind = f"naive reference {np.dtype(dt).name}"
     assert_close(out, r_out, dt, "output", kind)
-    for a, b in zip(finals, r_final):
+    for a, b in zip(finals, r_final, strict=True):
         assert_close(a, b, dt, "final state", kind)
     assert_close(dx, r_dx, dt, "dx", kind)
-    for a, b in zip(dinit, r_dinit):
+    for a, b in zip(dinit, r_dinit, strict=True):
         assert_close(a, b, dt, "d initial state", kind)
     for name, g in r_grads.items():
         assert_close(case.layer.grads[name], g, dt, name, kind)

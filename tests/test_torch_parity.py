@@ -31,7 +31,9 @@ def torch_run(case, batch_first=False):
     h0 = [torch.tensor(s if case.use_hx else np.zeros_like(s), requires_grad=True) for s in case.h0]
     hx = h0[0] if case.n_states == 1 else tuple(h0)
     if case.lengths is not None:
-        packed = pack_padded_sequence(x, torch.tensor(case.lengths), batch_first=batch_first, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            x, torch.tensor(case.lengths), batch_first=batch_first, enforce_sorted=False
+        )
         out, hn = module(packed, hx)
         out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=case.steps)
     else:
@@ -39,11 +41,17 @@ def torch_run(case, batch_first=False):
     finals = [hn] if case.n_states == 1 else list(hn)
     go = case.grad_out.transpose(1, 0, 2) if batch_first else case.grad_out
     loss = (out * torch.from_numpy(go)).sum()
-    for s, g in zip(finals, case.grad_final):
+    for s, g in zip(finals, case.grad_final, strict=True):
         loss = loss + (s * torch.from_numpy(g)).sum()
     loss.backward()
     grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
-    return out.detach().numpy(), [f.detach().numpy() for f in finals], x.grad.numpy(), [s.grad.numpy() for s in h0], grads
+    return (
+        out.detach().numpy(),
+        [f.detach().numpy() for f in finals],
+        x.grad.numpy(),
+        [s.grad.numpy() for s in h0],
+        grads,
+    )
 
 
 def compare(case, got, ref):
@@ -52,10 +60,10 @@ def compare(case, got, ref):
     dt = case.dtype
     kind = f"torch parity {np.dtype(dt).name}"
     assert_close(out, t_out, dt, "output", kind)
-    for a, b in zip(finals, t_finals):
+    for a, b in zip(finals, t_finals, strict=True):
         assert_close(a, b, dt, "final state", kind)
     assert_close(dx, t_dx, dt, "dx", kind)
-    for a, b in zip(dinit, t_dinit):
+    for a, b in zip(dinit, t_dinit, strict=True):
         assert_close(a, b, dt, "d initial state", kind)
     assert set(t_grads) == set(case.layer.grads)
     for name, g in t_grads.items():
@@ -70,7 +78,19 @@ def compare(case, got, ref):
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("variant", TORCH_VARIANTS)
 def test_layer_parity(variant, num_layers, bidirectional, use_lengths, use_hx, bias, dtype):
-    case = Case(variant, dtype, num_layers, bidirectional, use_lengths, use_hx, bias, steps=7, batch=5, input_size=6, hidden_size=8)
+    case = Case(
+        variant,
+        dtype,
+        num_layers,
+        bidirectional,
+        use_lengths,
+        use_hx,
+        bias,
+        steps=7,
+        batch=5,
+        input_size=6,
+        hidden_size=8,
+    )
     compare(case, case.run(), torch_run(case))
 
 
@@ -96,7 +116,12 @@ def test_unbatched_parity(variant):
     assert out.ndim == 2 and dx.shape == case.x[:, 0].shape
     ref = torch_run(case)
     expand = lambda s: s[:, None]  # noqa: E731
-    got = (out[:, None], [expand(s) for s in case.states(hn)], dx[:, None], [expand(s) for s in case.states(dhx)])
+    got = (
+        out[:, None],
+        [expand(s) for s in case.states(hn)],
+        dx[:, None],
+        [expand(s) for s in case.states(dhx)],
+    )
     compare(case, got, ref)
 
 
@@ -111,9 +136,24 @@ def _random_configs(count):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("variant,dtype,layers,bidir,lengths,use_hx,bias,steps,batch,c,h", list(_random_configs(24)))
+@pytest.mark.parametrize(
+    "variant,dtype,layers,bidir,lengths,use_hx,bias,steps,batch,c,h", list(_random_configs(24))
+)
 def test_random_config_parity(variant, dtype, layers, bidir, lengths, use_hx, bias, steps, batch, c, h):
-    case = Case(variant, dtype, layers, bidir, lengths and batch > 1, use_hx, bias, steps, batch, c, h, seed=steps * 31 + h)
+    case = Case(
+        variant,
+        dtype,
+        layers,
+        bidir,
+        lengths and batch > 1,
+        use_hx,
+        bias,
+        steps,
+        batch,
+        c,
+        h,
+        seed=steps * 31 + h,
+    )
     compare(case, case.run(), torch_run(case))
 
 
@@ -135,14 +175,14 @@ def test_cell_parity(variant, dtype, rng):
     st = [torch.tensor(s, requires_grad=True) for s in states]
     tnew = tcell(xt, st[0] if len(st) == 1 else tuple(st))
     tnew = [tnew] if len(st) == 1 else list(tnew)
-    sum((a * torch.from_numpy(g)).sum() for a, g in zip(tnew, grads)).backward()
+    sum((a * torch.from_numpy(g)).sum() for a, g in zip(tnew, grads, strict=True)).backward()
     new = [new] if len(st) == 1 else list(new)
     dhx = [dhx] if len(st) == 1 else list(dhx)
     kind = f"torch parity {np.dtype(dtype).name}"
-    for a, b in zip(new, tnew):
+    for a, b in zip(new, tnew, strict=True):
         assert_close(a, b.detach().numpy(), dtype, "new state", kind)
     assert_close(dx, xt.grad.numpy(), dtype, "dx", kind)
-    for a, b in zip(dhx, st):
+    for a, b in zip(dhx, st, strict=True):
         assert_close(a, b.grad.numpy(), dtype, "dhx", kind)
     for name, p in tcell.named_parameters():
         assert_close(cell.grads[name], p.grad.numpy(), dtype, name, kind)

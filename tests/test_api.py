@@ -1,0 +1,144 @@
+"""The layer API contract: construction, parameters, state dicts, modes, gradient bookkeeping."""
+
+import numpy as np
+import pytest
+
+import fastseq
+from tests.cases import Case
+from tests.conftest import VARIANTS, make_layer
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parameter_names_shapes_and_init(variant):
+    layer = make_layer(variant, 3, 16, num_layers=2, bidirectional=True, seed=0)
+    g = {"rnn": 1, "lstm": 4, "gru": 3}[VARIANTS[variant][0]]
+    expected = {}
+    for k in range(2):
+        for sfx in ("", "_reverse"):
+            expected[f"weight_ih_l{k}{sfx}"] = (g * 16, 3 if k == 0 else 32)
+            expected[f"weight_hh_l{k}{sfx}"] = (g * 16, 16)
+            expected[f"bias_ih_l{k}{sfx}"] = expected[f"bias_hh_l{k}{sfx}"] = (g * 16,)
+            if variant == "lstm-peephole":
+                expected[f"weight_peephole_l{k}{sfx}"] = (3, 16)
+    assert {k: v.shape for k, v in layer.params.items()} == expected
+    assert set(layer.grads) == set(expected)
+    for p in layer.params.values():
+        assert p.dtype == np.float32 and p.flags.c_contiguous
+    values = np.concatenate([p.ravel() for p in layer.params.values()])
+    assert np.abs(values).max() <= 0.25 and np.abs(values).max() > 0.24  # U(-1/sqrt(16), 1/sqrt(16))
+    assert abs(values.mean()) < 0.01
+
+
+def test_seed_reproducible_and_distinct():
+    a, b, c = (fastseq.LSTM(3, 5, seed=s) for s in (1, 1, 2))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert not np.array_equal(a.params["weight_ih_l0"], c.params["weight_ih_l0"])
+
+
+def test_forget_bias_added_to_forget_slice():
+    base = fastseq.LSTM(3, 4, num_layers=2, seed=0)
+    fb = fastseq.LSTM(3, 4, num_layers=2, seed=0, forget_bias=1.0)
+    for k in ("bias_ih_l0", "bias_ih_l1"):
+        np.testing.assert_allclose(fb.params[k][4:8], base.params[k][4:8] + 1.0)
+        np.testing.assert_array_equal(fb.params[k][:4], base.params[k][:4])
+        np.testing.assert_array_equal(fb.params[k][8:], base.params[k][8:])
+    np.testing.assert_array_equal(fb.params["bias_hh_l0"], base.params["bias_hh_l0"])
+    cell = fastseq.LSTMCell(3, 4, seed=0, forget_bias=2.0)
+    assert np.all(cell.params["bias_ih"][4:8] > 1.5)
+    with pytest.raises(ValueError, match="forget_bias needs bias=True"):
+        fastseq.LSTM(3, 4, bias=False, forget_bias=1.0)
+
+
+def test_state_dict_round_trip_and_copies():
+    src = fastseq.GRU(3, 4, num_layers=2, seed=0)
+    dst = fastseq.GRU(3, 4, num_layers=2, seed=1)
+    state = src.state_dict()
+    state["weight_ih_l0"][0, 0] = 123.0  # a copy: the layer is unchanged
+    assert src.params["weight_ih_l0"][0, 0] != 123.0
+    live = dst.params["weight_hh_l1"]
+    dst.load_state_dict({k: v.tolist() for k, v in src.state_dict().items()})  # any array-like
+    assert dst.params["weight_hh_l1"] is live  # written in place
+    for k in src.params:
+        np.testing.assert_array_equal(dst.params[k], src.params[k])
+
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    layer = fastseq.LSTM(3, 4, seed=0)
+    before = layer.state_dict()
+    good = fastseq.LSTM(3, 4, seed=1).state_dict()
+    bad_shape = dict(good, weight_hh_l0=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="'weight_hh_l0' has shape \\(4, 4\\); expected \\(16, 4\\)"):
+        layer.load_state_dict(bad_shape)
+    missing = {k: v for k, v in good.items() if k != "bias_hh_l0"}
+    with pytest.raises(ValueError, match="missing keys \\['bias_hh_l0'\\]"):
+        layer.load_state_dict(missing)
+    with pytest.raises(ValueError, match="unexpected keys \\['extra'\\]"):
+        layer.load_state_dict(dict(good, extra=np.zeros(1)))
+    with pytest.raises(TypeError, match="'bias_ih_l0' must be numeric"):
+        layer.load_state_dict(dict(good, bias_ih_l0=np.array(["a"] * 16)))
+    with pytest.raises(TypeError, match="mapping"):
+        layer.load_state_dict([1, 2])
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.params[k], v)
+
+
+def test_gradients_accumulate_until_zero_grad():
+    case = Case("gru", np.float64, 1)
+    case.layer(case.x)
+    case.layer.backward(case.grad_out)
+    once = {k: g.copy() for k, g in case.layer.grads.items()}
+    case.layer(case.x)
+    case.layer.backward(case.grad_out)
+    for k, g in case.layer.grads.items():
+        np.testing.assert_allclose(g, 2 * once[k])
+    case.layer.zero_grad()
+    assert all(not g.any() for g in case.layer.grads.values())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eval_mode_keeps_no_workspace_and_matches_training(variant):
+    case = Case(variant, np.float64, 2, True, True, True)
+    train_out, train_h = case.layer(case.x, case.hx(), case.lengths)
+    assert case.layer._cache is not None
+    case.layer.eval()
+    eval_out, eval_h = case.layer(case.x, case.hx(), case.lengths)
+    assert case.layer._cache is None
+    np.testing.assert_array_equal(train_out, eval_out)
+    for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="backward\\(\\) needs a preceding forward\\(\\) in training mode"):
+        case.layer.backward(case.grad_out)
+
+
+def test_backward_twice_raises():
+    case = Case("lstm", np.float64)
+    case.run()
+    with pytest.raises(ValueError, match="each forward can be back-propagated once"):
+        case.layer.backward(case.grad_out)
+
+
+def test_padded_outputs_are_zero_and_final_states_at_last_valid_step():
+    case = Case("lstm", np.float64, 1, True, True)
+    out, (hn, cn) = case.layer(case.x, lengths=case.lengths)
+    for b, n in enumerate(case.lengths):
+        assert not out[n:, b].any()
+        np.testing.assert_array_equal(hn[0, b], out[n - 1, b, :4])  # forward: last valid step
+        np.testing.assert_array_equal(hn[1, b], out[0, b, 4:])  # reverse: ends at step 0
+        solo, (h1, _) = case.layer(case.x[:n, b : b + 1])  # the same sample alone, unpadded
+        np.testing.assert_allclose(solo[:, 0], out[:n, b], rtol=1e-12)
+        np.testing.assert_allclose(h1[:, 0], hn[:, b], rtol=1e-12)
+
+
+def test_lengths_any_order_and_integer_types():
+    case = Case("gru", np.float64, 1, True, True)
+    ref, _ = case.layer(case.x, lengths=case.lengths)
+    for lengths in (list(case.lengths), case.lengths.astype(np.int32), case.lengths.astype(np.uint8)):
+        out, _ = case.layer(case.x, lengths=lengths)
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_repr_names_the_configuration():
+    assert repr(fastseq.GRU(3, 4, num_layers=2)) == (
+        "GRU(3, 4, num_layers=2, bias=True, batch_first=False, dropout=0.0, bidirectional=False, dtype=float32)"
+    )

@@ -1,0 +1,96 @@
+"""Cells: one step of the layer's math, forward and backward, for every variant."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import VARIANTS, make_cell, make_layer
+from tests.tolerances import assert_close
+
+
+def _states(cell, value):
+    return [value] if cell == "rnn" or cell == "gru" else list(value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_unrolled_cell_equals_layer(variant, dtype, rng):
+    """Stepping a cell T times and back-propagating in reverse step order gives exactly the
+    layer's outputs and gradients (same weights)."""
+    cell_name = VARIANTS[variant][0]
+    steps, batch, c, h = 5, 3, 4, 6
+    layer = make_layer(variant, c, h, dtype=dtype, seed=2)
+    cell = make_cell(variant, c, h, dtype=dtype, seed=9)
+    cell.load_state_dict({k[: -len("_l0")]: v for k, v in layer.state_dict().items()})
+    x = rng.standard_normal((steps, batch, c)).astype(dtype)
+    n_states = 2 if cell_name == "lstm" else 1
+    h0 = [rng.standard_normal((batch, h)).astype(dtype) for _ in range(n_states)]
+    grad_out = rng.standard_normal((steps, batch, h)).astype(dtype)
+
+    out, _ = layer(x, h0[0][None] if n_states == 1 else tuple(s[None] for s in h0))
+    dx, dhx = layer.backward(grad_out)
+
+    state = h0[0] if n_states == 1 else tuple(h0)
+    outs = []
+    for t in range(steps):
+        state = cell(x[t], state)
+        outs.append(_states(cell_name, state)[0])
+    assert_close(np.stack(outs), out, dtype, "cell outputs")
+    dstate = [np.zeros((batch, h), dtype) for _ in range(n_states)]
+    dxs = []
+    for t in range(steps - 1, -1, -1):
+        dstate[0] = dstate[0] + grad_out[t]
+        dxt, dprev = cell.backward(dstate[0] if n_states == 1 else tuple(dstate))
+        dstate = _states(cell_name, dprev)
+        dxs.append(dxt)
+    assert_close(np.stack(dxs[::-1]), dx, dtype, "cell dx")
+    for a, b in zip(dstate, _states(cell_name, dhx), strict=True):
+        assert_close(a, b[0], dtype, "cell dhx")
+    for name, g in cell.grads.items():
+        assert_close(g, layer.grads[name + "_l0"], dtype, name)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cell_finite_differences(variant, rng):
+    cell_name = VARIANTS[variant][0]
+    cell = make_cell(variant, 3, 4, dtype=np.float64, seed=5)
+    x = rng.standard_normal((2, 3))
+    n_states = 2 if cell_name == "lstm" else 1
+    hx = [rng.standard_normal((2, 4)) for _ in range(n_states)]
+    gs = [rng.standard_normal((2, 4)) for _ in range(n_states)]
+
+    def loss():
+        cell.eval()
+        new = _states(cell_name, cell(x, hx[0] if n_states == 1 else tuple(hx)))
+        cell.train()
+        return sum(float(np.sum(a * g)) for a, g in zip(new, gs, strict=True))
+
+    cell(x, hx[0] if n_states == 1 else tuple(hx))
+    dx, dhx = cell.backward(gs[0] if n_states == 1 else tuple(gs))
+    for name, arr, analytic in (
+        [("x", x, dx)]
+        + [(f"hx{k}", s, d) for k, (s, d) in enumerate(zip(hx, _states(cell_name, dhx), strict=True))]
+        + [(k, cell.params[k], cell.grads[k].copy()) for k in cell.params]
+    ):
+        idx = np.unravel_index(rng.integers(arr.size), arr.shape)
+        old = arr[idx]
+        arr[idx] = old + 1e-6
+        plus = loss()
+        arr[idx] = old - 1e-6
+        minus = loss()
+        arr[idx] = old
+        np.testing.assert_allclose(analytic[idx], (plus - minus) / 2e-6, rtol=1e-5, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("variant", ["rnn-tanh", "lstm", "gru"])
+def test_cell_unbatched_and_eval(variant, rng):
+    cell = make_cell(variant, 3, 4, dtype=np.float64, seed=1)
+    x = rng.standard_normal(3)
+    batched = cell.eval()(x[None])
+    single = cell(x)
+    for a, b in zip(
+        _states(VARIANTS[variant][0], single), _states(VARIANTS[variant][0], batched), strict=True
+    ):
+        assert a.shape == (4,)
+        np.testing.assert_array_equal(a, b[0])
+    with pytest.raises(ValueError, match="backward\\(\\) needs a preceding forward\\(\\) in training mode"):
+        cell.backward(np.zeros(4) if variant != "lstm" else (np.zeros(4), None))
