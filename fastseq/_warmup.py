@@ -1,0 +1,62 @@
+"""Compile (or load from the disk cache) every kernel specialisation fastseq uses."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastseq import cells, layers
+from fastseq.kernels import common, gru, lstm, rnn
+
+KERNELS = {
+    "rnn_forward": rnn.rnn_forward, "rnn_backward": rnn.rnn_backward,
+    "lstm_forward": lstm.lstm_forward, "lstm_backward": lstm.lstm_backward,
+    "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
+    "add_column_sums": common.add_column_sums, "input_and_weight_grads": common.input_and_weight_grads,
+}  # fmt: skip
+
+_LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
+_CELLS = {"rnn": cells.RNNCell, "lstm": cells.LSTMCell, "gru": cells.GRUCell}
+
+
+def tasks(dtypes=("float32", "float64")):
+    """(description, callable) pairs: a tiny forward + backward of every cell and dtype,
+    through a layer and through a cell, which is exactly what real calls compile."""
+    out = []
+    for dtype in dtypes:
+        for name, cls in _LAYERS.items():
+            out.append(
+                (
+                    f"{name} {dtype}",
+                    lambda cls=cls, dt=dtype, name=name: _exercise(cls, _CELLS[name], np.dtype(dt)),
+                )
+            )
+    return out
+
+
+def _exercise(layer_cls, cell_cls, dtype):
+    layer = layer_cls(2, 3, num_layers=2, bidirectional=True, dtype=dtype, seed=0)
+    x = np.zeros((3, 2, 2), dtype)
+    out, _ = layer(x, lengths=[3, 2])
+    layer.backward(np.ones_like(out))
+    cell = cell_cls(2, 3, dtype=dtype, seed=0)
+    h = cell(x[0])
+    cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
+
+
+def cache_status() -> dict:
+    """Kernel name -> number of specialisations in numba's disk cache (None if unknown)."""
+    status = {}
+    for name, kernel in KERNELS.items():
+        try:
+            status[name] = len(kernel._cache._cache_file._load_index())  # numba internals
+        except Exception:  # noqa: BLE001 - purely informational
+            status[name] = None
+    return status
+
+
+def cache_dir() -> str:
+    """Where numba keeps fastseq's compiled kernels."""
+    try:
+        return str(rnn.rnn_forward._cache._cache_path)
+    except AttributeError:
+        return "unknown"

@@ -1,0 +1,1 @@
+"""Throughput benchmarks behind ``fastseq bench`` (harness, peers, machine facts)."""

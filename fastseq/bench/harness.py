@@ -1,0 +1,203 @@
+"""Benchmark cases, timing and reports for ``fastseq bench``.
+
+Time ratios are fastseq / peer (lower is better), each case timed alternately with its peer
+in the same process. GFLOP/s counts only GEMM work: ``2 * tokens * G * H * (C_k + H)`` per
+layer k and direction, ``tokens`` = valid (unpadded) steps summed over the batch; a
+training step counts three times that. Compile time is the first call's latency minus the
+steady-state median, never mixed into throughput.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fastseq.registry import CELLS, gemm_flops
+
+MODES = ("forward", "train", "stream")
+SMALL = (32, 100, 64, 64)  # N, T, C, H
+MEDIUM = (64, 100, 256, 256)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark: a cell, a mode and a shape.
+
+    ``forward``: a layer in eval mode over (T, N, C). ``train``: forward + backward in
+    training mode. ``stream``: one ``Cell`` call per step, T steps, eval mode.
+    """
+
+    cell: str
+    mode: str
+    batch: int
+    steps: int
+    input_size: int
+    hidden_size: int
+    layers: int = 1
+    bidirectional: bool = False
+    dtype: str = "float32"
+    lengths: str = "full"
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def label(self) -> str:
+        return (f"{self.cell} {self.mode} N={self.batch} T={self.steps} C={self.input_size} "
+                f"H={self.hidden_size} L={self.layers} D={self.directions}")  # fmt: skip
+
+
+def default_grid(cells=None, modes=None) -> list[BenchCase]:
+    """The three cells, a small and a medium shape, forward / train / stream (N=1)."""
+    out = []
+    for cell in cells or CELLS:
+        for mode in modes or MODES:
+            for n, t, c, h in (SMALL, MEDIUM):
+                out.append(BenchCase(cell, mode, 1 if mode == "stream" else n, t, c, h))
+    return out
+
+
+def grid(cells, modes, batches, steps, inputs, hiddens, **options) -> list[BenchCase]:
+    """Cartesian product of the given values (C defaults to H when no input size given)."""
+    out = []
+    for cell, mode, n, t, h in itertools.product(cells, modes, batches, steps, hiddens):
+        for c in inputs or (h,):
+            out.append(BenchCase(cell, mode, n, t, c, h, **options))
+    return out
+
+
+class Inputs:
+    """Seeded data for a case: x (T, N, C), lengths (N,) or None, grad_out."""
+
+    def __init__(self, case: BenchCase, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        dt = np.dtype(case.dtype)
+        t, n = case.steps, case.batch
+        self.x = rng.standard_normal((t, n, case.input_size)).astype(dt)
+        self.lengths = None
+        if case.lengths == "random" and case.mode != "stream":
+            self.lengths = rng.integers(1, t + 1, size=n)
+            self.lengths[0] = t
+        self.grad_out = rng.standard_normal((t, n, case.directions * case.hidden_size)).astype(dt)
+        self.tokens = int(t * n if self.lengths is None else self.lengths.sum())
+
+
+def case_flops(case: BenchCase, tokens: int) -> float:
+    """GEMM FLOPs of one timed call of the case."""
+    total = 0.0
+    for k in range(case.layers):
+        c = case.input_size if k == 0 else case.directions * case.hidden_size
+        total += case.directions * gemm_flops(case.cell, tokens, 1, c, case.hidden_size)
+    return 3 * total if case.mode == "train" else total
+
+
+def build_fastseq(case: BenchCase, inputs: Inputs):
+    """(callable running one timed unit, the layer or cell holding the weights)."""
+    import fastseq
+
+    dt = np.dtype(case.dtype)
+    spec = CELLS[case.cell]
+    if case.mode == "stream":
+        cell = getattr(fastseq, spec.torch_cell)(case.input_size, case.hidden_size, dtype=dt, seed=0).eval()
+        x = inputs.x
+
+        def stream():
+            h = None
+            for t in range(x.shape[0]):
+                h = cell(x[t], h)
+            return h
+
+        return stream, cell
+    layer = getattr(fastseq, spec.torch_layer)(case.input_size, case.hidden_size, case.layers,
+                                               bidirectional=case.bidirectional, dtype=dt, seed=0)  # fmt: skip
+    if case.mode == "forward":
+        layer.eval()
+        return (lambda: layer(inputs.x, lengths=inputs.lengths)), layer
+
+    def train():
+        layer(inputs.x, lengths=inputs.lengths)
+        return layer.backward(inputs.grad_out)
+
+    return train, layer
+
+
+def sgemm_gflops(size: int = 1024, repeat: int = 5) -> float:
+    """The machine's float32 GEMM rate through the BLAS the kernels call (best of repeat)."""
+    from fastseq.bench.sgemm import matmul_into
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(np.float32)
+    b = rng.standard_normal((size, size)).astype(np.float32)
+    out = np.empty((size, size), np.float32)
+    matmul_into(a, b, out)
+    best = min(_timed(lambda: matmul_into(a, b, out)) for _ in range(repeat))
+    return 2.0 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@contextmanager
+def thread_limits(threads):
+    """Run with ``threads`` numba and BLAS threads (None: leave as is); restores both."""
+    if threads is None:
+        yield
+        return
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def summarise(times) -> tuple[float, float]:
+    """(median seconds, spread = interquartile range / median)."""
+    arr = np.asarray(times)
+    median = float(np.median(arr))
+    q1, q3 = np.percentile(arr, [25, 75])
+    return median, float((q3 - q1) / median) if median > 0 else 0.0
+
+
+def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None) -> dict:
+    """Time one case (and its peer, alternately); returns one result row."""
+    inputs = Inputs(case)
+    fn, module = build_fastseq(case, inputs)
+    first = _timed(fn)  # compiles, or loads the kernels from the disk cache
+    peer = peer_factory(case, module, inputs) if peer_factory else None
+    peer_fn = peer.runner() if peer else None
+    for _ in range(warmup):
+        fn()
+        if peer_fn:
+            peer_fn()
+    ours, theirs = [], []
+    for _ in range(repeat):
+        ours.append(_timed(fn))
+        if peer_fn:
+            theirs.append(_timed(peer_fn))
+    median, spread = summarise(ours)
+    flops = case_flops(case, inputs.tokens)
+    row = asdict(case)
+    row.update(directions=case.directions, median_s=median, spread=spread,
+               us_per_step=median / case.steps * 1e6,
+               sequences_per_s=case.batch / median, tokens_per_s=inputs.tokens / median,
+               gflops=flops / median / 1e9, compile_s=max(first - median, 0.0))  # fmt: skip
+    if peer:
+        row["peer"] = peer.name
+        if peer_fn:
+            peer_median, peer_spread = summarise(theirs)
+            row.update(peer_median_s=peer_median, peer_spread=peer_spread, ratio=median / peer_median)
+        else:
+            row.update(peer_median_s=None, peer_spread=None, ratio=None, peer_note=peer.note)
+    return row

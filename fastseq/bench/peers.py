@@ -1,0 +1,167 @@
+"""What fastseq is compared with: torch.nn (same weights) and a plain NumPy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastseq.registry import CELLS
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot run (e.g. torch is not installed)."""
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TorchPeer:
+    """The same model through ``torch.nn`` (weights copied from fastseq)."""
+
+    name = "torch"
+    note = ""
+
+    def __init__(self, case, module, inputs, threads=None):
+        try:
+            import torch
+        except ImportError as err:
+            raise PeerUnavailable("torch is not installed: pip install torch==2.13.0") from err
+        self.torch, self.case, self.inputs = torch, case, inputs
+        if threads is not None:
+            torch.set_num_threads(threads)
+        dt = torch.float32 if case.dtype == "float32" else torch.float64
+        spec = CELLS[case.cell]
+        if case.mode == "stream":
+            net = getattr(torch.nn, spec.torch_cell)(case.input_size, case.hidden_size)
+        else:
+            net = getattr(torch.nn, spec.torch_layer)(case.input_size, case.hidden_size, case.layers,
+                                                      bidirectional=case.bidirectional)  # fmt: skip
+        net = net.to(dt)
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in module.state_dict().items()})
+        self.net = net.train(case.mode == "train")
+        self.x = torch.from_numpy(inputs.x)
+        self.grad_out = torch.from_numpy(inputs.grad_out)
+        self.lengths = None if inputs.lengths is None else torch.from_numpy(inputs.lengths)
+
+    def _layer(self, x):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        if self.lengths is None:
+            return self.net(x)[0]
+        packed = pack_padded_sequence(x, self.lengths, enforce_sorted=False)
+        return pad_packed_sequence(self.net(packed)[0], total_length=x.shape[0])[0]
+
+    def runner(self):
+        torch, net, x = self.torch, self.net, self.x
+        if self.case.mode == "stream":
+
+            def stream():
+                with torch.no_grad():
+                    h = None
+                    for t in range(x.shape[0]):
+                        h = net(x[t], h)
+                return h
+
+            return stream
+        if self.case.mode == "forward":
+
+            def forward():
+                with torch.no_grad():
+                    return self._layer(x)
+
+            return forward
+        xg = x.clone().requires_grad_(True)
+
+        def train():
+            out = self._layer(xg)
+            out.backward(self.grad_out)
+            net.zero_grad(set_to_none=True)
+            xg.grad = None
+
+        return train
+
+
+class NumpyPeer:
+    """A plain NumPy implementation, as a user would write it from a textbook.
+
+    Forward and stream modes at full length; training steps and random lengths are not
+    implemented (the report says so instead of a ratio).
+    """
+
+    name = "numpy"
+
+    def __init__(self, case, module, inputs, threads=None):
+        self.case, self.inputs = case, inputs
+        self.params = module.state_dict()
+        self.note = ""
+        if case.mode == "train":
+            self.note = "numpy peer has no training step"
+        elif inputs.lengths is not None:
+            self.note = "numpy peer runs full lengths only"
+
+    def runner(self):
+        if self.note:
+            return None
+        case, p, x = self.case, self.params, self.inputs.x
+        if case.mode == "stream":
+            w = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
+
+            def stream():
+                h = np.zeros((x.shape[1], case.hidden_size), x.dtype)
+                c = np.zeros_like(h)
+                for t in range(x.shape[0]):
+                    h, c = numpy_step(case.cell, w, x[t], h, c)
+                return h
+
+            return stream
+        return lambda: numpy_layer(case, p, x)
+
+
+def _sigmoid(a):
+    return 1 / (1 + np.exp(-a))
+
+
+def numpy_step(cell, w, x, h, c):
+    """One textbook step; returns (h, c) (c unchanged for RNN/GRU)."""
+    w_ih, w_hh, b_ih, b_hh = w
+    gx = x @ w_ih.T + b_ih
+    gh = h @ w_hh.T + b_hh
+    if cell == "rnn":
+        return np.tanh(gx + gh), c
+    hd = h.shape[1]
+    if cell == "lstm":
+        a = gx + gh
+        i, f, o = _sigmoid(a[:, :hd]), _sigmoid(a[:, hd : 2 * hd]), _sigmoid(a[:, 3 * hd :])
+        c = f * c + i * np.tanh(a[:, 2 * hd : 3 * hd])
+        return o * np.tanh(c), c
+    r = _sigmoid(gx[:, :hd] + gh[:, :hd])
+    z = _sigmoid(gx[:, hd : 2 * hd] + gh[:, hd : 2 * hd])
+    n = np.tanh(gx[:, 2 * hd :] + r * gh[:, 2 * hd :])
+    return (1 - z) * n + z * h, c
+
+
+def numpy_layer(case, p, x):
+    """Textbook multi-layer (bi)directional forward over (T, N, C)."""
+    inp = x
+    for k in range(case.layers):
+        outs = []
+        for d in range(case.directions):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            w = (p["weight_ih" + sfx], p["weight_hh" + sfx], p["bias_ih" + sfx], p["bias_hh" + sfx])
+            h = np.zeros((x.shape[1], case.hidden_size), x.dtype)
+            c = np.zeros_like(h)
+            out = np.empty((x.shape[0], x.shape[1], case.hidden_size), x.dtype)
+            steps = range(x.shape[0] - 1, -1, -1) if d else range(x.shape[0])
+            for t in steps:
+                h, c = numpy_step(case.cell, w, inp[t], h, c)
+                out[t] = h
+            outs.append(out)
+        inp = np.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return inp
+
+
+PEERS = {"torch": TorchPeer, "numpy": NumpyPeer}

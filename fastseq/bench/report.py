@@ -1,0 +1,106 @@
+"""Report formats for ``fastseq bench``: an aligned table, JSON and CSV.
+
+JSON schema ``fastseq-bench/1``::
+
+    {"schema": "fastseq-bench/1", "created": ISO-8601 time, "command": [argv...],
+     "machine": {"model", "cores", "simd": [...]},
+     "versions": {"python", "fastseq", "numba", "llvmlite", "numpy", "scipy", "click", ["torch"]},
+     "threading": {"configured", "active", "numba_threads"}, "threads": requested or null,
+     "blas": [{"internal_api", "version", "num_threads", "threading_layer", "architecture",
+               "filepath"}],
+     "sgemm_gflops": float (1024^3 float32 GEMM through the kernels' BLAS, best of 5),
+     "results": [row...]}
+
+Each row: cell, mode, batch, steps, input_size, hidden_size, layers, bidirectional,
+directions, dtype, lengths, median_s, spread (interquartile range / median), us_per_step,
+sequences_per_s, tokens_per_s (valid tokens), gflops (GEMM work only), pct_sgemm,
+compile_s; with a peer also peer, peer_median_s, peer_spread, ratio (fastseq / peer time,
+lower is better) and peer_note when the peer could not run the case.
+
+CSV: one line per row with the row's fields followed by machine_model, cores, simd,
+fastseq, numba, numpy, blas, threading_layer, numba_threads, sgemm_gflops.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+ROW_FIELDS = ("cell", "mode", "batch", "steps", "input_size", "hidden_size", "layers", "bidirectional",
+              "directions", "dtype", "lengths", "median_s", "spread", "us_per_step", "sequences_per_s",
+              "tokens_per_s", "gflops", "pct_sgemm", "compile_s", "peer", "peer_median_s", "peer_spread",
+              "ratio", "peer_note")  # fmt: skip
+MACHINE_FIELDS = ("machine_model", "cores", "simd", "fastseq", "numba", "numpy", "blas", "threading_layer",
+                  "numba_threads", "sgemm_gflops")  # fmt: skip
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2)
+
+
+def to_csv(report: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(ROW_FIELDS + MACHINE_FIELDS)
+    blas = ";".join(f"{b['internal_api']} {b['version']}" for b in report["blas"])
+    machine = (report["machine"]["model"], report["machine"]["cores"], " ".join(report["machine"]["simd"]),
+               report["versions"]["fastseq"], report["versions"]["numba"], report["versions"]["numpy"], blas,
+               report["threading"]["active"] or report["threading"]["configured"],
+               report["threading"]["numba_threads"], round(report["sgemm_gflops"], 2))  # fmt: skip
+    for row in report["results"]:
+        writer.writerow([row.get(f, "") for f in ROW_FIELDS] + list(machine))
+    return buf.getvalue()
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def to_table(report: dict) -> str:
+    rows = report["results"]
+    has_peer = any("peer" in r for r in rows)
+    peer = next((r["peer"] for r in rows if "peer" in r), "")
+    head = ["cell", "mode", "N", "T", "C", "H", "L", "D", "median", "spread", "us/step", "seq/s",
+            "tokens/s", "GFLOP/s", "%sgemm", "compile"]  # fmt: skip
+    if has_peer:
+        head += [f"{peer} median", f"ratio vs {peer}"]
+    lines = []
+    for r in rows:
+        line = [r["cell"], r["mode"], r["batch"], r["steps"], r["input_size"], r["hidden_size"], r["layers"],
+                r["directions"], _fmt_time(r["median_s"]), f"±{r['spread'] * 100:.0f}%", f"{r['us_per_step']:.1f}",
+                f"{r['sequences_per_s']:.4g}", f"{r['tokens_per_s']:.4g}", f"{r['gflops']:.1f}",
+                f"{r['pct_sgemm']:.0f}%", f"{r['compile_s']:.2f} s"]  # fmt: skip
+        if has_peer:
+            if r.get("ratio") is None:
+                line += ["-", r.get("peer_note", "-")]
+            else:
+                line += [_fmt_time(r["peer_median_s"]), f"{r['ratio']:.2f}x"]
+        lines.append([str(c) for c in line])
+    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
+    left = {0, 1}
+    fmt = lambda cells: "  ".join(
+        c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )  # noqa: E731
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(ln) for ln in lines]
+    m, v = report["machine"], report["versions"]
+    blas = ", ".join(
+        f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in report["blas"]
+    )
+    out.append("")
+    out.append(f"machine: {m['model']}, {m['cores']} cores, SIMD {' '.join(m['simd']) or 'unknown'}")
+    out.append(f"fastseq {v['fastseq']}, numba {v['numba']}, numpy {v['numpy']}, BLAS {blas}"
+               + (f", torch {v['torch']}" if v.get("torch") else ""))  # fmt: skip
+    t = report["threading"]
+    out.append(f"threading layer {t['active'] or t['configured']}, numba threads {t['numba_threads']}; "
+               f"sgemm rate {report['sgemm_gflops']:.1f} GFLOP/s (1024^3 float32, same BLAS as the kernels)")  # fmt: skip
+    if has_peer:
+        out.append(f"ratio = fastseq time / {peer} time (lower is better); compile = first call minus median")
+    return "\n".join(out)
+
+
+FORMATS = {"table": to_table, "json": to_json, "csv": to_csv}
