@@ -42,7 +42,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
     x : ndarray (R, C)
         Packed input.
     states : tuple of ndarray (N, H)
-        Initial state(s) in sorted sample order, overwritten with the final state(s).
+        Initial state(s) in state order (``packing.sort``), overwritten with the final state(s).
     packing : fastseq._packing.Packing
     out : ndarray (R, D*H)
         Packed output; columns ``out_col:out_col+H`` are written.
@@ -57,7 +57,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
     gates = np.empty((rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
     hprev = np.empty((ws_rows, hd), dt)
-    pk = (packing.batch_sizes, packing.offsets, packing.lengths, reverse)
+    pk = (*packing.kernel_args, reverse)
     ws = {"x": x, "gates": gates, "hprev": hprev}
     if cell == "rnn":
         rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
@@ -79,12 +79,12 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     """Run one layer and direction backward, consuming ``ws`` (its buffers are overwritten).
 
     ``dout`` (R, D*H): gradient of the packed output (columns ``out_col:out_col+H`` read).
-    ``dstates``: tuple of (N, H), gradient of the final state(s) in sorted order,
+    ``dstates``: tuple of (N, H), gradient of the final state(s) in state order,
     overwritten with the gradient of the initial state(s). ``dx`` (R, C): written, or added
     to when ``accumulate_dx``. ``grads``: ``WEIGHT_KEYS`` -> arrays the parameter gradients
     are added into.
     """
-    pk = (packing.batch_sizes, packing.offsets, packing.lengths, reverse)
+    pk = (*packing.kernel_args, reverse)
     x, gates, hprev = ws["x"], ws["gates"], ws["hprev"]
     if cell == "rnn":
         rnn_backward(x, w["w_ih"], w["w_hh"], opts.relu, *pk, dout, out_col, dstates[0],

@@ -1,4 +1,4 @@
-"""Per-sample lengths -> the packed row layout the kernels use (see fastseq.kernels)."""
+"""Per-sample lengths -> the chunked, packed row layout the kernels use (see fastseq.kernels)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import numpy as np
 
 
 class Packing:
-    """Row layout of a batch of variable-length sequences, sorted longest first.
+    """Row layout of a batch of variable-length sequences.
+
+    Samples are sorted by length (longest first) and dealt round-robin into ``n_chunks``
+    chunks, so each chunk is still sorted and chunks carry similar numbers of valid steps.
+    "State order" lists the samples chunk after chunk; each chunk's rows are contiguous,
+    time-major inside the chunk.
 
     Parameters
     ----------
@@ -16,32 +21,49 @@ class Packing:
         T, the padded length.
     batch : int
         N.
+    chunks : int
+        Number of chunks wanted (capped at N).
     """
 
-    def __init__(self, lengths, steps: int, batch: int):
-        self.steps = steps
-        self.batch = batch
-        if lengths is None or bool(np.all(lengths == steps)):
-            self.identity = True
-            self.order = np.arange(batch, dtype=np.int64)
-            self.lengths = np.full(batch, steps, dtype=np.int64)
-            self.batch_sizes = np.full(steps, batch, dtype=np.int64)
-        else:
-            self.identity = False
-            self.order = np.argsort(-lengths, kind="stable").astype(np.int64)
-            self.lengths = np.ascontiguousarray(lengths[self.order], dtype=np.int64)
-            longest = int(self.lengths[0])
-            self.batch_sizes = (self.lengths[None, :] > np.arange(longest)[:, None]).sum(1)
-            self.batch_sizes = self.batch_sizes.astype(np.int64)
-        self.offsets = np.zeros(self.batch_sizes.shape[0] + 1, dtype=np.int64)
-        np.cumsum(self.batch_sizes, out=self.offsets[1:])
-        self.rows = int(self.offsets[-1])
+    def __init__(self, lengths, steps: int, batch: int, chunks: int = 1):
+        self.steps, self.batch = steps, batch
+        full = lengths is None or bool(np.all(lengths == steps))
+        if full:
+            lengths = np.full(batch, steps, dtype=np.int64)
+        self.n_chunks = n_chunks = max(1, min(chunks, batch))
+        by_length = np.argsort(-lengths, kind="stable")
+        per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]
+        sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)
+        self.order = np.concatenate(per_chunk).astype(np.int64)  # state index -> sample
         self.inverse = np.empty_like(self.order)
         self.inverse[self.order] = np.arange(batch)
+        self.lengths = np.ascontiguousarray(lengths[self.order], dtype=np.int64)
+        self.chunk_samples = np.zeros(n_chunks + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self.chunk_samples[1:])
+        longest = int(self.lengths.max())
+        running = self.lengths[:, None] > np.arange(longest)[None, :]
+        self.batch_sizes = np.add.reduceat(running, self.chunk_samples[:-1], axis=0).astype(np.int64)
+        self.offsets = np.zeros((n_chunks, longest + 1), dtype=np.int64)
+        np.cumsum(self.batch_sizes, axis=1, out=self.offsets[:, 1:])
+        self.chunk_rows = np.zeros(n_chunks + 1, dtype=np.int64)
+        np.cumsum(self.offsets[:, -1], out=self.chunk_rows[1:])
+        self.rows = int(self.chunk_rows[-1])
+        self.identity = full and n_chunks == 1  # rows are x.reshape(T*N, C) as they stand
         if not self.identity:
-            # Packed row -> (time step, original sample index).
-            self.row_time = np.repeat(np.arange(self.batch_sizes.shape[0]), self.batch_sizes)
-            self.row_sample = self.order[np.arange(self.rows) - self.offsets[self.row_time]]
+            state = np.repeat(np.arange(batch), self.lengths)  # grouped by sample
+            starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+            time = np.arange(self.rows) - starts[state]
+            chunk = np.repeat(np.arange(n_chunks), sizes)[state]
+            row = self.chunk_rows[chunk] + self.offsets[chunk, time] + state - self.chunk_samples[chunk]
+            self.row_time = np.empty(self.rows, dtype=np.int64)
+            self.row_sample = np.empty(self.rows, dtype=np.int64)
+            self.row_time[row] = time
+            self.row_sample[row] = self.order[state]
+
+    @property
+    def kernel_args(self):
+        """The layout arguments every kernel takes, in order."""
+        return self.chunk_rows, self.chunk_samples, self.batch_sizes, self.offsets, self.lengths
 
     def pack(self, a):
         """(T, N, F) -> (R, F) C-contiguous, writable (a copy unless ``a`` already fits)."""
@@ -59,9 +81,9 @@ class Packing:
         return full
 
     def sort(self, state):
-        """(..., N, H) in the user's sample order -> contiguous copy in sorted order."""
+        """(..., N, H) in the user's sample order -> contiguous copy in state order."""
         return np.ascontiguousarray(state[..., self.order, :])
 
     def unsort(self, state):
-        """(..., N, H) in sorted order -> the user's sample order."""
+        """(..., N, H) in state order -> the user's sample order."""
         return state[..., self.inverse, :]

@@ -8,6 +8,7 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
+from fastseq._threads import num_chunks, single_threaded_blas
 from fastseq.layers import state_arrays
 from fastseq.registry import CELLS
 
@@ -63,7 +64,7 @@ class _RecurrentCell(Module):
 
     def _step_packing(self, batch):
         if self._packing is None or self._packing.batch != batch:
-            self._packing = Packing(None, 1, batch)
+            self._packing = Packing(None, 1, batch, num_chunks(batch))
         return self._packing
 
     def forward(self, x, hx=None):
@@ -93,19 +94,17 @@ class _RecurrentCell(Module):
         states = state_arrays(
             "hx", hx, spec.n_states, shape, "(N, H)" if not unbatched else "(H,)", self.dtype
         )
-        states = tuple(np.zeros((batch, self.hidden_size), self.dtype) if s is None
-                       else np.array(s.reshape(batch, self.hidden_size), order="C") for s in states)  # fmt: skip
-        x2 = np.ascontiguousarray(x2)
-        if not x2.flags.writeable:
-            x2 = x2.copy()
         packing = self._step_packing(batch)
+        states = tuple(np.zeros((batch, self.hidden_size), self.dtype) if s is None
+                       else packing.sort(s.reshape(batch, self.hidden_size)) for s in states)  # fmt: skip
+        x_packed = packing.pack(x2[None])
         out = np.empty((batch, self.hidden_size), self.dtype)
-        ws = _engine.forward(
-            self._cell, self._opts, self._weights, x2, states, packing, out, 0, False, self.training
-        )
+        with single_threaded_blas(packing.n_chunks > 1):
+            ws = _engine.forward(self._cell, self._opts, self._weights, x_packed, states, packing, out, 0, False,
+                                 self.training)  # fmt: skip
         if self.training:
             self._stack.append((ws, packing, unbatched))
-        result = [s[0] if unbatched else s for s in states]
+        result = [packing.unsort(s)[0] if unbatched else packing.unsort(s) for s in states]
         return result[0] if spec.n_states == 1 else tuple(result)
 
     def backward(self, grad):
@@ -132,29 +131,20 @@ class _RecurrentCell(Module):
         grads = state_arrays("grad", grad, spec.n_states, shape, "the shape of h'", self.dtype)
         self._stack.pop()
         grads = [np.zeros((batch, self.hidden_size), self.dtype) if g is None
-                 else np.array(g.reshape(batch, self.hidden_size), order="C") for g in grads]  # fmt: skip
+                 else g.reshape(batch, self.hidden_size) for g in grads]  # fmt: skip
         # The step's output is its new h: its gradient enters through dout; dstates carry
         # only the extra cell-state gradient of an LSTM.
-        dout = grads[0]
-        dstates = (np.zeros_like(dout),) + tuple(grads[1:])
-        dx = np.empty((batch, self.input_size), self.dtype)
-        _engine.backward(
-            self._cell,
-            self._opts,
-            self._weights,
-            ws,
-            dout,
-            0,
-            dstates,
-            packing,
-            False,
-            dx,
-            False,
-            self._grad_views,
+        dout = packing.pack(grads[0][None])
+        dstates = (np.zeros((batch, self.hidden_size), self.dtype),) + tuple(
+            packing.sort(g) for g in grads[1:]
         )
-        result = [s[0] if unbatched else s for s in dstates]
-        dx = dx[0] if unbatched else dx
-        return dx, (result[0] if spec.n_states == 1 else tuple(result))
+        dx = np.empty((batch, self.input_size), self.dtype)
+        with single_threaded_blas(packing.n_chunks > 1):
+            _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False,
+                             self._grad_views)  # fmt: skip
+        dx = packing.unpack(dx)[0]
+        result = [packing.unsort(s)[0] if unbatched else packing.unsort(s) for s in dstates]
+        return (dx[0] if unbatched else dx), (result[0] if spec.n_states == 1 else tuple(result))
 
 
 class RNNCell(_RecurrentCell):

@@ -8,6 +8,7 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
+from fastseq._threads import num_chunks, single_threaded_blas
 from fastseq.registry import CELLS
 
 
@@ -161,12 +162,31 @@ class _RecurrentLayer(Module):
         if lengths is not None:
             lengths = v.lengths_array(lengths, steps, batch)
 
-        packing = Packing(lengths, steps, batch)
+        packing = Packing(lengths, steps, batch, num_chunks(batch))
         states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
                    else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         layer_in = packing.pack(x3)
         training = self.training
+        with single_threaded_blas(packing.n_chunks > 1):
+            layers_ws = self._run_forward(packing, layer_in, states0, final, training)
+        layer_in = layers_ws.pop()
+        self._cache = None
+        if training:
+            self._cache = {"packing": packing, "layers": layers_ws, "x_shape": x.shape,
+                           "out_shape": None, "unbatched": unbatched}  # fmt: skip
+        output = packing.unpack(layer_in)
+        if unbatched:
+            output, final = output[:, 0, :], [f[:, 0, :] for f in final]
+        elif self.batch_first:
+            output = output.transpose(1, 0, 2)
+        if training:
+            self._cache["out_shape"] = output.shape
+        return output, (final[0] if spec.n_states == 1 else tuple(final))
+
+    def _run_forward(self, packing, layer_in, states0, final, training):
+        """All layers and directions; returns the per-layer workspaces + the last output."""
+        n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
         for layer in range(self.num_layers):
             out = np.empty((packing.rows, n_dirs * hd), self.dtype)
@@ -186,19 +206,7 @@ class _RecurrentLayer(Module):
                 out = out * mask
             layers_ws.append((dirs_ws, mask))
             layer_in = out
-
-        self._cache = None
-        if training:
-            self._cache = {"packing": packing, "layers": layers_ws, "x_shape": x.shape,
-                           "out_shape": None, "unbatched": unbatched}  # fmt: skip
-        output = packing.unpack(layer_in)
-        if unbatched:
-            output, final = output[:, 0, :], [f[:, 0, :] for f in final]
-        elif self.batch_first:
-            output = output.transpose(1, 0, 2)
-        if training:
-            self._cache["out_shape"] = output.shape
-        return output, (final[0] if spec.n_states == 1 else tuple(final))
+        return layers_ws + [layer_in]
 
     def _dropout_mask(self, shape):
         if self.dropout >= 1.0:
@@ -252,23 +260,24 @@ class _RecurrentLayer(Module):
         else:
             g3 = g.transpose(1, 0, 2) if self.batch_first else g
         dout = packing.pack(g3)
-        for layer in range(self.num_layers - 1, -1, -1):
-            dirs_ws, _ = cache["layers"][layer]
-            cols = self.input_size if layer == 0 else n_dirs * hd
-            dx = np.empty((packing.rows, cols), self.dtype)
-            for direction in range(n_dirs):
-                row = layer * n_dirs + direction
-                dstates = tuple(packing.sort(s[row]) for s in dfinal)
-                weights = self._direction_arrays(layer, direction, self.params, self._absent)
-                grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
-                _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
-                                 direction * hd, dstates, packing, direction == 1, dx,
-                                 direction == 1, grads)  # fmt: skip
-                for d, s in zip(dinitial, dstates, strict=True):
-                    d[row] = packing.unsort(s)
-            if layer > 0:
-                mask = cache["layers"][layer - 1][1]
-                dout = dx if mask is None else dx * mask
+        with single_threaded_blas(packing.n_chunks > 1):
+            for layer in range(self.num_layers - 1, -1, -1):
+                dirs_ws, _ = cache["layers"][layer]
+                cols = self.input_size if layer == 0 else n_dirs * hd
+                dx = np.empty((packing.rows, cols), self.dtype)
+                for direction in range(n_dirs):
+                    row = layer * n_dirs + direction
+                    dstates = tuple(packing.sort(s[row]) for s in dfinal)
+                    weights = self._direction_arrays(layer, direction, self.params, self._absent)
+                    grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
+                    _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
+                                     direction * hd, dstates, packing, direction == 1, dx,
+                                     direction == 1, grads)  # fmt: skip
+                    for d, s in zip(dinitial, dstates, strict=True):
+                        d[row] = packing.unsort(s)
+                if layer > 0:
+                    mask = cache["layers"][layer - 1][1]
+                    dout = dx if mask is None else dx * mask
         dx_full = packing.unpack(dx)
         if unbatched:
             dx_full, dinitial = dx_full[:, 0, :], [d[:, 0, :] for d in dinitial]

@@ -12,14 +12,22 @@ Shapes legend (rightmost dimension fastest, every array C-contiguous)::
     R  packed rows = sum(lengths) = batch_sizes.sum()
     D  directions (1 or 2); an output row holds D*H values, direction d in columns d*H:(d+1)*H
 
-Packed layout (as torch's ``PackedSequence``). Samples are sorted by length, longest first,
-and the sorted sample ``i`` at time step ``t`` lives in packed row ``offsets[t] + i``.
-``batch_sizes[t]`` samples are still running at step ``t``: always the prefix
-``0 .. batch_sizes[t]-1`` of the sorted batch, so every per-step GEMM works on a leading
-slice of a contiguous state array and the work is proportional to the valid steps.
+Packed, chunked layout. Samples are sorted by length (longest first) and dealt round-robin
+into K batch chunks (K fixed by numba's start-up thread count, see fastseq._threads). "State
+order" lists samples chunk after chunk; chunk ``c`` holds state indices
+``chunk_samples[c] .. chunk_samples[c+1]-1`` and packed rows ``chunk_rows[c] ..
+chunk_rows[c+1]-1``, time-major: its local sample ``i`` at time ``t`` is row
+``chunk_rows[c] + offsets[c, t] + i``. ``batch_sizes[c, t]`` samples of the chunk are
+still running at step ``t``: always its first ones, so every per-step GEMM works on a
+leading slice of the chunk's contiguous state, and work is proportional to valid steps.
+
+Each kernel runs one ``prange`` over the chunks; a chunk runs its whole sequence with its
+own (single-threaded) BLAS calls, so there is no barrier per time step. Weight gradients
+are summed per chunk and the partial sums added in chunk order: results do not depend on
+the number of threads.
 
 The forward direction runs step ``s = t``. The reverse direction runs step ``s`` of sample
-``i`` at time ``t = lengths[i] - 1 - s``, so each sample's reverse pass starts at its own
+``k`` at time ``t = lengths[k] - 1 - s``, so each sample's reverse pass starts at its own
 last valid step.
 
 Kernel arguments shared by all cells::
@@ -28,12 +36,14 @@ Kernel arguments shared by all cells::
     w_ih         (G*H, C)     in      input weights, torch's gate order
     w_hh         (G*H, H)     in      recurrent weights
     b_ih, b_hh   (G*H,)       in      biases (zeros when the layer has no bias)
-    batch_sizes  (S,)         in      int64, samples still running at each step
-    offsets      (S+1,)       in      int64, first packed row of each time step
-    lengths      (N,)         in      int64, sorted lengths, longest first
+    chunk_rows   (K+1,)       in      int64, first packed row of each chunk
+    chunk_samples (K+1,)      in      int64, first state index of each chunk
+    batch_sizes  (K, S)       in      int64, samples of each chunk running at each step
+    offsets      (K, S+1)     in      int64, first row of each step inside its chunk
+    lengths      (N,)         in      int64, lengths in state order
     reverse      bool         in      run the sequence backwards (per sample)
     out          (R, D*H)     out     packed output; columns out_col:out_col+H written
-    h            (N, H)       in/out  initial hidden state (sorted order) -> final state
+    h            (N, H)       in/out  initial hidden state (state order) -> final state
     gates        (R, G*H)     scratch forward: input projection, then (training) the gate
                                       activations backward needs; backward overwrites it
                                       with the gradients of the gate pre-activations

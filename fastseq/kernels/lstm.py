@@ -21,109 +21,123 @@ from numba import prange
 
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
-from fastseq.kernels.common import add_column_sums, input_and_weight_grads
+from fastseq.kernels.common import add_parts, chunk_input_grads
 
 
 @jit(parallel=True)
 def lstm_forward(
-    x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, batch_sizes, offsets, lengths, reverse,
-    out, out_col, h, c, gates, hprev, cprev, cnew, training,
+    x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
+    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training,
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
-    n_steps = batch_sizes.shape[0]
     hd = h.shape[1]
-    gh = np.empty((h.shape[0], 4 * hd), h.dtype)
-    np.dot(x, w_ih.T, out=gates)
-    for s in range(n_steps):
-        n = batch_sizes[s]
-        np.dot(h[:n], w_hh.T, out=gh[:n])
-        for i in prange(n):
-            t = lengths[i] - 1 - s if reverse else s
-            r = offsets[t] + i
-            if training:
-                hprev[r, :] = h[i, :]
-                cprev[r, :] = c[i, :]
-            for j in range(hd):
-                c0 = c[i, j]
-                ai = gates[r, j] + b_ih[j] + gh[i, j] + b_hh[j]
-                af = gates[r, hd + j] + b_ih[hd + j] + gh[i, hd + j] + b_hh[hd + j]
-                ag = gates[r, 2 * hd + j] + b_ih[2 * hd + j] + gh[i, 2 * hd + j] + b_hh[2 * hd + j]
-                ao = gates[r, 3 * hd + j] + b_ih[3 * hd + j] + gh[i, 3 * hd + j] + b_hh[3 * hd + j]
-                if peephole:
-                    ai += w_peep[0, j] * c0
-                    af += w_peep[1, j] * c0
-                ig = sigmoid(ai)
-                fg = sigmoid(af)
-                gg = tanh(ag)
-                c1 = fg * c0 + ig * gg
-                if peephole:
-                    ao += w_peep[2, j] * c1
-                og = sigmoid(ao)
-                h1 = og * tanh(c1)
-                c[i, j] = c1
-                h[i, j] = h1
-                out[r, out_col + j] = h1
-                gates[r, j] = ig
-                gates[r, hd + j] = fg
-                gates[r, 2 * hd + j] = gg
-                gates[r, 3 * hd + j] = og
+    for ch in prange(chunk_samples.shape[0] - 1):
+        r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
+        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        gh = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), h.dtype)
+        for s in range(lengths[s0]):
+            n = batch_sizes[ch, s]
+            np.dot(h[s0 : s0 + n], w_hh.T, out=gh[:n])
+            for i in range(n):
+                k = s0 + i
+                t = lengths[k] - 1 - s if reverse else s
+                r = r0 + offsets[ch, t] + i
                 if training:
-                    cnew[r, j] = c1
+                    hprev[r, :] = h[k, :]
+                    cprev[r, :] = c[k, :]
+                for j in range(hd):
+                    c0 = c[k, j]
+                    ai = gates[r, j] + b_ih[j] + gh[i, j] + b_hh[j]
+                    af = gates[r, hd + j] + b_ih[hd + j] + gh[i, hd + j] + b_hh[hd + j]
+                    ag = gates[r, 2 * hd + j] + b_ih[2 * hd + j] + gh[i, 2 * hd + j] + b_hh[2 * hd + j]
+                    ao = gates[r, 3 * hd + j] + b_ih[3 * hd + j] + gh[i, 3 * hd + j] + b_hh[3 * hd + j]
+                    if peephole:
+                        ai += w_peep[0, j] * c0
+                        af += w_peep[1, j] * c0
+                    ig = sigmoid(ai)
+                    fg = sigmoid(af)
+                    gg = tanh(ag)
+                    c1 = fg * c0 + ig * gg
+                    if peephole:
+                        ao += w_peep[2, j] * c1
+                    og = sigmoid(ao)
+                    h1 = og * tanh(c1)
+                    c[k, j] = c1
+                    h[k, j] = h1
+                    out[r, out_col + j] = h1
+                    gates[r, j] = ig
+                    gates[r, hd + j] = fg
+                    gates[r, 2 * hd + j] = gg
+                    gates[r, 3 * hd + j] = og
+                    if training:
+                        cnew[r, j] = c1
 
 
 @jit(parallel=True)
 def lstm_backward(
-    x, w_ih, w_hh, w_peep, peephole, batch_sizes, offsets, lengths, reverse, dout,
-    out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh, db_ih,
-    db_hh, dw_peep,
+    x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
+    reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
+    db_ih, db_hh, dw_peep,
 ):  # fmt: skip
     """Backward pass of one layer and direction; ``dc`` (N, H) in/out like ``dh``.
 
     ``dw_peep`` (3, H) += the peephole gradients (when ``peephole``).
     """
-    n_steps = batch_sizes.shape[0]
     hd = dh.shape[1]
     one = dh.dtype.type(1)
-    dg = np.empty((dh.shape[0], 4 * hd), dh.dtype)
-    for s in range(n_steps - 1, -1, -1):
-        n = batch_sizes[s]
-        for i in prange(n):
-            t = lengths[i] - 1 - s if reverse else s
-            r = offsets[t] + i
-            for j in range(hd):
-                ig = gates[r, j]
-                fg = gates[r, hd + j]
-                gg = gates[r, 2 * hd + j]
-                og = gates[r, 3 * hd + j]
-                c1 = cnew[r, j]
-                tc = tanh(c1)
-                grad_h = dh[i, j] + dout[r, out_col + j]
-                dao = grad_h * tc * og * (one - og)
-                grad_c = dc[i, j] + grad_h * og * (one - tc * tc)
-                if peephole:
-                    grad_c += dao * w_peep[2, j]
-                dai = grad_c * gg * ig * (one - ig)
-                daf = grad_c * cprev[r, j] * fg * (one - fg)
-                dag = grad_c * ig * (one - gg * gg)
-                grad_c0 = grad_c * fg
-                if peephole:
-                    grad_c0 += dai * w_peep[0, j] + daf * w_peep[1, j]
-                dc[i, j] = grad_c0
-                gates[r, j] = dai
-                gates[r, hd + j] = daf
-                gates[r, 2 * hd + j] = dag
-                gates[r, 3 * hd + j] = dao
-                dg[i, j] = dai
-                dg[i, hd + j] = daf
-                dg[i, 2 * hd + j] = dag
-                dg[i, 3 * hd + j] = dao
-        np.dot(dg[:n], w_hh, out=dh[:n])
-    input_and_weight_grads(gates, x, hprev, w_ih, dx, accumulate_dx, dw_ih, dw_hh)
-    add_column_sums(gates, db_ih)
-    add_column_sums(gates, db_hh)
+    n_chunks = chunk_samples.shape[0] - 1
+    part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
+    part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
+    part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
+    part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
+    for ch in prange(n_chunks):
+        r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
+        dg = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), dh.dtype)
+        for s in range(lengths[s0] - 1, -1, -1):
+            n = batch_sizes[ch, s]
+            for i in range(n):
+                k = s0 + i
+                t = lengths[k] - 1 - s if reverse else s
+                r = r0 + offsets[ch, t] + i
+                for j in range(hd):
+                    ig = gates[r, j]
+                    fg = gates[r, hd + j]
+                    gg = gates[r, 2 * hd + j]
+                    og = gates[r, 3 * hd + j]
+                    c1 = cnew[r, j]
+                    tc = tanh(c1)
+                    grad_h = dh[k, j] + dout[r, out_col + j]
+                    dao = grad_h * tc * og * (one - og)
+                    grad_c = dc[k, j] + grad_h * og * (one - tc * tc)
+                    if peephole:
+                        grad_c += dao * w_peep[2, j]
+                    dai = grad_c * gg * ig * (one - ig)
+                    daf = grad_c * cprev[r, j] * fg * (one - fg)
+                    dag = grad_c * ig * (one - gg * gg)
+                    grad_c0 = grad_c * fg
+                    if peephole:
+                        grad_c0 += dai * w_peep[0, j] + daf * w_peep[1, j]
+                    dc[k, j] = grad_c0
+                    gates[r, j] = dai
+                    gates[r, hd + j] = daf
+                    gates[r, 2 * hd + j] = dag
+                    gates[r, 3 * hd + j] = dao
+                    dg[i, j] = dai
+                    dg[i, hd + j] = daf
+                    dg[i, 2 * hd + j] = dag
+                    dg[i, 3 * hd + j] = dao
+            np.dot(dg[:n], w_hh, out=dh[s0 : s0 + n])
+        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
+                          part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
+        if peephole:
+            for r in range(r0, r1):
+                for j in range(hd):
+                    part_peep[ch, 0, j] += gates[r, j] * cprev[r, j]
+                    part_peep[ch, 1, j] += gates[r, hd + j] * cprev[r, j]
+                    part_peep[ch, 2, j] += gates[r, 3 * hd + j] * cnew[r, j]
+    add_parts(part_w_ih, dw_ih)
+    add_parts(part_w_hh, dw_hh)
+    add_parts(part_b, db_ih)
+    add_parts(part_b, db_hh)
     if peephole:
-        for r in range(gates.shape[0]):
-            for j in range(hd):
-                dw_peep[0, j] += gates[r, j] * cprev[r, j]
-                dw_peep[1, j] += gates[r, hd + j] * cprev[r, j]
-                dw_peep[2, j] += gates[r, 3 * hd + j] * cnew[r, j]
+        add_parts(part_peep, dw_peep)
