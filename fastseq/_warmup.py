@@ -11,7 +11,8 @@ KERNELS = {
     "rnn_forward": rnn.rnn_forward, "rnn_backward": rnn.rnn_backward,
     "lstm_forward": lstm.lstm_forward, "lstm_backward": lstm.lstm_backward,
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
-    "add_column_sums": common.add_column_sums, "input_and_weight_grads": common.input_and_weight_grads,
+    "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
+    "add_parts": common.add_parts,
 }  # fmt: skip
 
 _LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}

@@ -81,7 +81,8 @@ def _threads_option(ctx, param, value):
     callback=_threads_option,
     help="Numba and BLAS threads (and torch's, when compared). Default: as configured.",
 )
-@click.option("--repeat", type=click.IntRange(min=1), help="Timed runs per case [default: 7, --quick 3].")
+@click.option("--repeat", type=click.IntRange(min=1),
+              help="Timed runs per case [default: at least 7 and at least 0.2 s of timing; --quick: 3 and 0.05 s].")
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed runs per case [default: 2, --quick 1].")
 @click.option(
     "--compare", type=click.Choice(["torch", "numpy"]), help="Also time a peer with the same weights."
@@ -107,6 +108,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         raise click.UsageError(
             "--compare torch needs PyTorch, which is not installed: pip install torch==2.13.0"
         )
+    min_time = 0.0 if repeat else (0.05 if quick else 0.2)
     repeat = repeat or (3 if quick else 7)
     warmup = (1 if quick else 2) if warmup is None else warmup
     options = {"layers": layers, "bidirectional": bidirectional, "dtype": dtype, "lengths": lengths}
@@ -124,17 +126,16 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         def factory(case, module, data):
             return peer_cls(case, module, data, threads=threads)
 
-    err = click.get_text_stream("stderr")
     rows = []
     started = time.perf_counter()
     old_torch_threads = _torch_threads() if compare == "torch" else None
     try:
         with harness.thread_limits(threads):
-            click.echo("measuring the BLAS sgemm rate ...", file=err)
+            click.echo("measuring the BLAS sgemm rate ...", err=True)
             sgemm = harness.sgemm_gflops()
             for k, case in enumerate(cases, 1):
-                click.echo(f"[{k}/{len(cases)}] {case.label()} {case.dtype} lengths={case.lengths}", file=err)
-                row = harness.run_case(case, repeat, warmup, factory)
+                click.echo(f"[{k}/{len(cases)}] {case.label()} {case.dtype} lengths={case.lengths}", err=True)
+                row = harness.run_case(case, repeat, warmup, factory, min_time)
                 row["pct_sgemm"] = 100.0 * row["gflops"] / sgemm
                 rows.append(row)
             info = {"threading": machine.threading_info(), "blas": machine.blas_info()}
@@ -143,7 +144,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
             import torch
 
             torch.set_num_threads(old_torch_threads)
-    click.echo(f"done in {time.perf_counter() - started:.1f} s", file=err)
+    click.echo(f"done in {time.perf_counter() - started:.1f} s", err=True)
     result = {
         "schema": "fastseq-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -159,7 +160,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
     if output:
         with open(output, "w") as f:
             f.write(text + "\n")
-        click.echo(f"wrote {output}", file=err)
+        click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text)
 
@@ -220,12 +221,11 @@ def warmup(dtypes):
     from fastseq import _warmup
 
     tasks = _warmup.tasks(dtypes or ("float32", "float64"))
-    err = click.get_text_stream("stderr")
     started = time.perf_counter()
     for k, (name, task) in enumerate(tasks, 1):
         t0 = time.perf_counter()
         task()
-        click.echo(f"[{k}/{len(tasks)}] {name}: {time.perf_counter() - t0:.1f} s", file=err)
+        click.echo(f"[{k}/{len(tasks)}] {name}: {time.perf_counter() - t0:.1f} s", err=True)
     click.echo(f"kernels ready in {time.perf_counter() - started:.1f} s; cache: {_warmup.cache_dir()}")
 
 

@@ -135,6 +135,7 @@ def sgemm_gflops(size: int = 1024, repeat: int = 5) -> float:
     out = np.empty((size, size), np.float32)
     matmul_into(a, b, out)
     best = min(_timed(lambda: matmul_into(a, b, out)) for _ in range(repeat))
+    time.sleep(0.3)  # let BLAS's worker threads stop spinning before anything else is timed
     return 2.0 * size**3 / best / 1e9
 
 
@@ -170,8 +171,12 @@ def summarise(times) -> tuple[float, float]:
     return median, float((q3 - q1) / median) if median > 0 else 0.0
 
 
-def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None) -> dict:
-    """Time one case (and its peer, alternately); returns one result row."""
+def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_time: float = 0.0) -> dict:
+    """Time one case (and its peer, alternately); returns one result row.
+
+    Runs ``repeat`` timed calls, more if needed to spend at least ``min_time`` seconds
+    timing fastseq (so sub-millisecond cases get enough samples; at most 500 calls).
+    """
     inputs = Inputs(case)
     fn, module = build_fastseq(case, inputs)
     first = _timed(fn)  # compiles, or loads the kernels from the disk cache
@@ -182,7 +187,8 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None) -> di
         if peer_fn:
             peer_fn()
     ours, theirs = [], []
-    for _ in range(repeat):
+    estimate = max(first if warmup == 0 else _timed(fn), 1e-6)
+    for _ in range(min(max(repeat, int(min_time / estimate)), max(repeat, 500))):
         ours.append(_timed(fn))
         if peer_fn:
             theirs.append(_timed(peer_fn))

@@ -1,0 +1,83 @@
+"""asv suites, one per cell (from fastseq's cell registry), over a grid of shapes.
+
+Kernels are compiled (or loaded from numba's disk cache) in ``setup``, never in a timed
+method; data are seeded. ``track_*_gflops`` report GEMM GFLOP/s of a training step.
+"""
+
+import time
+
+import numpy as np
+
+import fastseq
+from fastseq.registry import CELLS, gemm_flops
+
+#: (N, T, C=H) shapes: the speed issue's targets (small, medium, large).
+SHAPES = {"small": (32, 100, 64), "medium": (64, 100, 256), "large": (64, 50, 1024)}
+STREAM_HIDDEN = 128
+
+
+class _CellSuite:
+    cell = "rnn"
+    params = (list(SHAPES), ["float32"])
+    param_names = ["shape", "dtype"]
+    timeout = 300
+
+    def setup(self, shape, dtype):
+        n, t, h = SHAPES[shape]
+        rng = np.random.default_rng(0)
+        spec = CELLS[self.cell]
+        self.layer = getattr(fastseq, spec.torch_layer)(h, h, dtype=dtype, seed=0)
+        self.x = rng.standard_normal((t, n, h)).astype(dtype)
+        self.grad = rng.standard_normal((t, n, h)).astype(dtype)
+        self.lengths = rng.integers(1, t + 1, size=n)
+        self.flops = gemm_flops(self.cell, n, t, h, h)
+        self.cell_step = getattr(fastseq, spec.torch_cell)(STREAM_HIDDEN, STREAM_HIDDEN, dtype=dtype, seed=0).eval()
+        self.x_step = rng.standard_normal((1, STREAM_HIDDEN)).astype(dtype)
+        self.state = self.cell_step(self.x_step)
+        self.train_step()  # compiles (or loads) forward and backward kernels
+        self.layer.eval()
+        self.layer(self.x, lengths=self.lengths)
+        self.layer.train()
+
+    def train_step(self):
+        self.layer.train()
+        self.layer(self.x)
+        self.layer.backward(self.grad)
+
+    def time_forward(self, shape, dtype):
+        self.layer.eval()
+        self.layer(self.x)
+
+    def time_forward_lengths(self, shape, dtype):
+        self.layer.eval()
+        self.layer(self.x, lengths=self.lengths)
+
+    def time_train_step(self, shape, dtype):
+        self.train_step()
+
+    def time_stream_step(self, shape, dtype):
+        self.cell_step(self.x_step, self.state)
+
+    def peakmem_train_step(self, shape, dtype):
+        self.train_step()
+
+    def track_train_gflops(self, shape, dtype):
+        best = np.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            self.train_step()
+            best = min(best, time.perf_counter() - start)
+        return 3 * self.flops / best / 1e9
+
+    track_train_gflops.unit = "GFLOP/s"
+
+
+for _name in CELLS:
+    _cls = type(f"{_name.upper()}Suite", (_CellSuite,), {"cell": _name})
+    globals()[_cls.__name__] = _cls
+del _name, _cls
+
+
+def timeraw_import():
+    """Cold import of fastseq in a fresh interpreter (compiles nothing)."""
+    return "import fastseq"

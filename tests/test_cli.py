@@ -1,0 +1,141 @@
+"""The fastseq command through click's CliRunner: every command and option path."""
+
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastseq import __version__
+from fastseq.bench import harness, peers
+from fastseq.cli import main
+
+TINY = ["-N", "2", "-T", "3", "--hidden-size", "4", "--repeat", "1", "--warmup", "0"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_version_and_help():
+    assert __version__ in invoke("--version").stdout
+    out = invoke("bench", "--help").stdout
+    for option in ("--cell", "--mode", "--batch", "--seq-len", "--input-size", "--hidden-size", "--layers",
+                   "--bidirectional", "--dtype", "--lengths", "--threads", "--repeat", "--warmup", "--compare",
+                   "--format", "--output", "--quick"):  # fmt: skip
+        assert option in out
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_bench_table_every_mode(cell):
+    result = invoke("bench", "--cell", cell, *TINY)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:8] == ["cell", "mode", "N", "T", "C", "H", "L", "D"]
+    rows = [ln.split() for ln in lines[2:5]]
+    assert [r[:2] for r in rows] == [[cell, "forward"], [cell, "train"], [cell, "stream"]]
+    assert "sgemm rate" in result.stdout
+    assert "[3/3]" in result.stderr  # progress goes to stderr
+
+
+def test_bench_json_schema_and_options(tmp_path):
+    out = tmp_path / "r.json"
+    result = invoke("bench", "--cell", "gru", "--mode", "train", "--mode", "forward", "-N", "3", "-N", "2", "-T", "4",
+                    "--input-size", "5", "--hidden-size", "4", "--layers", "2", "--bidirectional", "--dtype", "float64",
+                    "--lengths", "random", "--threads", "1", "--repeat", "2", "--warmup", "1", "--format", "json",
+                    "--output", str(out))  # fmt: skip
+    assert result.exit_code == 0 and result.stdout == ""
+    report = json.loads(out.read_text())
+    assert report["schema"] == "fastseq-bench/1"
+    assert {"model", "cores", "simd"} <= set(report["machine"])
+    assert {"fastseq", "numba", "numpy", "scipy"} <= set(report["versions"])
+    assert report["threads"] == 1 and report["sgemm_gflops"] > 0 and report["blas"]
+    assert report["threading"]["numba_threads"] >= 1
+    rows = report["results"]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["layers"] == 2 and row["directions"] == 2 and row["dtype"] == "float64"
+        assert row["lengths"] == "random" and row["input_size"] == 5
+        assert row["median_s"] > 0 and row["gflops"] > 0 and row["compile_s"] >= 0
+        assert row["tokens_per_s"] <= row["batch"] * row["steps"] / row["median_s"] + 1e-9
+
+
+def test_bench_csv():
+    result = invoke("bench", "--cell", "rnn", "--mode", "forward", "--format", "csv", *TINY)
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 1
+    assert rows[0]["cell"] == "rnn" and rows[0]["machine_model"] and float(rows[0]["sgemm_gflops"]) > 0
+
+
+def test_bench_compare_torch_and_numpy():
+    result = invoke("bench", "--cell", "lstm", "--compare", "torch", "--threads", "1", *TINY)
+    assert result.exit_code == 0 and "ratio vs torch" in result.stdout and "torch 2.13.0" in result.stdout
+    result = invoke("bench", "--cell", "gru", "--compare", "numpy", "--format", "json", *TINY)
+    rows = json.loads(result.stdout)["results"]
+    assert [r["ratio"] is None for r in rows] == [False, True, False]  # numpy has no training step
+    assert rows[1]["peer_note"] == "numpy peer has no training step"
+
+
+def test_bench_compare_torch_missing(monkeypatch):
+    monkeypatch.setattr(peers, "torch_available", lambda: False)
+    result = CliRunner().invoke(main, ["bench", "--compare", "torch", *TINY])
+    assert result.exit_code == 2
+    assert "--compare torch needs PyTorch" in result.stderr and "pip install torch==2.13.0" in result.stderr
+
+
+def test_default_grid_and_quick():
+    grid = harness.default_grid()
+    assert len(grid) == 18
+    assert {c.cell for c in grid} == {"rnn", "lstm", "gru"} and {c.mode for c in grid} == {"forward", "train", "stream"}
+    assert all(c.batch == 1 for c in grid if c.mode == "stream")
+    result = invoke("bench", "--quick", "--cell", "rnn", "--mode", "stream", "--format", "json")
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["batch"], r["hidden_size"]) for r in rows] == [(1, 64), (1, 256)]
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["--cell", "transformer"], "--cell"),
+        (["--mode", "fast"], "--mode"),
+        (["-N", "0"], "-N"),
+        (["-T", "x"], "-T"),
+        (["--hidden-size", "-3"], "--hidden-size"),
+        (["--input-size", "0"], "--input-size"),
+        (["--layers", "0"], "--layers"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--lengths", "some"], "--lengths"),
+        (["--threads", "0"], "--threads"),
+        (["--threads", "4096"], "--threads"),
+        (["--repeat", "0"], "--repeat"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--compare", "jax"], "--compare"),
+        (["--format", "xml"], "--format"),
+        (["--output", "/"], "--output"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, option):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2
+    assert option in result.stderr
+
+
+def test_info_text_and_json():
+    result = invoke("info")
+    assert result.exit_code == 0
+    for part in ("versions:", "numba threading layer", "BLAS:", "CPU:", "SIMD", "kernel cache:", "compiled kernels on disk"):
+        assert part in result.stdout
+    data = json.loads(invoke("info", "--json").stdout)
+    assert set(data) == {"versions", "threading", "blas", "cpu", "kernel_cache"}
+    assert "lstm_forward" in data["kernel_cache"]["cached_specialisations"]
+
+
+def test_warmup_compiles_everything():
+    result = invoke("warmup", "--dtype", "float64")
+    assert result.exit_code == 0
+    assert "[3/3] gru float64" in result.stderr and "kernels ready" in result.stdout
+    status = json.loads(invoke("info", "--json").stdout)["kernel_cache"]["cached_specialisations"]
+    assert all(n for n in status.values())
+    assert CliRunner().invoke(main, ["warmup", "--dtype", "float16"]).exit_code == 2
