@@ -31,7 +31,9 @@ class _CellSuite:
         self.grad = rng.standard_normal((t, n, h)).astype(dtype)
         self.lengths = rng.integers(1, t + 1, size=n)
         self.flops = gemm_flops(self.cell, n, t, h, h)
-        self.cell_step = getattr(fastseq, spec.torch_cell)(STREAM_HIDDEN, STREAM_HIDDEN, dtype=dtype, seed=0).eval()
+        self.cell_step = getattr(fastseq, spec.torch_cell)(
+            STREAM_HIDDEN, STREAM_HIDDEN, dtype=dtype, seed=0
+        ).eval()
         self.x_step = rng.standard_normal((1, STREAM_HIDDEN)).astype(dtype)
         self.state = self.cell_step(self.x_step)
         self.train_step()  # compiles (or loads) forward and backward kernels

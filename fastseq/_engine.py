@@ -54,7 +54,11 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
         The workspace backward needs (training), else None.
     """
     rows, hd, dt = x.shape[0], states[0].shape[1], x.dtype
-    gates = np.empty((rows, CELLS[cell].gates * hd), dt)
+    # The inference path projects the input a block of steps at a time inside the kernel and
+    # keeps no (R, G*H) array; training keeps it for backward. Reverse passes over unequal
+    # lengths need every row's projection at once.
+    full_projection = training or (reverse and not packing.equal_lengths)
+    gates = np.empty((rows if full_projection else 0, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
     hprev = np.empty((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)

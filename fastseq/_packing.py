@@ -31,6 +31,7 @@ class Packing:
         if full:
             lengths = np.full(batch, steps, dtype=np.int64)
         self.n_chunks = n_chunks = max(1, min(chunks, batch))
+        self.equal_lengths = bool(np.all(lengths == lengths[0]))
         by_length = np.argsort(-lengths, kind="stable")
         per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]
         sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)

@@ -81,8 +81,11 @@ def _threads_option(ctx, param, value):
     callback=_threads_option,
     help="Numba and BLAS threads (and torch's, when compared). Default: as configured.",
 )
-@click.option("--repeat", type=click.IntRange(min=1),
-              help="Timed runs per case [default: at least 7 and at least 0.2 s of timing; --quick: 3 and 0.05 s].")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    help="Timed runs per case [default: at least 7 and at least 0.2 s of timing; --quick: 3 and 0.05 s].",
+)
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed runs per case [default: 2, --quick 1].")
 @click.option(
     "--compare", type=click.Choice(["torch", "numpy"]), help="Also time a peer with the same weights."

@@ -168,7 +168,7 @@ class _RecurrentLayer(Module):
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         layer_in = packing.pack(x3)
         training = self.training
-        with single_threaded_blas(packing.n_chunks > 1):
+        with single_threaded_blas():
             layers_ws = self._run_forward(packing, layer_in, states0, final, training)
         layer_in = layers_ws.pop()
         self._cache = None
@@ -260,7 +260,7 @@ class _RecurrentLayer(Module):
         else:
             g3 = g.transpose(1, 0, 2) if self.batch_first else g
         dout = packing.pack(g3)
-        with single_threaded_blas(packing.n_chunks > 1):
+        with single_threaded_blas():
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd

@@ -14,7 +14,9 @@ def test_asv_quick_run_and_publish(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path))  # CI may have no HOME: asv keeps machine info there
     run = lambda *args: subprocess.run(ASV + list(args), cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: E731
     assert run("machine", "--yes").returncode == 0
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     result = run("run", "--python=same", "--quick", "--set-commit-hash", commit)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = [p for p in (ROOT / ".asv" / "results").glob(f"*/{commit[:8]}-*.json")]

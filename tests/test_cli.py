@@ -87,7 +87,11 @@ def test_bench_compare_torch_missing(monkeypatch):
 def test_default_grid_and_quick():
     grid = harness.default_grid()
     assert len(grid) == 18
-    assert {c.cell for c in grid} == {"rnn", "lstm", "gru"} and {c.mode for c in grid} == {"forward", "train", "stream"}
+    assert {c.cell for c in grid} == {"rnn", "lstm", "gru"} and {c.mode for c in grid} == {
+        "forward",
+        "train",
+        "stream",
+    }
     assert all(c.batch == 1 for c in grid if c.mode == "stream")
     result = invoke("bench", "--quick", "--cell", "rnn", "--mode", "stream", "--format", "json")
     rows = json.loads(result.stdout)["results"]
@@ -125,7 +129,15 @@ def test_bad_options_are_usage_errors(args, option):
 def test_info_text_and_json():
     result = invoke("info")
     assert result.exit_code == 0
-    for part in ("versions:", "numba threading layer", "BLAS:", "CPU:", "SIMD", "kernel cache:", "compiled kernels on disk"):
+    for part in (
+        "versions:",
+        "numba threading layer",
+        "BLAS:",
+        "CPU:",
+        "SIMD",
+        "kernel cache:",
+        "compiled kernels on disk",
+    ):
         assert part in result.stdout
     data = json.loads(invoke("info", "--json").stdout)
     assert set(data) == {"versions", "threading", "blas", "cpu", "kernel_cache"}

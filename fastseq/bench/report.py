@@ -83,10 +83,13 @@ def to_table(report: dict) -> str:
         lines.append([str(c) for c in line])
     widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
     left = {0, 1}
+
     def fmt(cells):
         return "  ".join(
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )  # noqa: E731
+
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(ln) for ln in lines]
     m, v = report["machine"], report["versions"]
     blas = ", ".join(

@@ -46,7 +46,10 @@ Kernel arguments shared by all cells::
     h            (N, H)       in/out  initial hidden state (state order) -> final state
     gates        (R, G*H)     scratch forward: input projection, then (training) the gate
                                       activations backward needs; backward overwrites it
-                                      with the gradients of the gate pre-activations
+                                      with the gradients of the gate pre-activations.
+                                      With 0 rows (inference) the kernel projects the input
+                                      a block of steps at a time into a small buffer instead
+                                      (forward direction, or equal lengths)
     hprev        (R, H)       out     (training) hidden state each row started from
     training     bool         in      keep what backward needs; False runs inference and
                                       writes no workspace beyond ``gates``

@@ -21,7 +21,88 @@ from numba import prange
 
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
-from fastseq.kernels.common import add_parts, chunk_input_grads, column_sums
+from fastseq.kernels.common import (
+    PROJECTION_BLOCK_ROWS,
+    add_parts,
+    chunk_input_grads,
+    column_sums,
+    gemm_nn_rows,
+    gemm_nt_rows,
+    projection_block,
+)
+
+
+@jit
+def gru_cell_forward(g, gh, b_ih, b_hh, h):
+    """reset_after=True, one sample, one step. g (3H,) in: input projection, out: r, z, n.
+    gh (3H,) in: recurrent GEMM row; out: its n block holds W_hn h + b_hn. h (H,) in/out."""
+    hd = h.shape[0]
+    for j in range(hd):
+        rg = sigmoid(g[j] + b_ih[j] + gh[j] + b_hh[j])
+        zg = sigmoid(g[hd + j] + b_ih[hd + j] + gh[hd + j] + b_hh[hd + j])
+        hterm = gh[2 * hd + j] + b_hh[2 * hd + j]
+        ng = tanh(g[2 * hd + j] + b_ih[2 * hd + j] + rg * hterm)
+        h[j] = ng + zg * (h[j] - ng)
+        g[j] = rg
+        g[hd + j] = zg
+        g[2 * hd + j] = ng
+        gh[2 * hd + j] = hterm
+
+
+@jit
+def gru_cell_reset(g, grz, b_ih, b_hh, h, rh):
+    """reset_after=False, first half of a step: g[:2H] out: r, z; rh (H,) out: r*h."""
+    hd = h.shape[0]
+    for j in range(hd):
+        rg = sigmoid(g[j] + b_ih[j] + grz[j] + b_hh[j])
+        g[j] = rg
+        g[hd + j] = sigmoid(g[hd + j] + b_ih[hd + j] + grz[hd + j] + b_hh[hd + j])
+        rh[j] = rg * h[j]
+
+
+@jit
+def gru_cell_update(g, ghn, b_ih, b_hh, h):
+    """reset_after=False, second half: ghn (H,) = W_hn (r*h); g[2H:] out: n; h (H,) in/out."""
+    hd = h.shape[0]
+    for j in range(hd):
+        ng = tanh(g[2 * hd + j] + b_ih[2 * hd + j] + ghn[j] + b_hh[2 * hd + j])
+        h[j] = ng + g[hd + j] * (h[j] - ng)
+        g[2 * hd + j] = ng
+
+
+@jit
+def gru_cell_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
+    """One sample, one step, the part before any recurrent GEMM.
+
+    g (3H,) in: r, z, n; out: gradients of the pre-activations of z and n, and (reset_after)
+    of r. hn (H,) in: W_hn h + b_hn (reset_after), out: its gradient dn * r. dh, dout,
+    hprev (H,) in. dh_direct (H,) out: gradient reaching h through h' = n + z (h - n).
+    """
+    hd = hprev.shape[0]
+    one = hprev.dtype.type(1)
+    for j in range(hd):
+        rg = g[j]
+        zg = g[hd + j]
+        ng = g[2 * hd + j]
+        grad_h = dh[j] + dout[j]
+        dan = grad_h * (one - zg) * (one - ng * ng)
+        g[hd + j] = grad_h * (hprev[j] - ng) * zg * (one - zg)
+        g[2 * hd + j] = dan
+        dh_direct[j] = grad_h * zg
+        if reset_after:
+            g[j] = dan * hn[j] * rg * (one - rg)
+            hn[j] = dan * rg
+
+
+@jit
+def gru_cell_backward_reset(g, drh, hprev, dh_direct):
+    """reset_after=False: drh (H,) = gradient of r*h; g[:H] in: r, out: its pre-activation
+    gradient; dh_direct (H,) += drh * r."""
+    one = hprev.dtype.type(1)
+    for j in range(hprev.shape[0]):
+        rg = g[j]
+        g[j] = drh[j] * hprev[j] * rg * (one - rg)
+        dh_direct[j] += drh[j] * rg
 
 
 @jit(parallel=True)
@@ -36,61 +117,48 @@ def gru_forward(
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
-        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        if gates.shape[0] > 0:
+            np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        block = np.empty((max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, 3 * hd), h.dtype)
+        proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
+        scratch = np.empty(w_hh.shape[0] * (nc), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
         rh = np.empty((nc, hd), h.dtype)
         ghn = np.empty((nc, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
+            if s == s_next:
+                proj, base, s_next = projection_block(
+                    x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                )
             if reset_after:
-                np.dot(h[s0 : s0 + n], w_hh.T, out=gh[:n])
-                for i in range(n):
-                    k = s0 + i
-                    t = lengths[k] - 1 - s if reverse else s
-                    r = r0 + offsets[ch, t] + i
-                    if training:
-                        hprev[r, :] = h[k, :]
-                    for j in range(hd):
-                        rg = sigmoid(gates[r, j] + b_ih[j] + gh[i, j] + b_hh[j])
-                        zg = sigmoid(gates[r, hd + j] + b_ih[hd + j] + gh[i, hd + j] + b_hh[hd + j])
-                        hterm = gh[i, 2 * hd + j] + b_hh[2 * hd + j]
-                        ng = tanh(gates[r, 2 * hd + j] + b_ih[2 * hd + j] + rg * hterm)
-                        h1 = ng + zg * (h[k, j] - ng)
-                        h[k, j] = h1
-                        out[r, out_col + j] = h1
-                        gates[r, j] = rg
-                        gates[r, hd + j] = zg
-                        gates[r, 2 * hd + j] = ng
-                        if training:
-                            hn[r, j] = hterm
+                gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
             else:
-                np.dot(h[s0 : s0 + n], w_hrz.T, out=grz[:n])
-                for i in range(n):
-                    k = s0 + i
-                    t = lengths[k] - 1 - s if reverse else s
-                    r = r0 + offsets[ch, t] + i
+                gemm_nt_rows(h[s0 : s0 + n], w_hrz, grz[:n], scratch)
+            for i in range(n):
+                k = s0 + i
+                t = lengths[k] - 1 - s if reverse else s
+                r = r0 + offsets[ch, t] + i
+                if training:
+                    hprev[r, :] = h[k, :]
+                if reset_after:
+                    gru_cell_forward(proj[r - base], gh[i], b_ih, b_hh, h[k])
+                    out[r, out_col : out_col + hd] = h[k]
                     if training:
-                        hprev[r, :] = h[k, :]
-                    for j in range(hd):
-                        rg = sigmoid(gates[r, j] + b_ih[j] + grz[i, j] + b_hh[j])
-                        zg = sigmoid(gates[r, hd + j] + b_ih[hd + j] + grz[i, hd + j] + b_hh[hd + j])
-                        gates[r, j] = rg
-                        gates[r, hd + j] = zg
-                        rh[i, j] = rg * h[k, j]
-                        if training:
-                            hn[r, j] = rh[i, j]
-                np.dot(rh[:n], w_hn.T, out=ghn[:n])
+                        hn[r, :] = gh[i, 2 * hd :]
+                else:
+                    gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h[k], rh[i])
+                    if training:
+                        hn[r, :] = rh[i, :]
+            if not reset_after:
+                gemm_nt_rows(rh[:n], w_hn, ghn[:n], scratch)
                 for i in range(n):
                     k = s0 + i
                     t = lengths[k] - 1 - s if reverse else s
                     r = r0 + offsets[ch, t] + i
-                    for j in range(hd):
-                        ng = tanh(gates[r, 2 * hd + j] + b_ih[2 * hd + j] + ghn[i, j] + b_hh[2 * hd + j])
-                        h1 = ng + gates[r, hd + j] * (h[k, j] - ng)
-                        h[k, j] = h1
-                        out[r, out_col + j] = h1
-                        gates[r, 2 * hd + j] = ng
+                    gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
+                    out[r, out_col : out_col + hd] = h[k]
 
 
 @jit(parallel=True)
@@ -100,7 +168,6 @@ def gru_backward(
 ):  # fmt: skip
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
-    one = dh.dtype.type(1)
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
@@ -112,6 +179,7 @@ def gru_backward(
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         dg = np.empty((nc, 3 * hd), dh.dtype)
+        scratch = np.empty(w_hh.shape[0] * (nc), dh.dtype)
         dgrz = np.empty((nc, 2 * hd), dh.dtype)
         dn = np.empty((nc, hd), dh.dtype)
         drh = np.empty((nc, hd), dh.dtype)
@@ -122,44 +190,26 @@ def gru_backward(
                 k = s0 + i
                 t = lengths[k] - 1 - s if reverse else s
                 r = r0 + offsets[ch, t] + i
-                for j in range(hd):
-                    rg = gates[r, j]
-                    zg = gates[r, hd + j]
-                    ng = gates[r, 2 * hd + j]
-                    grad_h = dh[k, j] + dout[r, out_col + j]
-                    dan = grad_h * (one - zg) * (one - ng * ng)
-                    daz = grad_h * (hprev[r, j] - ng) * zg * (one - zg)
-                    dh_direct[i, j] = grad_h * zg
-                    gates[r, hd + j] = daz
-                    gates[r, 2 * hd + j] = dan
-                    if reset_after:
-                        dar = dan * hn[r, j] * rg * (one - rg)
-                        gates[r, j] = dar
-                        dg[i, j] = dar
-                        dg[i, hd + j] = daz
-                        dg[i, 2 * hd + j] = dan * rg
-                        hn[r, j] = dan * rg
-                    else:
-                        dn[i, j] = dan
+                gru_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], hprev[r], hn[r],
+                                  dh_direct[i], reset_after)  # fmt: skip
+                if reset_after:
+                    dg[i, : 2 * hd] = gates[r, : 2 * hd]
+                    dg[i, 2 * hd :] = hn[r, :]
+                else:
+                    dn[i, :] = gates[r, 2 * hd :]
             if reset_after:
-                np.dot(dg[:n], w_hh, out=dh[s0 : s0 + n])
+                gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
             else:
-                np.dot(dn[:n], w_hn, out=drh[:n])
+                gemm_nn_rows(dn[:n], w_hn, drh[:n], scratch)
                 for i in range(n):
                     k = s0 + i
                     t = lengths[k] - 1 - s if reverse else s
                     r = r0 + offsets[ch, t] + i
-                    for j in range(hd):
-                        rg = gates[r, j]
-                        dar = drh[i, j] * hprev[r, j] * rg * (one - rg)
-                        dh_direct[i, j] += drh[i, j] * rg
-                        gates[r, j] = dar
-                        dgrz[i, j] = dar
-                        dgrz[i, hd + j] = gates[r, hd + j]
-                np.dot(dgrz[:n], w_hrz, out=dh[s0 : s0 + n])
+                    gru_cell_backward_reset(gates[r], drh[i], hprev[r], dh_direct[i])
+                    dgrz[i, :] = gates[r, : 2 * hd]
+                gemm_nn_rows(dgrz[:n], w_hrz, dh[s0 : s0 + n], scratch)
             for i in range(n):
-                for j in range(hd):
-                    dh[s0 + i, j] += dh_direct[i, j]
+                dh[s0 + i] += dh_direct[i]
         # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:
         # dn * r, kept in hn) or input (r*h, kept in hn), so that block is recomputed.
         g_c, hprev_c, hn_c = gates[r0:r1], hprev[r0:r1], hn[r0:r1]

@@ -21,7 +21,74 @@ from numba import prange
 
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
-from fastseq.kernels.common import add_parts, chunk_input_grads
+from fastseq.kernels.common import (
+    PROJECTION_BLOCK_ROWS,
+    add_parts,
+    chunk_input_grads,
+    gemm_nn_rows,
+    gemm_nt_rows,
+    projection_block,
+)
+
+
+@jit
+def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
+    """One sample, one step. g (4H,) in: input projection, out: activations i, f, g, o.
+    gh (4H,) in: recurrent GEMM row. b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
+    hd = h.shape[0]
+    for j in range(hd):
+        c0 = c[j]
+        ai = g[j] + b_ih[j] + gh[j] + b_hh[j]
+        af = g[hd + j] + b_ih[hd + j] + gh[hd + j] + b_hh[hd + j]
+        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * hd + j] + b_hh[2 * hd + j]
+        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * hd + j] + b_hh[3 * hd + j]
+        if peephole:
+            ai += w_peep[0, j] * c0
+            af += w_peep[1, j] * c0
+        ig = sigmoid(ai)
+        fg = sigmoid(af)
+        gg = tanh(ag)
+        c1 = fg * c0 + ig * gg
+        if peephole:
+            ao += w_peep[2, j] * c1
+        og = sigmoid(ao)
+        c[j] = c1
+        h[j] = og * tanh(c1)
+        g[j] = ig
+        g[hd + j] = fg
+        g[2 * hd + j] = gg
+        g[3 * hd + j] = og
+
+
+@jit
+def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
+    """One sample, one step. g (4H,) in: activations i, f, g, o; out: gradients of the
+    pre-activations. dh (H,) in: gradient from the next step; dout (H,) in: gradient of this
+    output. dc (H,) in/out: gradient of c' in, of c out. c1 (H,) c', c0 (H,) c."""
+    hd = dc.shape[0]
+    one = dc.dtype.type(1)
+    for j in range(hd):
+        ig = g[j]
+        fg = g[hd + j]
+        gg = g[2 * hd + j]
+        og = g[3 * hd + j]
+        tc = tanh(c1[j])
+        grad_h = dh[j] + dout[j]
+        dao = grad_h * tc * og * (one - og)
+        grad_c = dc[j] + grad_h * og * (one - tc * tc)
+        if peephole:
+            grad_c += dao * w_peep[2, j]
+        dai = grad_c * gg * ig * (one - ig)
+        daf = grad_c * c0[j] * fg * (one - fg)
+        dag = grad_c * ig * (one - gg * gg)
+        grad_c0 = grad_c * fg
+        if peephole:
+            grad_c0 += dai * w_peep[0, j] + daf * w_peep[1, j]
+        dc[j] = grad_c0
+        g[j] = dai
+        g[hd + j] = daf
+        g[2 * hd + j] = dag
+        g[3 * hd + j] = dao
 
 
 @jit(parallel=True)
@@ -33,11 +100,20 @@ def lstm_forward(
     hd = h.shape[1]
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
-        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        nc = chunk_samples[ch + 1] - s0
+        if gates.shape[0] > 0:
+            np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        block = np.empty((max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, 4 * hd), h.dtype)
+        proj, base, s_next = gates, 0, 0
         gh = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), h.dtype)
+        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
-            np.dot(h[s0 : s0 + n], w_hh.T, out=gh[:n])
+            if s == s_next:
+                proj, base, s_next = projection_block(
+                    x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                )
+            gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
             for i in range(n):
                 k = s0 + i
                 t = lengths[k] - 1 - s if reverse else s
@@ -45,32 +121,10 @@ def lstm_forward(
                 if training:
                     hprev[r, :] = h[k, :]
                     cprev[r, :] = c[k, :]
-                for j in range(hd):
-                    c0 = c[k, j]
-                    ai = gates[r, j] + b_ih[j] + gh[i, j] + b_hh[j]
-                    af = gates[r, hd + j] + b_ih[hd + j] + gh[i, hd + j] + b_hh[hd + j]
-                    ag = gates[r, 2 * hd + j] + b_ih[2 * hd + j] + gh[i, 2 * hd + j] + b_hh[2 * hd + j]
-                    ao = gates[r, 3 * hd + j] + b_ih[3 * hd + j] + gh[i, 3 * hd + j] + b_hh[3 * hd + j]
-                    if peephole:
-                        ai += w_peep[0, j] * c0
-                        af += w_peep[1, j] * c0
-                    ig = sigmoid(ai)
-                    fg = sigmoid(af)
-                    gg = tanh(ag)
-                    c1 = fg * c0 + ig * gg
-                    if peephole:
-                        ao += w_peep[2, j] * c1
-                    og = sigmoid(ao)
-                    h1 = og * tanh(c1)
-                    c[k, j] = c1
-                    h[k, j] = h1
-                    out[r, out_col + j] = h1
-                    gates[r, j] = ig
-                    gates[r, hd + j] = fg
-                    gates[r, 2 * hd + j] = gg
-                    gates[r, 3 * hd + j] = og
-                    if training:
-                        cnew[r, j] = c1
+                lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
+                out[r, out_col : out_col + hd] = h[k]
+                if training:
+                    cnew[r, :] = c[k, :]
 
 
 @jit(parallel=True)
@@ -84,7 +138,6 @@ def lstm_backward(
     ``dw_peep`` (3, H) += the peephole gradients (when ``peephole``).
     """
     hd = dh.shape[1]
-    one = dh.dtype.type(1)
     n_chunks = chunk_samples.shape[0] - 1
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
@@ -93,40 +146,17 @@ def lstm_backward(
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         dg = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), dh.dtype)
+        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), dh.dtype)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
                 k = s0 + i
                 t = lengths[k] - 1 - s if reverse else s
                 r = r0 + offsets[ch, t] + i
-                for j in range(hd):
-                    ig = gates[r, j]
-                    fg = gates[r, hd + j]
-                    gg = gates[r, 2 * hd + j]
-                    og = gates[r, 3 * hd + j]
-                    c1 = cnew[r, j]
-                    tc = tanh(c1)
-                    grad_h = dh[k, j] + dout[r, out_col + j]
-                    dao = grad_h * tc * og * (one - og)
-                    grad_c = dc[k, j] + grad_h * og * (one - tc * tc)
-                    if peephole:
-                        grad_c += dao * w_peep[2, j]
-                    dai = grad_c * gg * ig * (one - ig)
-                    daf = grad_c * cprev[r, j] * fg * (one - fg)
-                    dag = grad_c * ig * (one - gg * gg)
-                    grad_c0 = grad_c * fg
-                    if peephole:
-                        grad_c0 += dai * w_peep[0, j] + daf * w_peep[1, j]
-                    dc[k, j] = grad_c0
-                    gates[r, j] = dai
-                    gates[r, hd + j] = daf
-                    gates[r, 2 * hd + j] = dag
-                    gates[r, 3 * hd + j] = dao
-                    dg[i, j] = dai
-                    dg[i, hd + j] = daf
-                    dg[i, 2 * hd + j] = dag
-                    dg[i, 3 * hd + j] = dao
-            np.dot(dg[:n], w_hh, out=dh[s0 : s0 + n])
+                lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
+                                   cprev[r], w_peep, peephole)  # fmt: skip
+                dg[i, :] = gates[r, :]
+            gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
         if peephole:

@@ -11,7 +11,44 @@ from numba import prange
 
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
-from fastseq.kernels.common import add_parts, chunk_input_grads
+from fastseq.kernels.common import (
+    PROJECTION_BLOCK_ROWS,
+    add_parts,
+    chunk_input_grads,
+    gemm_nn_rows,
+    gemm_nt_rows,
+    projection_block,
+)
+
+
+@jit
+def rnn_cell_forward(g, gh, b_ih, b_hh, relu, h):
+    """One sample, one step. g (H,) in: input projection, out: h'. gh (H,) in: recurrent
+    GEMM row. b_ih, b_hh (H,). h (H,) out: h'."""
+    zero = h.dtype.type(0)
+    for j in range(h.shape[0]):
+        a = g[j] + b_ih[j] + gh[j] + b_hh[j]
+        if relu:
+            y = a if a > zero else zero
+        else:
+            y = tanh(a)
+        h[j] = y
+        g[j] = y
+
+
+@jit
+def rnn_cell_backward(g, dh, dout, relu):
+    """One sample, one step. g (H,) in: h', out: gradient of the pre-activation.
+    dh (H,) in: gradient from the next step; dout (H,) in: gradient of this output."""
+    zero = g.dtype.type(0)
+    one = g.dtype.type(1)
+    for j in range(g.shape[0]):
+        y = g[j]
+        grad = dh[j] + dout[j]
+        if relu:
+            g[j] = grad if y > zero else zero
+        else:
+            g[j] = grad * (one - y * y)
 
 
 @jit(parallel=True)
@@ -21,29 +58,30 @@ def rnn_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
-    zero = h.dtype.type(0)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
-        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        nc = chunk_samples[ch + 1] - s0
+        if gates.shape[0] > 0:
+            np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        block = np.empty((max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, hd), h.dtype)
+        proj, base, s_next = gates, 0, 0
         gh = np.empty((chunk_samples[ch + 1] - s0, hd), h.dtype)
+        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
-            np.dot(h[s0 : s0 + n], w_hh.T, out=gh[:n])
+            if s == s_next:
+                proj, base, s_next = projection_block(
+                    x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                )
+            gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
             for i in range(n):
                 k = s0 + i
                 t = lengths[k] - 1 - s if reverse else s
                 r = r0 + offsets[ch, t] + i
                 if training:
                     hprev[r, :] = h[k, :]
-                for j in range(hd):
-                    a = gates[r, j] + b_ih[j] + gh[i, j] + b_hh[j]
-                    if relu:
-                        y = a if a > zero else zero
-                    else:
-                        y = tanh(a)
-                    h[k, j] = y
-                    out[r, out_col + j] = y
-                    gates[r, j] = y
+                rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
+                out[r, out_col : out_col + hd] = h[k]
 
 
 @jit(parallel=True)
@@ -53,8 +91,6 @@ def rnn_backward(
 ):  # fmt: skip
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
-    zero = dh.dtype.type(0)
-    one = dh.dtype.type(1)
     n_chunks = chunk_samples.shape[0] - 1
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
@@ -62,22 +98,16 @@ def rnn_backward(
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         dg = np.empty((chunk_samples[ch + 1] - s0, hd), dh.dtype)
+        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), dh.dtype)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
                 k = s0 + i
                 t = lengths[k] - 1 - s if reverse else s
                 r = r0 + offsets[ch, t] + i
-                for j in range(hd):
-                    y = gates[r, j]
-                    grad = dh[k, j] + dout[r, out_col + j]
-                    if relu:
-                        da = grad if y > zero else zero
-                    else:
-                        da = grad * (one - y * y)
-                    gates[r, j] = da
-                    dg[i, j] = da
-            np.dot(dg[:n], w_hh, out=dh[s0 : s0 + n])
+                rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
+                dg[i, :] = gates[r, :]
+            gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
     add_parts(part_w_ih, dw_ih)
