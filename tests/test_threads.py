@@ -1,0 +1,78 @@
+"""Results do not depend on the thread count; concurrent use is safe; global state is kept."""
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+from tests.cases import Case
+from tests.conftest import VARIANTS
+
+
+def _blas_threads():
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    return sorted(
+        (lib["filepath"], lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"
+    )
+
+
+def _run(case):
+    out, finals, dx, dinit = case.run()
+    return [out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bitwise_identical_across_thread_counts(variant):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("this test needs NUMBA_NUM_THREADS >= 2 to compare thread counts")
+    before = numba.get_num_threads()
+    results = []
+    for threads in (1, 2, 1):
+        numba.set_num_threads(threads)
+        case = Case(variant, np.float32, 2, True, True, True, steps=9, batch=7, input_size=5, hidden_size=16)
+        results.append(_run(case))
+    numba.set_num_threads(before)
+    for a, b, c in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_global_thread_state_is_left_as_found():
+    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    case = Case("lstm", np.float32, 2, True, True, True, batch=6)
+    case.run()
+    case.layer.eval()(case.x)
+    assert numba.get_num_threads() == numba_before
+    assert _blas_threads() == blas_before
+
+
+def test_two_python_threads_run_layers_concurrently():
+    cases = [
+        Case(v, np.float64, 2, True, True, True, steps=30, batch=8, hidden_size=32, seed=i)
+        for i, v in enumerate(("lstm", "gru", "rnn-tanh", "lstm-peephole"))
+    ]
+    expected = [_run(c) for c in cases]
+    blas_before = _blas_threads()
+    got = [None] * len(cases)
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got[k] = _run(cases[k])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for exp, res in zip(expected, got, strict=True):
+        for a, b in zip(exp, res, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert _blas_threads() == blas_before
