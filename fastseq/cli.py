@@ -97,8 +97,16 @@ def _threads_option(ctx, param, value):
     "--output", type=click.Path(dir_okay=False, writable=True), help="Write the report to this file."
 )
 @click.option("--quick", is_flag=True, help="Fewer repetitions (a fast smoke run).")
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "targets"]),
+    default="default",
+    show_default=True,
+    help="Case list when no shape options are given: the default grid, or the speed targets "
+    "(N,T,C=H = 32,100,64 / 64,100,256 / 64,50,1024 / 2-layer bidirectional 64,100,256; stream N=1, H=128).",
+)
 def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, dtype, lengths, threads,
-          repeat, warmup, compare, fmt, output, quick):  # fmt: skip
+          repeat, warmup, compare, fmt, output, quick, preset):  # fmt: skip
     """Measure throughput of forward, training and streaming steps.
 
     With no shape options, runs the default grid: the three cells at a small
@@ -115,7 +123,14 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
     repeat = repeat or (3 if quick else 7)
     warmup = (1 if quick else 2) if warmup is None else warmup
     options = {"layers": layers, "bidirectional": bidirectional, "dtype": dtype, "lengths": lengths}
-    if batches or steps or inputs or hiddens:
+    shape_options = batches or steps or inputs or hiddens
+    if preset == "targets":
+        if shape_options or layers != 1 or bidirectional:
+            raise click.UsageError("--preset targets sets the shapes itself; drop -N/-T/--input-size/--hidden-size/"
+                                   "--layers/--bidirectional")  # fmt: skip
+        cases = harness.target_grid(cells or None, modes or None, dtype)
+        cases = [harness.BenchCase(**{**c.__dict__, "lengths": lengths}) for c in cases]
+    elif shape_options:
         cases = harness.grid(cells or tuple(CELLS), modes or MODES, batches or (64,), steps or (100,), inputs,
                              hiddens or (256,), **options)  # fmt: skip
     else:

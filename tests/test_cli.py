@@ -151,3 +151,33 @@ def test_warmup_compiles_everything():
     status = json.loads(invoke("info", "--json").stdout)["kernel_cache"]["cached_specialisations"]
     assert all(n for n in status.values())
     assert CliRunner().invoke(main, ["warmup", "--dtype", "float16"]).exit_code == 2
+
+
+def test_preset_targets():
+    grid = harness.target_grid()
+    assert len(grid) == 3 * (4 * 2 + 1)
+    assert {
+        (c.batch, c.steps, c.hidden_size, c.layers, c.bidirectional) for c in grid if c.mode == "train"
+    } == {
+        (32, 100, 64, 1, False),
+        (64, 100, 256, 1, False),
+        (64, 50, 1024, 1, False),
+        (64, 100, 256, 2, True),
+    }
+    result = CliRunner().invoke(main, ["bench", "--preset", "targets", "-N", "4"])
+    assert result.exit_code == 2 and "--preset targets sets the shapes itself" in result.stderr
+    result = invoke(
+        "bench",
+        "--preset",
+        "targets",
+        "--cell",
+        "rnn",
+        "--mode",
+        "stream",
+        "--repeat",
+        "1",
+        "--format",
+        "json",
+    )
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["batch"], r["hidden_size"]) for r in rows] == [(1, 128)]

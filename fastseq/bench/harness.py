@@ -61,6 +61,31 @@ def default_grid(cells=None, modes=None) -> list[BenchCase]:
     return out
 
 
+#: The speed targets: (N, T, C=H, layers, bidirectional) for forward and training steps.
+TARGET_SHAPES = (
+    (32, 100, 64, 1, False),
+    (64, 100, 256, 1, False),
+    (64, 50, 1024, 1, False),
+    (64, 100, 256, 2, True),
+)
+#: Streaming target: one Cell call per step at N=1, H=128.
+TARGET_STREAM = (1, 100, 128)
+
+
+def target_grid(cells=None, modes=None, dtype="float32") -> list[BenchCase]:
+    """The speed targets of every cell: four shapes forward and train, streaming N=1 H=128."""
+    out = []
+    for cell in cells or CELLS:
+        for mode in modes or MODES:
+            if mode == "stream":
+                n, t, h = TARGET_STREAM
+                out.append(BenchCase(cell, mode, n, t, h, h, dtype=dtype))
+                continue
+            for n, t, h, layers, bidirectional in TARGET_SHAPES:
+                out.append(BenchCase(cell, mode, n, t, h, h, layers, bidirectional, dtype))
+    return out
+
+
 def grid(cells, modes, batches, steps, inputs, hiddens, **options) -> list[BenchCase]:
     """Cartesian product of the given values (C defaults to H when no input size given)."""
     out = []
