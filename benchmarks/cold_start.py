@@ -44,7 +44,9 @@ def main():
     print("|---|---|---|---|")
     for label, r in (("cold (empty kernel cache)", cold), ("warm (kernels cached)", warm)):
         f = r["first_forward"]
-        print(f"| {label} | {r['import']:.2f} s | {f['RNN']:.2f} / {f['LSTM']:.2f} / {f['GRU']:.2f} s | {r['total']:.2f} s |")
+        print(
+            f"| {label} | {r['import']:.2f} s | {f['RNN']:.2f} / {f['LSTM']:.2f} / {f['GRU']:.2f} s | {r['total']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from fastseq._threads import num_chunks, single_threaded_blas
 from fastseq.registry import CELLS
 
 
-def state_arrays(name, value, n_states, expected, described, dtype):
+def state_arrays(name, value, n_states, expected, described, dtype, hint="", hint_batch=None):
     """Validate a state argument (hx, grad_h_n, ...) into a list of arrays or Nones.
 
     One-state cells take an array; LSTM takes a pair (h, c). None means zeros.
@@ -37,7 +37,8 @@ def state_arrays(name, value, n_states, expected, described, dtype):
             arrays.append(None)
             continue
         arr = v.float_array(name + suffix, item, dtype)
-        v.shape(name + suffix, arr, expected, described)
+        batch_hint = hint if arr.ndim == 3 and arr.shape[1] == hint_batch != expected[1] else ""
+        v.shape(name + suffix, arr, expected, described, batch_hint)
         arrays.append(arr)
     return arrays
 
@@ -146,8 +147,8 @@ class _RecurrentLayer(Module):
         if features != self.input_size:
             layout = "(T, C)" if unbatched else ("(N, T, C)" if self.batch_first else "(T, N, C)")
             hint = ""
-            if not unbatched and x.shape[1 if self.batch_first else 0] == self.input_size:
-                hint = f" Did you mean batch_first={not self.batch_first}?"
+            if self.input_size in x.shape[:-1]:
+                hint = " The features must be the last axis."
             raise ValueError(
                 f"x has shape {x.shape}; expected {layout} with C = input_size = {self.input_size}.{hint}"
             )
@@ -158,7 +159,9 @@ class _RecurrentLayer(Module):
         n_state_rows = self.num_layers * n_dirs
         state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
         described = "(D*num_layers, H)" if unbatched else "(D*num_layers, N, H)"
-        states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype)
+        layout = "(N, T, C)" if self.batch_first else "(T, N, C)"
+        hint = f"x was read as {layout}, so N = {batch}. Did you mean batch_first={not self.batch_first}?"
+        states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype, hint, steps)
         if lengths is not None:
             lengths = v.lengths_array(lengths, steps, batch)
 

@@ -29,7 +29,7 @@ def rnn_cell_forward(g, gh, b_ih, b_hh, relu, h):
     for j in range(h.shape[0]):
         a = g[j] + b_ih[j] + gh[j] + b_hh[j]
         if relu:
-            y = a if a > zero else zero
+            y = zero if a < zero else a  # NaN passes through, as in torch
         else:
             y = tanh(a)
         h[j] = y
