@@ -28,7 +28,7 @@ class CellOptions(NamedTuple):
     reset_after: bool = True  # GRU: reset gate after the hidden GEMM (torch)
 
 
-def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
+def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty):
     """Run one layer and direction forward.
 
     Parameters
@@ -47,6 +47,8 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
     out : ndarray (R, D*H)
         Packed output; columns ``out_col:out_col+H`` are written.
     reverse, training : bool
+    take : callable (shape, dtype) -> ndarray
+        Allocator for the workspace (a layer's pool, or np.empty).
 
     Returns
     -------
@@ -58,25 +60,29 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training):
     # keeps no (R, G*H) array; training keeps it for backward. Reverse passes over unequal
     # lengths need every row's projection at once.
     full_projection = training or (reverse and not packing.equal_lengths)
-    gates = np.empty((rows if full_projection else 0, CELLS[cell].gates * hd), dt)
+    gates = take((rows if full_projection else 0, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
-    hprev = np.empty((ws_rows, hd), dt)
+    hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)
     ws = {"x": x, "gates": gates, "hprev": hprev}
     if cell == "rnn":
         rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
                     out, out_col, states[0], gates, hprev, training)  # fmt: skip
     elif cell == "lstm":
-        ws["cprev"] = np.empty((ws_rows, hd), dt)
-        ws["cnew"] = np.empty((ws_rows, hd), dt)
+        ws["cprev"] = take((ws_rows, hd), dt)
+        ws["cnew"] = take((ws_rows, hd), dt)
         lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"],
                      opts.peephole, *pk, out, out_col, states[0], states[1], gates, hprev,
                      ws["cprev"], ws["cnew"], training)  # fmt: skip
     else:
-        ws["hn"] = np.empty((ws_rows, hd), dt)
+        ws["hn"] = take((ws_rows, hd), dt)
         gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.reset_after, *pk,
                     out, out_col, states[0], gates, hprev, ws["hn"], training)  # fmt: skip
     return ws if training else None
+
+
+#: Workspace entries that belong to the kernels (not the layer input "x").
+SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn")
 
 
 def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads):

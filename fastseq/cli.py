@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 
 import click
@@ -91,7 +90,11 @@ def _threads_option(ctx, param, value):
     "--compare", type=click.Choice(["torch", "numpy"]), help="Also time a peer with the same weights."
 )
 @click.option(
-    "--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv"])
+    "--format",
+    "fmt",
+    default="table",
+    show_default=True,
+    type=click.Choice(["table", "json", "csv", "markdown"]),
 )
 @click.option(
     "--output", type=click.Path(dir_okay=False, writable=True), help="Write the report to this file."
@@ -166,7 +169,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
     result = {
         "schema": "fastseq-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["fastseq"] + sys.argv[1:],
+        "command": _command_line(click.get_current_context()),
         "machine": machine.cpu_info(),
         "versions": machine.versions(with_torch=compare == "torch"),
         "threads": threads,
@@ -181,6 +184,22 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text)
+
+
+def _command_line(ctx) -> list:
+    """The invocation rebuilt from the parsed options (non-default values, long names)."""
+    words = ["fastseq", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value in (None, False, ()) or value == param.default:
+            continue
+        option = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            words.append(option)
+        else:
+            for item in value if param.multiple else (value,):
+                words += [option, str(item)]
+    return words
 
 
 def _torch_threads():

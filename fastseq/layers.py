@@ -8,6 +8,7 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
+from fastseq._pool import WorkspacePool
 from fastseq._threads import num_chunks, single_threaded_blas
 from fastseq.registry import CELLS
 
@@ -95,6 +96,14 @@ class _RecurrentLayer(Module):
                         "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
         self._absent_grads = {k: np.zeros_like(a) for k, a in self._absent.items()}
         self._cache = None
+        self._pool = WorkspacePool()
+
+    def train(self, mode: bool = True):
+        """Switch training mode on (default) or off; eval mode also frees pooled workspaces."""
+        super().train(mode)
+        if not self.training:
+            self._pool.clear()
+        return self
 
     def _direction_arrays(self, layer, direction, table, absent):
         keys = self._keys[layer][direction]
@@ -191,22 +200,24 @@ class _RecurrentLayer(Module):
         """All layers and directions; returns the per-layer workspaces + the last output."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
+        take = self._pool.take if training else np.empty
         for layer in range(self.num_layers):
-            out = np.empty((packing.rows, n_dirs * hd), self.dtype)
+            last = layer == self.num_layers - 1
+            out = (np.empty if last else take)((packing.rows, n_dirs * hd), self.dtype)
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
                 states = tuple(packing.sort(s[row]) for s in states0)
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
-                                     out, direction * hd, direction == 1, training)  # fmt: skip
+                                     out, direction * hd, direction == 1, training, take)  # fmt: skip
                 for f, s in zip(final, states, strict=True):
                     f[row] = packing.unsort(s)
                 dirs_ws.append(ws)
             mask = None
             if training and self.dropout > 0 and layer < self.num_layers - 1:
                 mask = self._dropout_mask(out.shape)
-                out = out * mask
+                out *= mask  # backward needs only the masked output (the next layer's input)
             layers_ws.append((dirs_ws, mask))
             layer_in = out
         return layers_ws + [layer_in]
@@ -267,7 +278,7 @@ class _RecurrentLayer(Module):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd
-                dx = np.empty((packing.rows, cols), self.dtype)
+                dx = (np.empty if layer == 0 else self._pool.take)((packing.rows, cols), self.dtype)
                 for direction in range(n_dirs):
                     row = layer * n_dirs + direction
                     dstates = tuple(packing.sort(s[row]) for s in dfinal)
@@ -278,9 +289,20 @@ class _RecurrentLayer(Module):
                                      direction == 1, grads)  # fmt: skip
                     for d, s in zip(dinitial, dstates, strict=True):
                         d[row] = packing.unsort(s)
+                # What this layer consumed goes back to the pool for the next training step
+                # (the packed user input of layer 0 and the gradient handed to the user stay).
+                if layer < self.num_layers - 1:
+                    self._pool.give(dout)
+                for ws in dirs_ws:
+                    for key in _engine.SCRATCH_KEYS:
+                        if key in ws:
+                            self._pool.give(ws[key])
                 if layer > 0:
+                    self._pool.give(dirs_ws[0]["x"])
                     mask = cache["layers"][layer - 1][1]
-                    dout = dx if mask is None else dx * mask
+                    if mask is not None:
+                        dx *= mask
+                    dout = dx
         dx_full = packing.unpack(dx)
         if unbatched:
             dx_full, dinitial = dx_full[:, 0, :], [d[:, 0, :] for d in dinitial]

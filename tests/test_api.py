@@ -142,3 +142,20 @@ def test_repr_names_the_configuration():
     assert repr(fastseq.GRU(3, 4, num_layers=2)) == (
         "GRU(3, 4, num_layers=2, bias=True, batch_first=False, dropout=0.0, bidirectional=False, dtype=float32)"
     )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_steps_reuse_workspaces_without_changing_results(variant):
+    case = Case(variant, np.float64, 3, True, True, True, extra={"dropout": 0.3})
+    layer = case.layer
+    results = []
+    for _ in range(3):
+        layer._rng = np.random.default_rng(7)  # same dropout masks every step
+        results.append([np.copy(a) for a in case.run()[0:1] + case.run()[2:3]])
+        results[-1] += [g.copy() for g in layer.grads.values()]
+        assert layer._pool._free, "backward should hand its workspaces back"
+    for later in results[1:]:
+        for a, b in zip(results[0], later, strict=True):
+            np.testing.assert_array_equal(a, b)
+    layer.eval()
+    assert not layer._pool._free

@@ -181,3 +181,16 @@ def test_preset_targets():
     )
     rows = json.loads(result.stdout)["results"]
     assert [(r["batch"], r["hidden_size"]) for r in rows] == [(1, 128)]
+
+
+def test_markdown_format():
+    result = invoke(
+        "bench", "--cell", "gru", "--mode", "train", "--compare", "numpy", "--format", "markdown", *TINY
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| cell | mode | N, T, C=H |") and lines[1].startswith("|---|")
+    assert (
+        lines[2].startswith("| gru | train | 2, 3, 4 | 1 x 1 |")
+        and "numpy peer has no training step" in lines[2]
+    )
+    assert "`fastseq bench" in result.stdout

@@ -107,4 +107,36 @@ def to_table(report: dict) -> str:
     return "\n".join(out)
 
 
-FORMATS = {"table": to_table, "json": to_json, "csv": to_csv}
+def to_markdown(report: dict) -> str:
+    """A compact Markdown table (for the README), with the machine and versions below it."""
+    rows = report["results"]
+    peer = next((r["peer"] for r in rows if "peer" in r), None)
+    head = ["cell", "mode", "N, T, C=H", "layers x dirs", "fastseq", "GFLOP/s", "% sgemm"]
+    if peer:
+        head += [peer, "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        shape = f"{r['batch']}, {r['steps']}, {r['hidden_size']}"
+        if r["input_size"] != r["hidden_size"]:
+            shape = f"{r['batch']}, {r['steps']}, C={r['input_size']} H={r['hidden_size']}"
+        cells = [r["cell"], r["mode"], shape, f"{r['layers']} x {r['directions']}", _fmt_time(r["median_s"]),
+                 f"{r['gflops']:.0f}", f"{r['pct_sgemm']:.0f}%"]  # fmt: skip
+        if peer:
+            ok = r.get("ratio") is not None
+            cells += [
+                _fmt_time(r["peer_median_s"]) if ok else "-",
+                f"{r['ratio']:.2f}" if ok else r.get("peer_note", "-"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    m, v, t = report["machine"], report["versions"], report["threading"]
+    lines.append("")
+    lines.append(f"`{' '.join(report['command'])}` on {report['created']}: {m['model']}, {m['cores']} cores "
+                 f"({' '.join(m['simd'])}); fastseq {v['fastseq']}, numba {v['numba']}, numpy {v['numpy']}"
+                 + (f", torch {v['torch']}" if v.get("torch") else "")
+                 + f"; threading layer {t['active'] or t['configured']}, {t['numba_threads']} threads; "
+                 f"sgemm {report['sgemm_gflops']:.0f} GFLOP/s. Times are medians; ratio = fastseq / {peer or 'peer'} "
+                 "(lower is better).")  # fmt: skip
+    return "\n".join(lines)
+
+
+FORMATS = {"table": to_table, "json": to_json, "csv": to_csv, "markdown": to_markdown}
