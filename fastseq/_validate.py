@@ -65,7 +65,13 @@ def float_array(name: str, value, dtype: np.dtype) -> np.ndarray:
     if arr.dtype != dtype:
         if arr.dtype.kind in "fiub" and not isinstance(value, np.ndarray):
             # Python lists/scalars carry no precision of their own: take the layer's.
-            return arr.astype(dtype)
+            with np.errstate(over="ignore"):
+                cast = arr.astype(dtype)
+            if np.isinf(cast).sum() != np.isinf(arr).sum():
+                raise ValueError(
+                    f"{name} holds values outside the {dtype.name} range (largest |value| {np.abs(arr).max():.3g})"
+                )
+            return cast
         raise TypeError(
             f"{name} must be a {dtype.name} array (the layer's dtype); received dtype "
             f"{arr.dtype}. Convert it with {name}.astype(np.{dtype.name}) or build the "
@@ -97,3 +103,27 @@ def lengths_array(lengths, steps: int, batch: int) -> np.ndarray:
     if arr.min() < 1 or arr.max() > steps:
         raise ValueError(f"lengths must be in [1, T={steps}]; received min {arr.min()}, max {arr.max()}")
     return arr.astype(np.int64)
+
+
+def seed_option(seed):
+    """``seed=``: None or a non-negative integer."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None or a non-negative integer; received {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be None or a non-negative integer; received {seed}")
+    return int(seed)
+
+
+def finite(name: str, arr: np.ndarray, time_axis: int | None = None, error=ValueError) -> None:
+    """Raise ``error`` naming ``name`` and the first non-finite entry (its time step when
+    ``time_axis`` is given) unless every entry is finite."""
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f" at time step {index[time_axis]}" if time_axis is not None else ""
+    raise error(
+        f"{name} has {int(bad.sum())} non-finite value(s){where} (first at index {index}: {arr[index]})"
+    )

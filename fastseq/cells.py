@@ -43,7 +43,7 @@ class _RecurrentCell(Module):
         if opts.peephole:
             shapes["weight_peephole"] = (3, hd)
             self._keys["w_peep"] = "weight_peephole"
-        self.params = uniform_init(np.random.default_rng(seed), shapes, hd, self.dtype)
+        self.params = uniform_init(np.random.default_rng(v.seed_option(seed)), shapes, hd, self.dtype)
         if forget_bias:
             self.params["bias_ih"][hd : 2 * hd] += self.dtype.type(forget_bias)
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}

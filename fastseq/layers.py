@@ -50,7 +50,7 @@ class _RecurrentLayer(Module):
     _cell = ""
 
     def _setup(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-               bidirectional, dtype, seed, opts, forget_bias=0.0):  # fmt: skip
+               bidirectional, dtype, seed, opts, forget_bias=0.0, check_finite=False):  # fmt: skip
         self.input_size = v.positive_int("input_size", input_size)
         self.hidden_size = v.positive_int("hidden_size", hidden_size)
         self.num_layers = v.positive_int("num_layers", num_layers)
@@ -62,8 +62,9 @@ class _RecurrentLayer(Module):
         forget_bias = v.finite_float("forget_bias", forget_bias)
         if forget_bias and not self.bias:
             raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+        self.check_finite = v.flag("check_finite", check_finite)
         self._opts = opts
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(v.seed_option(seed))
         self.num_directions = 2 if self.bidirectional else 1
         spec = CELLS[self._cell]
         gh, hd = spec.gates * self.hidden_size, self.hidden_size
@@ -175,14 +176,22 @@ class _RecurrentLayer(Module):
             lengths = v.lengths_array(lengths, steps, batch)
 
         packing = Packing(lengths, steps, batch, num_chunks(batch))
+        if self.check_finite:
+            for k, s in enumerate(states0):
+                if s is not None:
+                    v.finite("hx" if spec.n_states == 1 else f"hx[{k}]", s)
         states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
                    else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         layer_in = packing.pack(x3)
+        if self.check_finite:
+            self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
         with single_threaded_blas():
             layers_ws = self._run_forward(packing, layer_in, states0, final, training)
         layer_in = layers_ws.pop()
+        if self.check_finite:
+            self._check_packed("out", layer_in, packing, FloatingPointError)
         self._cache = None
         if training:
             self._cache = {"packing": packing, "layers": layers_ws, "x_shape": x.shape,
@@ -221,6 +230,20 @@ class _RecurrentLayer(Module):
             layers_ws.append((dirs_ws, mask))
             layer_in = out
         return layers_ws + [layer_in]
+
+    @staticmethod
+    def _check_packed(name, packed, packing, error):
+        """check_finite on packed rows (valid steps only), naming the time step and sample."""
+        bad = ~np.isfinite(packed)
+        if not bad.any():
+            return
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        if packing.identity:
+            step, sample = divmod(row, packing.batch)
+        else:
+            step, sample = int(packing.row_time[row]), int(packing.row_sample[row])
+        raise error(f"{name} has {int(bad.sum())} non-finite value(s); the first at time step {step}, sample "
+                    f"{sample}, feature {col}: {packed[row, col]}")  # fmt: skip
 
     def _dropout_mask(self, shape):
         if self.dropout >= 1.0:
@@ -264,7 +287,6 @@ class _RecurrentLayer(Module):
         n_state_rows = self.num_layers * n_dirs
         state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
         dfinal = state_arrays("grad_h_n", grad_h_n, spec.n_states, state_shape, "h_n's shape", self.dtype)
-        self._cache = None
 
         dfinal = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
                   else (s[:, None, :] if unbatched else s) for s in dfinal]  # fmt: skip
@@ -274,6 +296,11 @@ class _RecurrentLayer(Module):
         else:
             g3 = g.transpose(1, 0, 2) if self.batch_first else g
         dout = packing.pack(g3)
+        if self.check_finite:
+            self._check_packed("grad_output", dout, packing, ValueError)
+            for k, d in enumerate(dfinal):
+                v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
+        self._cache = None  # every check passed: this backward consumes the workspace
         with single_threaded_blas():
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
@@ -303,6 +330,10 @@ class _RecurrentLayer(Module):
                     if mask is not None:
                         dx *= mask
                     dout = dx
+        if self.check_finite:
+            self._check_packed("dx", dx, packing, FloatingPointError)
+            for name, g in self.grads.items():
+                v.finite(f"grads[{name!r}]", g, error=FloatingPointError)
         dx_full = packing.unpack(dx)
         if unbatched:
             dx_full, dinitial = dx_full[:, 0, :], [d[:, 0, :] for d in dinitial]
@@ -331,7 +362,12 @@ _COMMON_DOC = """
     dtype : np.float32 or np.float64, keyword-only
         Precision of parameters, inputs and outputs.
     seed : int, optional, keyword-only
-        Seeds initialisation and dropout masks (reproducible).{variant}
+        Seeds initialisation and dropout masks (reproducible).
+    check_finite : bool, default False, keyword-only
+        Fail fast: forward raises ValueError if x or hx holds NaN/inf at a valid step and
+        FloatingPointError if the output does; backward does the same for the incoming
+        gradients and for dx and every parameter gradient. Messages name the tensor and the
+        first offending time step and sample.{variant}
 
     Parameters are in :attr:`params` under torch's names: ``weight_ih_l{{k}}`` (G*H, C or
     D*H), ``weight_hh_l{{k}}`` (G*H, H), ``bias_ih_l{{k}}``, ``bias_hh_l{{k}}`` (G*H,), with a
@@ -345,13 +381,13 @@ class RNN(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32,
-                 seed=None):  # fmt: skip
+                 seed=None, check_finite=False):  # fmt: skip
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; received {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         opts = _engine.CellOptions(relu=nonlinearity == "relu")
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts)  # fmt: skip
+                    bidirectional, dtype, seed, opts, check_finite=check_finite)  # fmt: skip
 
 
 RNN.__doc__ = (
@@ -367,10 +403,10 @@ class LSTM(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
-                 peephole=False, forget_bias=0.0):  # fmt: skip
+                 peephole=False, forget_bias=0.0, check_finite=False):  # fmt: skip
         opts = _engine.CellOptions(peephole=v.flag("peephole", peephole))
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts, forget_bias)  # fmt: skip
+                    bidirectional, dtype, seed, opts, forget_bias, check_finite=check_finite)  # fmt: skip
 
 
 LSTM.__doc__ = (
@@ -390,10 +426,10 @@ class GRU(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
-                 reset_after=True):  # fmt: skip
+                 reset_after=True, check_finite=False):  # fmt: skip
         opts = _engine.CellOptions(reset_after=v.flag("reset_after", reset_after))
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts)  # fmt: skip
+                    bidirectional, dtype, seed, opts, check_finite=check_finite)  # fmt: skip
 
 
 GRU.__doc__ = "Gated recurrent unit, as ``torch.nn.GRU``.\n" + _COMMON_DOC.format(

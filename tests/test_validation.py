@@ -256,3 +256,72 @@ def test_relu_keeps_nan():
     x[0, 0, 0] = np.nan
     out, _ = layer(x)
     assert np.isnan(out).all()
+
+
+def test_check_finite_names_tensor_and_step():
+    layer = fastseq.GRU(2, 3, seed=0, check_finite=True)
+    x = np.zeros((6, 3, 2), np.float32)
+    x[4, 1, 0] = np.nan
+    snap = _snapshot(layer)
+    with pytest.raises(
+        ValueError, match=r"x has 1 non-finite value\(s\); the first at time step 4, sample 1, feature 0"
+    ):
+        layer(x)
+    _assert_unchanged(layer, snap)
+    # NaN in padding beyond a sample's length is not an error
+    out, _ = layer(x, lengths=[6, 4, 6])
+    assert np.isfinite(out).all()
+    with pytest.raises(
+        ValueError, match=r"hx has 9 non-finite value\(s\) \(first at index \(0, 0, 0\): inf\)"
+    ):
+        layer(np.zeros((6, 3, 2), np.float32), np.full((1, 3, 3), np.inf, np.float32))
+    out, _ = layer(np.zeros((6, 3, 2), np.float32))
+    bad = np.zeros_like(out)
+    bad[2, 0, 1] = np.inf
+    snap = _snapshot(layer)
+    with pytest.raises(
+        ValueError, match=r"grad_output has 1 non-finite value\(s\); the first at time step 2, sample 0"
+    ):
+        layer.backward(bad)
+    _assert_unchanged(layer, snap)
+    layer.backward(np.ones_like(out))
+    with pytest.raises(TypeError, match=r"check_finite must be True or False"):
+        fastseq.LSTM(2, 3, check_finite="yes")
+
+
+def test_check_finite_catches_overflow_in_outputs_and_gradients():
+    layer = fastseq.RNN(2, 3, nonlinearity="relu", seed=0, dtype=np.float32, check_finite=True)
+    layer.params["weight_hh_l0"][:] = 1e20
+    with pytest.raises(
+        FloatingPointError, match=r"out has \d+ non-finite value\(s\); the first at time step"
+    ):
+        layer(np.ones((6, 2, 2), np.float32))
+    layer.params["weight_hh_l0"][:] = 0.1
+    out, _ = layer(np.ones((3, 2, 2), np.float32))
+    with pytest.raises(FloatingPointError, match=r"non-finite"):
+        layer.backward(np.full_like(out, 3e38))
+
+
+def test_seed_validation():
+    with pytest.raises(TypeError, match=r"seed must be None or a non-negative integer; received 'abc'"):
+        fastseq.GRU(2, 3, seed="abc")
+    with pytest.raises(ValueError, match=r"seed must be None or a non-negative integer; received -1"):
+        fastseq.LSTMCell(2, 3, seed=-1)
+
+
+@pytest.mark.parametrize("cls", [fastseq.RNN, fastseq.LSTM, fastseq.GRU])
+def test_very_long_sequence(cls):
+    layer = cls(3, 4, bidirectional=True, seed=0)
+    x = np.random.default_rng(0).standard_normal((10_000, 2, 3)).astype(np.float32)
+    out, _ = layer(x)
+    dx, _ = layer.backward(np.ones_like(out))
+    assert np.isfinite(out).all() and np.isfinite(dx).all()
+    assert all(np.isfinite(g).all() for g in layer.grads.values())
+
+
+def test_python_values_outside_float32_range_are_rejected():
+    layer = fastseq.RNN(2, 3, seed=0)
+    with pytest.raises(
+        ValueError, match=r"x holds values outside the float32 range \(largest \|value\| 1e\+39\)"
+    ):
+        layer([[[1e39, 0.0]]])
