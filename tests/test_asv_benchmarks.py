@@ -19,7 +19,7 @@ def test_asv_quick_run_and_publish(tmp_path):
     ).stdout.strip()
     result = run("run", "--python=same", "--quick", "--set-commit-hash", commit)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    files = [p for p in (ROOT / ".asv" / "results").glob(f"*/{commit[:8]}-*.json")]
+    files = sorted((ROOT / ".asv" / "results").glob(f"*/{commit[:8]}-existing-*.json"))
     assert files, "asv wrote no results"
     results = json.loads(files[0].read_text())["results"]
     expected = {f"bench_cells.{c}Suite.{b}" for c in ("RNN", "LSTM", "GRU") for b in (

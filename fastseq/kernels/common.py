@@ -95,3 +95,30 @@ def projection_block(x, w_ih, r0, offsets_c, lengths_c, s, reverse, full, block)
     a, b = offsets_c[t_lo], offsets_c[t_hi]
     np.dot(x[r0 + a : r0 + b], w_ih.T, out=block[: b - a])
     return block, r0 + a, s_end
+
+
+@jit
+def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
+    """Packed row of the chunk's local sample ``i`` (of the given length) at step ``s``:
+    time ``s`` forwards, ``length - 1 - s`` in reverse."""
+    t = length - 1 - s if reverse else s
+    return chunk_row0 + offsets_c[t] + i
+
+
+@jit
+def start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch):
+    """Bounds of chunk ``ch`` and its projection set-up.
+
+    Returns (r0, r1, s0, nc, block): rows r0..r1-1 and state indices s0..s0+nc-1. When
+    ``gates`` has rows (training), the chunk's whole input projection is computed into it
+    and ``block`` is empty; otherwise ``block`` is the chunk's buffer for
+    :func:`projection_block`.
+    """
+    r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
+    nc = chunk_samples[ch + 1] - s0
+    if gates.shape[0] > 0:
+        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+    block = np.empty(
+        (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
+    )
+    return r0, r1, s0, nc, block

@@ -22,13 +22,14 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
-    PROJECTION_BLOCK_ROWS,
     add_parts,
     chunk_input_grads,
     column_sums,
     gemm_nn_rows,
     gemm_nt_rows,
+    packed_row,
     projection_block,
+    start_chunk,
 )
 
 
@@ -115,11 +116,7 @@ def gru_forward(
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
-        nc = chunk_samples[ch + 1] - s0
-        if gates.shape[0] > 0:
-            np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
-        block = np.empty((max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, 3 * hd), h.dtype)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
         scratch = np.empty(w_hh.shape[0] * (nc), h.dtype)
@@ -138,8 +135,7 @@ def gru_forward(
                 gemm_nt_rows(h[s0 : s0 + n], w_hrz, grz[:n], scratch)
             for i in range(n):
                 k = s0 + i
-                t = lengths[k] - 1 - s if reverse else s
-                r = r0 + offsets[ch, t] + i
+                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
                     hprev[r, :] = h[k, :]
                 if reset_after:
@@ -155,8 +151,7 @@ def gru_forward(
                 gemm_nt_rows(rh[:n], w_hn, ghn[:n], scratch)
                 for i in range(n):
                     k = s0 + i
-                    t = lengths[k] - 1 - s if reverse else s
-                    r = r0 + offsets[ch, t] + i
+                    r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
                     out[r, out_col : out_col + hd] = h[k]
 
@@ -188,8 +183,7 @@ def gru_backward(
             n = batch_sizes[ch, s]
             for i in range(n):
                 k = s0 + i
-                t = lengths[k] - 1 - s if reverse else s
-                r = r0 + offsets[ch, t] + i
+                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 gru_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], hprev[r], hn[r],
                                   dh_direct[i], reset_after)  # fmt: skip
                 if reset_after:
@@ -203,8 +197,7 @@ def gru_backward(
                 gemm_nn_rows(dn[:n], w_hn, drh[:n], scratch)
                 for i in range(n):
                     k = s0 + i
-                    t = lengths[k] - 1 - s if reverse else s
-                    r = r0 + offsets[ch, t] + i
+                    r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r], dh_direct[i])
                     dgrz[i, :] = gates[r, : 2 * hd]
                 gemm_nn_rows(dgrz[:n], w_hrz, dh[s0 : s0 + n], scratch)

@@ -22,12 +22,13 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
-    PROJECTION_BLOCK_ROWS,
     add_parts,
     chunk_input_grads,
     gemm_nn_rows,
     gemm_nt_rows,
+    packed_row,
     projection_block,
+    start_chunk,
 )
 
 
@@ -99,14 +100,10 @@ def lstm_forward(
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
-        nc = chunk_samples[ch + 1] - s0
-        if gates.shape[0] > 0:
-            np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
-        block = np.empty((max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, 4 * hd), h.dtype)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
-        gh = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), h.dtype)
-        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), h.dtype)
+        gh = np.empty((nc, 4 * hd), h.dtype)
+        scratch = np.empty(w_hh.shape[0] * nc, h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
@@ -116,8 +113,7 @@ def lstm_forward(
             gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
             for i in range(n):
                 k = s0 + i
-                t = lengths[k] - 1 - s if reverse else s
-                r = r0 + offsets[ch, t] + i
+                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
                     hprev[r, :] = h[k, :]
                     cprev[r, :] = c[k, :]
@@ -145,14 +141,14 @@ def lstm_backward(
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
-        dg = np.empty((chunk_samples[ch + 1] - s0, 4 * hd), dh.dtype)
-        scratch = np.empty(w_hh.shape[0] * (chunk_samples[ch + 1] - s0), dh.dtype)
+        nc = chunk_samples[ch + 1] - s0
+        dg = np.empty((nc, 4 * hd), dh.dtype)
+        scratch = np.empty(w_hh.shape[0] * nc, dh.dtype)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
                 k = s0 + i
-                t = lengths[k] - 1 - s if reverse else s
-                r = r0 + offsets[ch, t] + i
+                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
                                    cprev[r], w_peep, peephole)  # fmt: skip
                 dg[i, :] = gates[r, :]
