@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tests.conftest import VARIANTS, make_layer
+from tests.tolerances import assert_close
 
 
 @dataclass
@@ -81,3 +82,21 @@ class Case:
         for s, g in zip(self.states(hn), self.grad_final, strict=True):
             total += float(np.sum(s * g))
         return total
+
+
+def assert_matches(case, got, ref, source):
+    """Compare fastseq's (out, finals, dx, d_initial) and the layer's grads with a reference's
+    (out, finals, dx, d_initial, grads); ``source`` names the reference in the error record."""
+    out, finals, dx, dinit = got
+    r_out, r_finals, r_dx, r_dinit, r_grads = ref
+    dt = case.dtype
+    kind = f"{source} {np.dtype(dt).name}"
+    assert_close(out, r_out, dt, "output", kind)
+    for a, b in zip(finals, r_finals, strict=True):
+        assert_close(a, b, dt, "final state", kind)
+    assert_close(dx, r_dx, dt, "dx", kind)
+    for a, b in zip(dinit, r_dinit, strict=True):
+        assert_close(a, b, dt, "d initial state", kind)
+    assert set(r_grads) == set(case.layer.grads)
+    for name, g in r_grads.items():
+        assert_close(case.layer.grads[name], g, dt, name, kind)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from tests import naive
-from tests.cases import Case
+from tests.cases import Case, assert_matches
 from tests.conftest import VARIANTS
-from tests.tolerances import assert_close
 
 OPTIONS = list(itertools.product([1, 2], [False, True], [False, True]))  # layers, bidir, lengths
 
@@ -33,18 +32,7 @@ def _naive(case, masks=None):
 
 
 def _compare(case, got, ref):
-    out, finals, dx, dinit = got
-    r_out, r_final, r_dx, r_dinit, r_grads = ref
-    dt = case.dtype
-    kind = f"naive reference {np.dtype(dt).name}"
-    assert_close(out, r_out, dt, "output", kind)
-    for a, b in zip(finals, r_final, strict=True):
-        assert_close(a, b, dt, "final state", kind)
-    assert_close(dx, r_dx, dt, "dx", kind)
-    for a, b in zip(dinit, r_dinit, strict=True):
-        assert_close(a, b, dt, "d initial state", kind)
-    for name, g in r_grads.items():
-        assert_close(case.layer.grads[name], g, dt, name, kind)
+    assert_matches(case, got, ref, "naive reference")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

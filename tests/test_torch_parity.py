@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastseq
-from tests.cases import Case
+from tests.cases import Case, assert_matches
 from tests.conftest import CELL_CLASSES, TORCH_VARIANTS, VARIANTS, make_cell
 from tests.tolerances import assert_close
 
@@ -55,19 +55,7 @@ def torch_run(case, batch_first=False):
 
 
 def compare(case, got, ref):
-    out, finals, dx, dinit = got
-    t_out, t_finals, t_dx, t_dinit, t_grads = ref
-    dt = case.dtype
-    kind = f"torch parity {np.dtype(dt).name}"
-    assert_close(out, t_out, dt, "output", kind)
-    for a, b in zip(finals, t_finals, strict=True):
-        assert_close(a, b, dt, "final state", kind)
-    assert_close(dx, t_dx, dt, "dx", kind)
-    for a, b in zip(dinit, t_dinit, strict=True):
-        assert_close(a, b, dt, "d initial state", kind)
-    assert set(t_grads) == set(case.layer.grads)
-    for name, g in t_grads.items():
-        assert_close(case.layer.grads[name], g, dt, name, kind)
+    assert_matches(case, got, ref, "torch parity")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
