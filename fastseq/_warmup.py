@@ -11,6 +11,7 @@ KERNELS = {
     "rnn_forward": rnn.rnn_forward, "rnn_backward": rnn.rnn_backward,
     "lstm_forward": lstm.lstm_forward, "lstm_backward": lstm.lstm_backward,
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
+    "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
     "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
     "add_parts": common.add_parts,
 }  # fmt: skip
@@ -42,6 +43,7 @@ def _exercise(layer_cls, cell_cls, dtype):
     cell = cell_cls(2, 3, dtype=dtype, seed=0)
     h = cell(x[0])
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
+    cell.stream(batch=2).step(x[0])
 
 
 def cache_status() -> dict:

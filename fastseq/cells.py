@@ -9,6 +9,9 @@ from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
 from fastseq._threads import num_chunks, single_threaded_blas
+from fastseq.kernels.gru import gru_step
+from fastseq.kernels.lstm import lstm_step
+from fastseq.kernels.rnn import rnn_step
 from fastseq.layers import state_arrays
 from fastseq.registry import CELLS
 
@@ -61,6 +64,18 @@ class _RecurrentCell(Module):
 
     def __repr__(self):
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, bias={self.bias}, dtype={self.dtype.name})"
+
+    def stream(self, hx=None, batch=None):
+        """A :class:`Stream` for step-by-step inference with this cell's (live) weights.
+
+        Parameters
+        ----------
+        hx : array (N, H) or (H,); LSTMCell: pair (h, c); optional
+            Initial state (copied); None means zeros.
+        batch : int, optional
+            N. None (and no hx): unbatched, ``step`` takes (C,) and returns (H,).
+        """
+        return Stream(self, hx, batch)
 
     def _step_packing(self, batch):
         if self._packing is None or self._packing.batch != batch:
@@ -203,3 +218,71 @@ class GRUCell(_RecurrentCell):
     def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None, reset_after=True):
         opts = _engine.CellOptions(reset_after=v.flag("reset_after", reset_after))
         self._setup(input_size, hidden_size, bias, dtype, seed, opts)
+
+
+class Stream:
+    """Step-by-step inference with a cell: the fast path for generation and serving.
+
+    State and scratch buffers are allocated once; each :meth:`step` checks its input cheaply,
+    runs one serial kernel call (no parallel region, no workspace) and returns the new state.
+    The cell's parameters are used live, so in-place updates and ``load_state_dict`` take
+    effect at the next step. Create with ``cell.stream(hx=None, batch=None)``.
+    """
+
+    def __init__(self, cell, hx=None, batch=None):
+        self.cell = cell
+        spec = CELLS[cell._cell]
+        self._n_states = spec.n_states
+        if batch is not None:
+            batch = v.positive_int("batch", batch)
+        if hx is not None and batch is None:
+            first = hx[0] if isinstance(hx, (tuple, list)) and spec.n_states == 2 else hx
+            first = np.asarray(first)
+            batch = first.shape[0] if first.ndim == 2 else None
+        self.unbatched = batch is None
+        self.batch = 1 if batch is None else batch
+        n, hd, dt = self.batch, cell.hidden_size, cell.dtype
+        self._x_shape = (cell.input_size,) if self.unbatched else (n, cell.input_size)
+        self._states = tuple(np.zeros((n, hd), dt) for _ in range(spec.n_states))
+        self.reset(hx)
+        w, o = cell._weights, cell._opts
+        gx = np.empty((n, spec.gates * hd), dt)
+        gh = np.empty((n, spec.gates * hd), dt)
+        h = self._states[0]
+        if cell._cell == "rnn":
+            self._run = lambda x: rnn_step(x, h, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], o.relu, gx, gh)
+        elif cell._cell == "lstm":
+            c = self._states[1]
+            self._run = lambda x: lstm_step(
+                x, h, c, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], o.peephole, gx, gh
+            )
+        else:
+            grz, rh, ghn = np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt)
+            self._run = lambda x: gru_step(
+                x, h, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], o.reset_after, gx, gh, grz, rh, ghn
+            )
+
+    def reset(self, hx=None):
+        """Set the state to ``hx`` (same forms as ``cell.stream``), or to zeros."""
+        shape = (self.cell.hidden_size,) if self.unbatched else (self.batch, self.cell.hidden_size)
+        described = "(H,)" if self.unbatched else "(N, H)"
+        given = state_arrays("hx", hx, self._n_states, shape, described, self.cell.dtype)
+        for state, value in zip(self._states, given, strict=True):
+            state[...] = 0 if value is None else value.reshape(state.shape)
+
+    @property
+    def state(self):
+        """Copy of the current state: h, or (h, c) for an LSTM cell."""
+        out = tuple(s[0].copy() if self.unbatched else s.copy() for s in self._states)
+        return out[0] if self._n_states == 1 else out
+
+    def step(self, x):
+        """Advance one step with input x ((N, C), or (C,) unbatched); returns the new state
+        (a copy), h' or (h', c')."""
+        if type(x) is not np.ndarray or x.dtype != self.cell.dtype or x.shape != self._x_shape:
+            x = v.float_array("x", x, self.cell.dtype)
+            v.shape("x", x, self._x_shape, "(C,)" if self.unbatched else "(N, C)")
+        if not (x.flags.c_contiguous and x.flags.writeable):
+            x = np.array(x, order="C")
+        self._run(x.reshape(self.batch, -1) if self.unbatched else x)
+        return self.state

@@ -94,3 +94,53 @@ def test_cell_unbatched_and_eval(variant, rng):
         np.testing.assert_array_equal(a, b[0])
     with pytest.raises(ValueError, match="backward\\(\\) needs a preceding forward\\(\\) in training mode"):
         cell.backward(np.zeros(4) if variant != "lstm" else (np.zeros(4), None))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stream_matches_cell_steps(variant, dtype, rng):
+    cell_name = VARIANTS[variant][0]
+    cell = make_cell(variant, 5, 7, dtype=dtype, seed=3).eval()
+    n_states = 2 if cell_name == "lstm" else 1
+    x = rng.standard_normal((6, 3, 5)).astype(dtype)
+    h0 = [rng.standard_normal((3, 7)).astype(dtype) for _ in range(n_states)]
+    hx = h0[0] if n_states == 1 else tuple(h0)
+    stream = cell.stream(hx)
+    assert stream.batch == 3 and not stream.unbatched
+    state = hx
+    for t in range(6):
+        state = cell(x[t], state)
+        got = stream.step(x[t])
+        for a, b in zip(_states(cell_name, got), _states(cell_name, state), strict=True):
+            assert_close(a, b, dtype, "stream step")
+    for a, b in zip(_states(cell_name, stream.state), _states(cell_name, state), strict=True):
+        assert_close(a, b, dtype, "state")
+    single = cell.stream()  # unbatched
+    out = single.step(x[0, 0])
+    ref = cell(x[0, 0])
+    for a, b in zip(_states(cell_name, out), _states(cell_name, ref), strict=True):
+        assert a.shape == (7,)
+        assert_close(a, b, dtype, "unbatched stream step")
+
+
+def test_stream_uses_live_weights_reset_and_validation(rng):
+    cell = make_cell("lstm", 3, 4, dtype=np.float64, seed=0)
+    stream = cell.stream(batch=2)
+    x = rng.standard_normal((2, 3))
+    first = stream.step(x)
+    stream.reset()
+    np.testing.assert_array_equal(stream.step(x)[0], first[0])  # same start, same result
+    stream.reset()
+    cell.params["weight_ih"] *= 2  # in-place updates take effect
+    assert not np.allclose(stream.step(x)[0], first[0])
+    first[0][:] = 99  # returned states are copies
+    assert not np.any(stream.state[0] == 99)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 4\); expected \(N, C\) = \(2, 3\)"):
+        stream.step(np.zeros((2, 4)))
+    with pytest.raises(TypeError, match=r"x must be a float64 array; received dtype int64"):
+        stream.step(np.zeros((2, 3), np.int64))
+    with pytest.raises(ValueError, match=r"batch must be >= 1; received 0"):
+        cell.stream(batch=0)
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c\) has shape \(2, 5\); expected \(N, H\) = \(2, 4\)"):
+        stream.reset((np.zeros((2, 4)), np.zeros((2, 5))))
+    stream.step(np.asfortranarray(rng.standard_normal((2, 3))))  # any layout is accepted

@@ -12,12 +12,13 @@ README = (ROOT / "README.md").read_text()
 def test_readme_python_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks
+    namespace = {}
     for block in blocks:
-        namespace = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-        lstm = namespace["lstm"]
-        assert all(not g.any() for g in lstm.grads.values())  # zero_grad ran after the step
-        assert np.isfinite(namespace["dx"]).all()
+    lstm = namespace["lstm"]
+    assert all(not g.any() for g in lstm.grads.values())  # zero_grad ran after the step
+    assert np.isfinite(namespace["dx"]).all()
+    assert namespace["h"].shape == (1, 64) and np.isfinite(namespace["h"]).all()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -28,7 +28,7 @@ class BenchCase:
     """One benchmark: a cell, a mode and a shape.
 
     ``forward``: a layer in eval mode over (T, N, C). ``train``: forward + backward in
-    training mode. ``stream``: one ``Cell`` call per step, T steps, eval mode.
+    training mode. ``stream``: T steps of ``cell.stream().step(x_t)``, one call per step.
     """
 
     cell: str
@@ -131,10 +131,9 @@ def build_fastseq(case: BenchCase, inputs: Inputs):
         x = inputs.x
 
         def stream():
-            h = None
+            steps = cell.stream(batch=case.batch)
             for t in range(x.shape[0]):
-                h = cell(x[t], h)
-            return h
+                steps.step(x[t])
 
         return stream, cell
     layer = getattr(fastseq, spec.torch_layer)(case.input_size, case.hidden_size, case.layers,

@@ -219,3 +219,22 @@ def gru_backward(
     add_parts(part_w_hh, dw_hh)
     add_parts(part_b_ih, db_ih)
     add_parts(part_b_hh, db_hh)
+
+
+@jit
+def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn):
+    """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
+    scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H)."""
+    hd = h.shape[1]
+    np.dot(x, w_ih.T, out=gx)
+    if reset_after:
+        np.dot(h, w_hh.T, out=gh)
+        for i in range(x.shape[0]):
+            gru_cell_forward(gx[i], gh[i], b_ih, b_hh, h[i])
+    else:
+        np.dot(h, w_hh[: 2 * hd].T, out=grz)
+        for i in range(x.shape[0]):
+            gru_cell_reset(gx[i], grz[i], b_ih, b_hh, h[i], rh[i])
+        np.dot(rh, w_hh[2 * hd :].T, out=ghn)
+        for i in range(x.shape[0]):
+            gru_cell_update(gx[i], ghn[i], b_ih, b_hh, h[i])

@@ -167,3 +167,13 @@ def lstm_backward(
     add_parts(part_b, db_hh)
     if peephole:
         add_parts(part_peep, dw_peep)
+
+
+@jit
+def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
+    """One inference step for streaming (serial, no workspace). x (N, C); h, c (N, H)
+    in/out; gx, gh (N, 4H) scratch."""
+    np.dot(x, w_ih.T, out=gx)
+    np.dot(h, w_hh.T, out=gh)
+    for i in range(x.shape[0]):
+        lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])

@@ -110,3 +110,13 @@ def rnn_backward(
     add_parts(part_w_hh, dw_hh)
     add_parts(part_b, db_ih)
     add_parts(part_b, db_hh)
+
+
+@jit
+def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
+    """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
+    gx, gh (N, H) scratch."""
+    np.dot(x, w_ih.T, out=gx)
+    np.dot(h, w_hh.T, out=gh)
+    for i in range(x.shape[0]):
+        rnn_cell_forward(gx[i], gh[i], b_ih, b_hh, relu, h[i])
