@@ -17,6 +17,7 @@ def test_readme_python_examples_run():
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     lstm = namespace["lstm"]
     assert all(not g.any() for g in lstm.grads.values())  # zero_grad ran after the step
+    assert np.isfinite(namespace["loss"])
     assert np.isfinite(namespace["dx"]).all()
     assert namespace["h"].shape == (1, 64) and np.isfinite(namespace["h"]).all()
 
