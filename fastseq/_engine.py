@@ -20,6 +20,22 @@ from fastseq.registry import CELLS
 WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep")
 
 
+def absent_arrays(gate_rows, hidden, dtype):
+    """Zero stand-ins for parameters a module does not have (``bias=False``, no peepholes):
+    the kernels always take every argument. ``b_ih``, ``b_hh`` (G*H,), ``w_peep`` (3, H)."""
+    return {
+        "b_ih": np.zeros(gate_rows, dtype),
+        "b_hh": np.zeros(gate_rows, dtype),
+        "w_peep": np.zeros((3, hidden), dtype),
+    }
+
+
+def kernel_arrays(keys, table, absent):
+    """``WEIGHT_KEYS`` -> arrays for a kernel: ``table[keys[k]]`` (parameters or their
+    gradients, by public name) where the module has that parameter, else ``absent[k]``."""
+    return {k: table[keys[k]] if k in keys else absent[k] for k in WEIGHT_KEYS}
+
+
 class CellOptions(NamedTuple):
     """Cell variant switches (all False/True defaults give torch's cells)."""
 

@@ -127,3 +127,11 @@ def finite(name: str, arr: np.ndarray, time_axis: int | None = None, error=Value
     raise error(
         f"{name} has {int(bad.sum())} non-finite value(s){where} (first at index {index}: {arr[index]})"
     )
+
+
+def forget_bias_option(value, bias: bool) -> float:
+    """``forget_bias=``: finite, and only with a bias to add it to."""
+    value = finite_float("forget_bias", value)
+    if value and not bias:
+        raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+    return value

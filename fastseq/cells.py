@@ -32,9 +32,7 @@ class _RecurrentCell(Module):
         self.hidden_size = v.positive_int("hidden_size", hidden_size)
         self.bias = v.flag("bias", bias)
         self.dtype = v.dtype_option(dtype)
-        forget_bias = v.finite_float("forget_bias", forget_bias)
-        if forget_bias and not self.bias:
-            raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+        forget_bias = v.forget_bias_option(forget_bias, self.bias)
         self._opts = opts
         hd = self.hidden_size
         gh = CELLS[self._cell].gates * hd
@@ -50,15 +48,12 @@ class _RecurrentCell(Module):
         if forget_bias:
             self.params["bias_ih"][hd : 2 * hd] += self.dtype.type(forget_bias)
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        absent = {"b_ih": np.zeros(gh, self.dtype), "b_hh": np.zeros(gh, self.dtype),
-                  "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
-        absent_grads = {k: np.zeros_like(a) for k, a in absent.items()}
-        self._weights = {
-            k: self.params[self._keys[k]] if k in self._keys else absent[k] for k in _engine.WEIGHT_KEYS
-        }
-        self._grad_views = {
-            k: self.grads[self._keys[k]] if k in self._keys else absent_grads[k] for k in _engine.WEIGHT_KEYS
-        }
+        self._weights = _engine.kernel_arrays(
+            self._keys, self.params, _engine.absent_arrays(gh, hd, self.dtype)
+        )
+        self._grad_views = _engine.kernel_arrays(
+            self._keys, self.grads, _engine.absent_arrays(gh, hd, self.dtype)
+        )
         self._stack = []
         self._packing = None
 

@@ -59,9 +59,7 @@ class _RecurrentLayer(Module):
         self.dropout = v.probability("dropout", dropout)
         self.bidirectional = v.flag("bidirectional", bidirectional)
         self.dtype = v.dtype_option(dtype)
-        forget_bias = v.finite_float("forget_bias", forget_bias)
-        if forget_bias and not self.bias:
-            raise ValueError("forget_bias needs bias=True (it is added to bias_ih)")
+        forget_bias = v.forget_bias_option(forget_bias, self.bias)
         self.check_finite = v.flag("check_finite", check_finite)
         self._opts = opts
         self._rng = np.random.default_rng(v.seed_option(seed))
@@ -92,10 +90,8 @@ class _RecurrentLayer(Module):
                 for keys in per_dir:
                     self.params[keys["b_ih"]][hd : 2 * hd] += self.dtype.type(forget_bias)
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        # Stand-ins for absent biases/peepholes: the kernels always take every argument.
-        self._absent = {"b_ih": np.zeros(gh, self.dtype), "b_hh": np.zeros(gh, self.dtype),
-                        "w_peep": np.zeros((3, hd), self.dtype)}  # fmt: skip
-        self._absent_grads = {k: np.zeros_like(a) for k, a in self._absent.items()}
+        self._absent = _engine.absent_arrays(gh, hd, self.dtype)
+        self._absent_grads = _engine.absent_arrays(gh, hd, self.dtype)
         self._cache = None
         self._pool = WorkspacePool()
 
@@ -107,8 +103,7 @@ class _RecurrentLayer(Module):
         return self
 
     def _direction_arrays(self, layer, direction, table, absent):
-        keys = self._keys[layer][direction]
-        return {k: table[keys[k]] if k in keys else absent[k] for k in _engine.WEIGHT_KEYS}
+        return _engine.kernel_arrays(self._keys[layer][direction], table, absent)
 
     def __repr__(self):
         opts = [f"{self.input_size}", f"{self.hidden_size}", f"num_layers={self.num_layers}"]
@@ -194,7 +189,7 @@ class _RecurrentLayer(Module):
             self._check_packed("out", layer_in, packing, FloatingPointError)
         self._cache = None
         if training:
-            self._cache = {"packing": packing, "layers": layers_ws, "x_shape": x.shape,
+            self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
         output = packing.unpack(layer_in)
         if unbatched:
