@@ -44,7 +44,13 @@ class CellOptions(NamedTuple):
     reset_after: bool = True  # GRU: reset gate after the hidden GEMM (torch)
 
 
-def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty):
+def no_mask(hidden, dtype):
+    """The ``rmask`` of a pass without recurrent dropout: (0, H)."""
+    return np.empty((0, hidden), dtype)
+
+
+def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
+            rmask=None):  # fmt: skip
     """Run one layer and direction forward.
 
     Parameters
@@ -65,6 +71,9 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     reverse, training : bool
     take : callable (shape, dtype) -> ndarray
         Allocator for the workspace (a layer's pool, or np.empty).
+    rmask : ndarray (N, H), optional
+        Recurrent (variational) dropout mask in state order, applied to the state every
+        recurrent GEMM reads, the same at every step; kept in the workspace for backward.
 
     Returns
     -------
@@ -80,20 +89,21 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     ws_rows = rows if training else 0
     hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)
-    ws = {"x": x, "gates": gates, "hprev": hprev}
+    rmask = no_mask(hd, dt) if rmask is None else rmask
+    ws = {"x": x, "gates": gates, "hprev": hprev, "rmask": rmask}
     if cell == "rnn":
         rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
-                    out, out_col, states[0], gates, hprev, training)  # fmt: skip
+                    out, out_col, states[0], gates, hprev, training, rmask)  # fmt: skip
     elif cell == "lstm":
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
         lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"],
                      opts.peephole, *pk, out, out_col, states[0], states[1], gates, hprev,
-                     ws["cprev"], ws["cnew"], training)  # fmt: skip
+                     ws["cprev"], ws["cnew"], training, rmask)  # fmt: skip
     else:
         ws["hn"] = take((ws_rows, hd), dt)
         gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.reset_after, *pk,
-                    out, out_col, states[0], gates, hprev, ws["hn"], training)  # fmt: skip
+                    out, out_col, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
     return ws if training else None
 
 
@@ -111,17 +121,17 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     are added into.
     """
     pk = (*packing.kernel_args, reverse)
-    x, gates, hprev = ws["x"], ws["gates"], ws["hprev"]
+    x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":
         rnn_backward(x, w["w_ih"], w["w_hh"], opts.relu, *pk, dout, out_col, dstates[0],
                      gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                     grads["b_ih"], grads["b_hh"])  # fmt: skip
+                     grads["b_ih"], grads["b_hh"], rmask)  # fmt: skip
     elif cell == "lstm":
         lstm_backward(x, w["w_ih"], w["w_hh"], w["w_peep"], opts.peephole, *pk, dout,
                       out_col, dstates[0], dstates[1], gates, hprev, ws["cprev"],
                       ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                      grads["b_ih"], grads["b_hh"], grads["w_peep"])  # fmt: skip
+                      grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask)  # fmt: skip
     else:
         gru_backward(x, w["w_ih"], w["w_hh"], opts.reset_after, *pk, dout, out_col,
                      dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],
-                     grads["w_hh"], grads["b_ih"], grads["b_hh"])  # fmt: skip
+                     grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask)  # fmt: skip

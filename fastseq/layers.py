@@ -50,13 +50,15 @@ class _RecurrentLayer(Module):
     _cell = ""
 
     def _setup(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-               bidirectional, dtype, seed, opts, forget_bias=0.0, check_finite=False):  # fmt: skip
+               bidirectional, dtype, seed, opts, forget_bias=0.0, check_finite=False,
+               recurrent_dropout=0.0):  # fmt: skip
         self.input_size = v.positive_int("input_size", input_size)
         self.hidden_size = v.positive_int("hidden_size", hidden_size)
         self.num_layers = v.positive_int("num_layers", num_layers)
         self.bias = v.flag("bias", bias)
         self.batch_first = v.flag("batch_first", batch_first)
         self.dropout = v.probability("dropout", dropout)
+        self.recurrent_dropout = v.probability("recurrent_dropout", recurrent_dropout)
         self.bidirectional = v.flag("bidirectional", bidirectional)
         self.dtype = v.dtype_option(dtype)
         forget_bias = v.forget_bias_option(forget_bias, self.bias)
@@ -102,12 +104,28 @@ class _RecurrentLayer(Module):
             self._pool.clear()
         return self
 
+    def config(self):
+        """Constructor arguments (JSON-serialisable) that rebuild this layer's architecture."""
+        names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "recurrent_dropout", "check_finite")  # fmt: skip
+        cfg = {k: getattr(self, k) for k in names}
+        cfg["dtype"] = self.dtype.name
+        if self._cell == "rnn":
+            cfg["nonlinearity"] = self.nonlinearity
+        elif self._cell == "lstm":
+            cfg["peephole"] = self._opts.peephole
+        else:
+            cfg["reset_after"] = self._opts.reset_after
+        return cfg
+
     def _direction_arrays(self, layer, direction, table, absent):
         return _engine.kernel_arrays(self._keys[layer][direction], table, absent)
 
     def __repr__(self):
         opts = [f"{self.input_size}", f"{self.hidden_size}", f"num_layers={self.num_layers}"]
         opts += [f"{k}={getattr(self, k)}" for k in ("bias", "batch_first", "dropout", "bidirectional")]
+        if self.recurrent_dropout:
+            opts.append(f"recurrent_dropout={self.recurrent_dropout}")
         return f"{type(self).__name__}({', '.join(opts)}, dtype={self.dtype.name})"
 
     # ------------------------------------------------------------------ forward
@@ -191,6 +209,11 @@ class _RecurrentLayer(Module):
         if training:
             self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
+            if self.recurrent_dropout > 0:  # sample order, for inspection and tests
+                self._cache["recurrent_masks"] = {
+                    (layer, d): packing.unsort(ws["rmask"])
+                    for layer, (dirs_ws, _) in enumerate(layers_ws) for d, ws in enumerate(dirs_ws)
+                }  # fmt: skip
         output = packing.unpack(layer_in)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
@@ -213,14 +236,19 @@ class _RecurrentLayer(Module):
                 row = layer * n_dirs + direction
                 states = tuple(packing.sort(s[row]) for s in states0)
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
+                rmask = None
+                if training and self.recurrent_dropout > 0:
+                    rmask = np.ascontiguousarray(
+                        packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
+                    )
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
-                                     out, direction * hd, direction == 1, training, take)  # fmt: skip
+                                     out, direction * hd, direction == 1, training, take, rmask)  # fmt: skip
                 for f, s in zip(final, states, strict=True):
                     f[row] = packing.unsort(s)
                 dirs_ws.append(ws)
             mask = None
             if training and self.dropout > 0 and layer < self.num_layers - 1:
-                mask = self._dropout_mask(out.shape)
+                mask = self._dropout_mask(out.shape, self.dropout)
                 out *= mask  # backward needs only the masked output (the next layer's input)
             layers_ws.append((dirs_ws, mask))
             layer_in = out
@@ -240,11 +268,12 @@ class _RecurrentLayer(Module):
         raise error(f"{name} has {int(bad.sum())} non-finite value(s); the first at time step {step}, sample "
                     f"{sample}, feature {col}: {packed[row, col]}")  # fmt: skip
 
-    def _dropout_mask(self, shape):
-        if self.dropout >= 1.0:
+    def _dropout_mask(self, shape, p):
+        """Inverted dropout: 0 with probability p, else 1/(1-p)."""
+        if p >= 1.0:
             return np.zeros(shape, self.dtype)
-        keep = self._rng.random(shape, dtype=self.dtype) >= self.dropout
-        return keep.astype(self.dtype) / self.dtype.type(1.0 - self.dropout)
+        keep = self._rng.random(shape, dtype=self.dtype) >= p
+        return keep.astype(self.dtype) / self.dtype.type(1.0 - p)
 
     # ----------------------------------------------------------------- backward
     def backward(self, grad_output, grad_h_n=None):
@@ -362,7 +391,13 @@ _COMMON_DOC = """
         Fail fast: forward raises ValueError if x or hx holds NaN/inf at a valid step and
         FloatingPointError if the output does; backward does the same for the incoming
         gradients and for dx and every parameter gradient. Messages name the tensor and the
-        first offending time step and sample.{variant}
+        first offending time step and sample.
+    recurrent_dropout : float, default 0, keyword-only
+        Variational recurrent dropout (Gal & Ghahramani 2016; Keras' ``recurrent_dropout``):
+        in training, each layer and direction draws one mask per sample and hidden unit,
+        (N, H), and applies it to the state the recurrent weights read at every step (the
+        same mask at every step, scaled by 1/(1-p)). GRU: the z*h term reads the unmasked
+        state, as in Keras. Forward and backward; no effect in eval mode.{variant}
 
     Parameters are in :attr:`params` under torch's names: ``weight_ih_l{{k}}`` (G*H, C or
     D*H), ``weight_hh_l{{k}}`` (G*H, H), ``bias_ih_l{{k}}``, ``bias_hh_l{{k}}`` (G*H,), with a
@@ -376,13 +411,14 @@ class RNN(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32,
-                 seed=None, check_finite=False):  # fmt: skip
+                 seed=None, check_finite=False, recurrent_dropout=0.0):  # fmt: skip
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; received {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         opts = _engine.CellOptions(relu=nonlinearity == "relu")
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts, check_finite=check_finite)  # fmt: skip
+                    bidirectional, dtype, seed, opts, check_finite=check_finite,
+                    recurrent_dropout=recurrent_dropout)  # fmt: skip
 
 
 RNN.__doc__ = (
@@ -398,10 +434,12 @@ class LSTM(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
-                 peephole=False, forget_bias=0.0, check_finite=False):  # fmt: skip
+                 peephole=False, forget_bias=0.0, check_finite=False,
+                 recurrent_dropout=0.0):  # fmt: skip
         opts = _engine.CellOptions(peephole=v.flag("peephole", peephole))
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts, forget_bias, check_finite=check_finite)  # fmt: skip
+                    bidirectional, dtype, seed, opts, forget_bias, check_finite=check_finite,
+                    recurrent_dropout=recurrent_dropout)  # fmt: skip
 
 
 LSTM.__doc__ = (
@@ -421,10 +459,11 @@ class GRU(_RecurrentLayer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
-                 reset_after=True, check_finite=False):  # fmt: skip
+                 reset_after=True, check_finite=False, recurrent_dropout=0.0):  # fmt: skip
         opts = _engine.CellOptions(reset_after=v.flag("reset_after", reset_after))
         self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, dtype, seed, opts, check_finite=check_finite)  # fmt: skip
+                    bidirectional, dtype, seed, opts, check_finite=check_finite,
+                    recurrent_dropout=recurrent_dropout)  # fmt: skip
 
 
 GRU.__doc__ = "Gated recurrent unit, as ``torch.nn.GRU``.\n" + _COMMON_DOC.format(

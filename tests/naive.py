@@ -15,21 +15,24 @@ def sigmoid(a):
 
 
 # ---------------------------------------------------------------- one step of one sample
-def step(cell, variant, p, x, state):
+def step(cell, variant, p, x, state, rmask=None):
     """One step. p: dict w_ih, w_hh, b_ih, b_hh (zeros if no bias), w_peep. state: tuple of (H,).
+    rmask (H,): recurrent dropout mask on the h the recurrent weights read (GRU: not z*h).
 
     Returns (new_state, cache).
     """
     h = state[0]
+    m = np.ones_like(h) if rmask is None else rmask
+    hm = h * m
     gx = p["w_ih"] @ x + p["b_ih"]
     if cell == "rnn":
-        a = gx + p["w_hh"] @ h + p["b_hh"]
+        a = gx + p["w_hh"] @ hm + p["b_hh"]
         y = np.maximum(a, 0) if variant.get("nonlinearity") == "relu" else np.tanh(a)
-        return (y,), (x, h, a, y)
+        return (y,), (x, hm, m, a, y)
     if cell == "lstm":
         c = state[1]
         hd = h.shape[0]
-        a = gx + p["w_hh"] @ h + p["b_hh"]
+        a = gx + p["w_hh"] @ hm + p["b_hh"]
         ai, af, ag, ao = (a[k * hd : (k + 1) * hd].copy() for k in range(4))
         if variant.get("peephole"):
             ai += p["w_peep"][0] * c
@@ -40,20 +43,20 @@ def step(cell, variant, p, x, state):
             ao = ao + p["w_peep"][2] * c1
         o = sigmoid(ao)
         h1 = o * np.tanh(c1)
-        return (h1, c1), (x, h, c, i, f, g, o, c1)
+        return (h1, c1), (x, hm, m, c, i, f, g, o, c1)
     # gru
     hd = h.shape[0]
     w_hh, b_hh = p["w_hh"], p["b_hh"]
-    r = sigmoid(gx[:hd] + w_hh[:hd] @ h + b_hh[:hd])
-    z = sigmoid(gx[hd : 2 * hd] + w_hh[hd : 2 * hd] @ h + b_hh[hd : 2 * hd])
+    r = sigmoid(gx[:hd] + w_hh[:hd] @ hm + b_hh[:hd])
+    z = sigmoid(gx[hd : 2 * hd] + w_hh[hd : 2 * hd] @ hm + b_hh[hd : 2 * hd])
     if variant.get("reset_after", True):
-        hn = w_hh[2 * hd :] @ h + b_hh[2 * hd :]
+        hn = w_hh[2 * hd :] @ hm + b_hh[2 * hd :]
         n = np.tanh(gx[2 * hd :] + r * hn)
     else:
-        hn = r * h
+        hn = r * hm
         n = np.tanh(gx[2 * hd :] + w_hh[2 * hd :] @ hn + b_hh[2 * hd :])
     h1 = (1 - z) * n + z * h
-    return (h1,), (x, h, r, z, n, hn)
+    return (h1,), (x, h, hm, m, r, z, n, hn)
 
 
 def step_backward(cell, variant, p, cache, dstate, g):
@@ -62,15 +65,15 @@ def step_backward(cell, variant, p, cache, dstate, g):
     Returns (dx, dstate_prev).
     """
     if cell == "rnn":
-        x, h, a, y = cache
+        x, h, m, a, y = cache  # h: the masked h the recurrent weights read
         da = dstate[0] * ((a > 0) if variant.get("nonlinearity") == "relu" else (1 - y * y))
         g["w_ih"] += np.outer(da, x)
         g["w_hh"] += np.outer(da, h)
         g["b_ih"] += da
         g["b_hh"] += da
-        return p["w_ih"].T @ da, (p["w_hh"].T @ da,)
+        return p["w_ih"].T @ da, ((p["w_hh"].T @ da) * m,)
     if cell == "lstm":
-        x, h, c, i, f, gg, o, c1 = cache
+        x, h, m, c, i, f, gg, o, c1 = cache
         dh1, dc1 = dstate
         tc = np.tanh(c1)
         dao = dh1 * tc * o * (1 - o)
@@ -91,13 +94,14 @@ def step_backward(cell, variant, p, cache, dstate, g):
         g["w_hh"] += np.outer(da, h)
         g["b_ih"] += da
         g["b_hh"] += da
-        return p["w_ih"].T @ da, (p["w_hh"].T @ da, dc_prev)
-    x, h, r, z, n, hn = cache
+        return p["w_ih"].T @ da, ((p["w_hh"].T @ da) * m, dc_prev)
+    x, h, hm, m, r, z, n, hn = cache
     hd = h.shape[0]
     dh1 = dstate[0]
     dn = dh1 * (1 - z)
     dz = dh1 * (h - n)
-    dh = dh1 * z
+    dh = dh1 * z  # direct path, unmasked
+    dhm = np.zeros_like(h)  # gradient of the masked h
     dan = dn * (1 - n * n)
     daz = dz * z * (1 - z)
     w_hh = p["w_hh"]
@@ -105,19 +109,20 @@ def step_backward(cell, variant, p, cache, dstate, g):
         dr = dan * hn
         dar = dr * r * (1 - r)
         dhn = dan * r  # gradient of W_hn h + b_hn
-        g["w_hh"][2 * hd :] += np.outer(dhn, h)
+        g["w_hh"][2 * hd :] += np.outer(dhn, hm)
         g["b_hh"][2 * hd :] += dhn
-        dh = dh + w_hh[2 * hd :].T @ dhn
+        dhm = dhm + w_hh[2 * hd :].T @ dhn
     else:
         drh = w_hh[2 * hd :].T @ dan
-        dar = drh * h * r * (1 - r)
+        dar = drh * hm * r * (1 - r)
         g["w_hh"][2 * hd :] += np.outer(dan, hn)
         g["b_hh"][2 * hd :] += dan
-        dh = dh + drh * r
+        dhm = dhm + drh * r
     da_rz = np.concatenate([dar, daz])
-    g["w_hh"][: 2 * hd] += np.outer(da_rz, h)
+    g["w_hh"][: 2 * hd] += np.outer(da_rz, hm)
     g["b_hh"][: 2 * hd] += da_rz
-    dh = dh + w_hh[: 2 * hd].T @ da_rz
+    dhm = dhm + w_hh[: 2 * hd].T @ da_rz
+    dh = dh + dhm * m
     da = np.concatenate([dar, daz, dan])
     g["w_ih"] += np.outer(da, x)
     g["b_ih"] += da
@@ -145,9 +150,10 @@ def _order(length, direction):
     return range(length - 1, -1, -1) if direction else range(length)
 
 
-def layer_forward(cell, variant, params, x, h0, lengths, num_layers, bidirectional, masks=None):
+def layer_forward(cell, variant, params, x, h0, lengths, num_layers, bidirectional, masks=None, rmasks=None):
     """x (T, N, C); h0: tuple of (L*D, N, H). masks: list of (T, N, D*H) dropout masks
-    applied to the output of layers 0..L-2 (or None). Returns out, final states, tape."""
+    applied to the output of layers 0..L-2 (or None). rmasks: {(layer, direction): (N, H)}
+    recurrent dropout masks (or None). Returns out, final states, tape."""
     steps, batch, _ = x.shape
     dirs = 2 if bidirectional else 1
     hd = h0[0].shape[2]
@@ -163,8 +169,9 @@ def layer_forward(cell, variant, params, x, h0, lengths, num_layers, bidirection
             _, p = _direction_params(params, layer, d, gh, hd, x.dtype)
             for b in range(batch):
                 state = tuple(s[layer * dirs + d, b].copy() for s in h0)
+                rmask = None if rmasks is None else rmasks[layer, d][b]
                 for t in _order(lengths[b], d):
-                    state, caches[d, b, t] = step(cell, variant, p, inp[t, b], state)
+                    state, caches[d, b, t] = step(cell, variant, p, inp[t, b], state, rmask)
                     out[t, b, d * hd : (d + 1) * hd] = state[0]
                 for f, s in zip(final, state, strict=True):
                     f[layer * dirs + d, b] = s

@@ -54,16 +54,18 @@ def test_finite_differences(variant, num_layers, bidirectional, use_lengths, use
         _check(case, f"hx[{k}]", s, d, rng, h0=h0)
 
 
+@pytest.mark.parametrize("recurrent_dropout", [0.0, 0.4], ids=["dropout", "dropout+recurrent"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_finite_differences_dropout_fixed_mask(variant):
+def test_finite_differences_dropout_fixed_mask(variant, recurrent_dropout):
     """With dropout the loss is differentiable for a fixed mask: re-seed before each forward."""
-    case = Case(variant, np.float64, 3, True, True, True, extra={"dropout": 0.3})
+    extra = {"dropout": 0.3, "recurrent_dropout": recurrent_dropout}
+    case = Case(variant, np.float64, 3, True, True, True, extra=extra)
 
     def reseed():
         case.layer._rng = np.random.default_rng(5)
 
     reseed()
-    _, _, dx, _ = case.run()
+    _, _, dx, dinit = case.run()
     grads = {k: g.copy() for k, g in case.layer.grads.items()}
     original_loss = case.loss
 
@@ -73,7 +75,10 @@ def test_finite_differences_dropout_fixed_mask(variant):
 
     case.loss = loss
     rng = np.random.default_rng(3)
-    for name in ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2"):
+    for name in ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2", "bias_hh_l0", "weight_hh_l2"):
         _check(case, name, case.layer.params[name], grads[name], rng)
     x = case.x.copy()
     _check(case, "x", x, dx, rng, x=x)
+    h0 = [s.copy() for s in case.h0]
+    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
+        _check(case, f"hx[{k}]", s, d, rng, h0=h0)

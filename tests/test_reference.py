@@ -12,7 +12,7 @@ from tests.conftest import VARIANTS
 OPTIONS = list(itertools.product([1, 2], [False, True], [False, True]))  # layers, bidir, lengths
 
 
-def _naive(case, masks=None):
+def _naive(case, masks=None, rmasks=None):
     params = {k: v.astype(np.float64) for k, v in case.layer.params.items()}
     x = case.x.astype(np.float64)
     h0 = (
@@ -22,7 +22,7 @@ def _naive(case, masks=None):
     )
     variant = VARIANTS[case.variant][1]
     out, final, tape = naive.layer_forward(
-        case.cell, variant, params, x, h0, case.lengths, case.num_layers, case.bidirectional, masks
+        case.cell, variant, params, x, h0, case.lengths, case.num_layers, case.bidirectional, masks, rmasks
     )
     dx, dinit, grads = naive.layer_backward(
         case.cell, variant, params, tape, case.grad_out.astype(np.float64),
@@ -72,3 +72,35 @@ def test_dropout_inactive_in_eval_mode():
     clean_out, _ = clean.layer(clean.x)
     np.testing.assert_array_equal(eval_out, clean_out)
     assert not np.allclose(train_out, clean_out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_recurrent_dropout_matches_naive_with_same_masks(variant, dtype):
+    """Variational recurrent dropout (with dropout between layers too): same masks -> same
+    outputs, states and gradients as the reference."""
+    case = Case(variant, dtype, 2, True, True, True, steps=6, batch=4,
+                extra={"dropout": 0.2, "recurrent_dropout": 0.4})  # fmt: skip
+    out, hn = case.layer(case.x, case.hx(), case.lengths)
+    cache = case.layer._cache
+    packing = cache["packing"]
+    masks = [packing.unpack(m) for _, m in cache["layers"][:-1]]
+    rmasks = cache["recurrent_masks"]
+    assert set(rmasks) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for m in rmasks.values():
+        assert m.shape == (4, case.hidden_size)
+        assert np.any(m == 0) and np.all((m == 0) | np.isclose(m, 1 / 0.6))
+    dx, dhx = case.layer.backward(case.grad_out, case.grad_h_n())
+    got = (out, case.states(hn), dx, case.states(dhx))
+    _compare(case, got, _naive(case, masks, {k: m.astype(np.float64) for k, m in rmasks.items()}))
+    with pytest.raises(AssertionError):  # the masks matter: without them the results differ
+        _compare(case, got, _naive(case, masks))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_recurrent_dropout_inactive_in_eval_mode(variant):
+    case = Case(variant, np.float64, 1, extra={"recurrent_dropout": 0.5})
+    clean = Case(variant, np.float64, 1)
+    case.layer.eval()
+    clean.layer.eval()
+    np.testing.assert_array_equal(case.layer(case.x)[0], clean.layer(clean.x)[0])

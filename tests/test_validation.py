@@ -161,6 +161,8 @@ def test_backward_rejects_and_keeps_the_workspace(lstm, args, error, match):
         ({"dropout": -0.1}, ValueError, r"dropout must be in \[0, 1\]; received -0\.1"),
         ({"dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\]; received 1\.5"),
         ({"dropout": "0.5"}, TypeError, r"dropout must be a number in \[0, 1\]"),
+        ({"recurrent_dropout": 1.5}, ValueError, r"recurrent_dropout must be in \[0, 1\]; received 1\.5"),
+        ({"recurrent_dropout": None}, TypeError, r"recurrent_dropout must be a number in \[0, 1\]"),
         ({"dtype": np.float16}, ValueError, r"dtype must be np\.float32 or np\.float64; received float16"),
         ({"dtype": np.int32}, ValueError, r"dtype must be np\.float32 or np\.float64; received int32"),
         ({"dtype": "banana"}, TypeError, r"dtype must be np\.float32 or np\.float64; received 'banana'"),

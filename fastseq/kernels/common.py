@@ -122,3 +122,30 @@ def start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch):
         (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
     )
     return r0, r1, s0, nc, block
+
+
+@jit
+def masked_rows(h, mask, s0, n, out):
+    """Recurrent (variational) dropout on the state rows a step's GEMM reads.
+
+    h (N, H) in; mask (N, H) or (0, H) in: the per-sample mask (0 rows: no recurrent
+    dropout); out (>= n, H) scratch. Returns ``h[s0:s0+n] * mask[s0:s0+n]`` (in ``out``),
+    or ``h[s0:s0+n]`` itself when there is no mask.
+    """
+    if mask.shape[0] == 0:
+        return h[s0 : s0 + n]
+    for i in range(n):
+        for j in range(h.shape[1]):
+            out[i, j] = h[s0 + i, j] * mask[s0 + i, j]
+    return out[:n]
+
+
+@jit
+def mask_rows(a, mask, s0, n):
+    """a[s0:s0+n] *= mask[s0:s0+n] in place (backward of :func:`masked_rows`); no-op when
+    ``mask`` has 0 rows."""
+    if mask.shape[0] == 0:
+        return
+    for i in range(n):
+        for j in range(a.shape[1]):
+            a[s0 + i, j] *= mask[s0 + i, j]

@@ -27,6 +27,8 @@ from fastseq.kernels.common import (
     column_sums,
     gemm_nn_rows,
     gemm_nt_rows,
+    mask_rows,
+    masked_rows,
     packed_row,
     projection_block,
     start_chunk,
@@ -96,20 +98,21 @@ def gru_cell_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
 
 
 @jit
-def gru_cell_backward_reset(g, drh, hprev, dh_direct):
-    """reset_after=False: drh (H,) = gradient of r*h; g[:H] in: r, out: its pre-activation
-    gradient; dh_direct (H,) += drh * r."""
+def gru_cell_backward_reset(g, drh, hprev):
+    """reset_after=False: drh (H,) in: gradient of r*h, out: its share of the gradient of h
+    (drh * r). g[:H] in: r, out: its pre-activation gradient. hprev (H,): the h the GEMMs
+    read (with recurrent dropout, the masked h)."""
     one = hprev.dtype.type(1)
     for j in range(hprev.shape[0]):
         rg = g[j]
         g[j] = drh[j] * hprev[j] * rg * (one - rg)
-        dh_direct[j] += drh[j] * rg
+        drh[j] *= rg
 
 
 @jit(parallel=True)
 def gru_forward(
     x, w_ih, w_hh, b_ih, b_hh, reset_after, chunk_rows, chunk_samples, batch_sizes, offsets,
-    lengths, reverse, out, out_col, h, gates, hprev, hn, training,
+    lengths, reverse, out, out_col, h, gates, hprev, hn, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
@@ -123,16 +126,19 @@ def gru_forward(
         grz = np.empty((nc, 2 * hd), h.dtype)
         rh = np.empty((nc, hd), h.dtype)
         ghn = np.empty((nc, hd), h.dtype)
+        hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
                     x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
+            # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
+            h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:
-                gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
+                gemm_nt_rows(h_in, w_hh, gh[:n], scratch)
             else:
-                gemm_nt_rows(h[s0 : s0 + n], w_hrz, grz[:n], scratch)
+                gemm_nt_rows(h_in, w_hrz, grz[:n], scratch)
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -144,7 +150,7 @@ def gru_forward(
                     if training:
                         hn[r, :] = gh[i, 2 * hd :]
                 else:
-                    gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h[k], rh[i])
+                    gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h_in[i], rh[i])
                     if training:
                         hn[r, :] = rh[i, :]
             if not reset_after:
@@ -160,8 +166,13 @@ def gru_forward(
 def gru_backward(
     x, w_ih, w_hh, reset_after, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, gates, hprev, hn, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh,
+    rmask,
 ):  # fmt: skip
-    """Backward pass of one layer and direction (consumes the forward's workspace)."""
+    """Backward pass of one layer and direction (consumes the forward's workspace).
+
+    With recurrent dropout, ``hprev`` rows are masked in place once the z*h term's gradient
+    has used them: everything after reads the h the GEMMs read.
+    """
     hd = dh.shape[1]
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
@@ -186,6 +197,8 @@ def gru_backward(
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 gru_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], hprev[r], hn[r],
                                   dh_direct[i], reset_after)  # fmt: skip
+                if rmask.shape[0]:
+                    hprev[r, :] *= rmask[k, :]
                 if reset_after:
                     dg[i, : 2 * hd] = gates[r, : 2 * hd]
                     dg[i, 2 * hd :] = hn[r, :]
@@ -198,9 +211,12 @@ def gru_backward(
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                    gru_cell_backward_reset(gates[r], drh[i], hprev[r], dh_direct[i])
+                    gru_cell_backward_reset(gates[r], drh[i], hprev[r])
                     dgrz[i, :] = gates[r, : 2 * hd]
                 gemm_nn_rows(dgrz[:n], w_hrz, dh[s0 : s0 + n], scratch)
+                for i in range(n):
+                    dh[s0 + i] += drh[i]
+            mask_rows(dh, rmask, s0, n)
             for i in range(n):
                 dh[s0 + i] += dh_direct[i]
         # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:

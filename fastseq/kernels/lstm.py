@@ -26,6 +26,8 @@ from fastseq.kernels.common import (
     chunk_input_grads,
     gemm_nn_rows,
     gemm_nt_rows,
+    mask_rows,
+    masked_rows,
     packed_row,
     projection_block,
     start_chunk,
@@ -95,7 +97,7 @@ def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
 @jit(parallel=True)
 def lstm_forward(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
-    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training,
+    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
@@ -104,18 +106,20 @@ def lstm_forward(
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
         scratch = np.empty(w_hh.shape[0] * nc, h.dtype)
+        hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
                     x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
-            gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
+            h_in = masked_rows(h, rmask, s0, n, hm)
+            gemm_nt_rows(h_in, w_hh, gh[:n], scratch)
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    hprev[r, :] = h[k, :]
+                    hprev[r, :] = h_in[i, :]
                     cprev[r, :] = c[k, :]
                 lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
                 out[r, out_col : out_col + hd] = h[k]
@@ -127,7 +131,7 @@ def lstm_forward(
 def lstm_backward(
     x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
-    db_ih, db_hh, dw_peep,
+    db_ih, db_hh, dw_peep, rmask,
 ):  # fmt: skip
     """Backward pass of one layer and direction; ``dc`` (N, H) in/out like ``dh``.
 
@@ -153,6 +157,7 @@ def lstm_backward(
                                    cprev[r], w_peep, peephole)  # fmt: skip
                 dg[i, :] = gates[r, :]
             gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
+            mask_rows(dh, rmask, s0, n)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
         if peephole:

@@ -16,6 +16,8 @@ from fastseq.kernels.common import (
     chunk_input_grads,
     gemm_nn_rows,
     gemm_nt_rows,
+    mask_rows,
+    masked_rows,
     packed_row,
     projection_block,
     start_chunk,
@@ -55,7 +57,7 @@ def rnn_cell_backward(g, dh, dout, relu):
 @jit(parallel=True)
 def rnn_forward(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, gates, hprev, training,
+    reverse, out, out_col, h, gates, hprev, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
@@ -64,18 +66,20 @@ def rnn_forward(
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, hd), h.dtype)
         scratch = np.empty(w_hh.shape[0] * nc, h.dtype)
+        hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
                     x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
-            gemm_nt_rows(h[s0 : s0 + n], w_hh, gh[:n], scratch)
+            h_in = masked_rows(h, rmask, s0, n, hm)
+            gemm_nt_rows(h_in, w_hh, gh[:n], scratch)
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    hprev[r, :] = h[k, :]
+                    hprev[r, :] = h_in[i, :]
                 rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
                 out[r, out_col : out_col + hd] = h[k]
 
@@ -83,7 +87,7 @@ def rnn_forward(
 @jit(parallel=True)
 def rnn_backward(
     x, w_ih, w_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
-    dout, out_col, dh, gates, hprev, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh,
+    dout, out_col, dh, gates, hprev, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
 ):  # fmt: skip
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
@@ -104,6 +108,7 @@ def rnn_backward(
                 rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
                 dg[i, :] = gates[r, :]
             gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
+            mask_rows(dh, rmask, s0, n)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
     add_parts(part_w_ih, dw_ih)
