@@ -88,6 +88,15 @@ class Module:
         """Switch to eval (inference) mode; returns self."""
         return self.train(False)
 
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this module (JSON-serialisable; checkpoints)."""
+        raise NotImplementedError(f"{type(self).__name__} has no config")
+
+    def _bind(self, params: dict, grads: dict) -> None:
+        """Use these arrays (same names and shapes; e.g. views of a flat buffer) as the
+        parameters and gradients from now on. Subclasses caching views refresh them."""
+        self.params, self.grads = params, grads
+
 
 def uniform_init(rng, shapes: dict, hidden_size: int, dtype) -> dict:
     """torch's default init: every array drawn from U(-1/sqrt(H), 1/sqrt(H)), in dict order."""

@@ -47,15 +47,15 @@ class _RecurrentCell(Module):
         self.params = uniform_init(np.random.default_rng(v.seed_option(seed)), shapes, hd, self.dtype)
         if forget_bias:
             self.params["bias_ih"][hd : 2 * hd] += self.dtype.type(forget_bias)
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self._weights = _engine.kernel_arrays(
-            self._keys, self.params, _engine.absent_arrays(gh, hd, self.dtype)
-        )
-        self._grad_views = _engine.kernel_arrays(
-            self._keys, self.grads, _engine.absent_arrays(gh, hd, self.dtype)
-        )
+        self._bind(self.params, {name: np.zeros_like(p) for name, p in self.params.items()})
         self._stack = []
         self._packing = None
+
+    def _bind(self, params, grads):
+        super()._bind(params, grads)
+        gh, hd = CELLS[self._cell].gates * self.hidden_size, self.hidden_size
+        self._weights = _engine.kernel_arrays(self._keys, params, _engine.absent_arrays(gh, hd, self.dtype))
+        self._grad_views = _engine.kernel_arrays(self._keys, grads, _engine.absent_arrays(gh, hd, self.dtype))
 
     def __repr__(self):
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, bias={self.bias}, dtype={self.dtype.name})"

@@ -35,6 +35,10 @@ class Linear(Module):
         self.grads = {k: np.zeros_like(p) for k, p in self.params.items()}
         self._x = None
 
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": "bias" in self.params, "dtype": self.dtype.name}  # fmt: skip
+
     def forward(self, x):
         """x (..., in_features) -> (..., out_features)."""
         x = v.float_array("x", x, self.dtype)
@@ -85,6 +89,10 @@ class Embedding(Module):
         self.grads = {"weight": np.zeros_like(self.params["weight"])}
         self._index = None
 
+    def config(self):
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, "dtype": self.dtype.name}  # fmt: skip
+
     def forward(self, index):
         """index (...) of integers in [0, num_embeddings) -> (..., embedding_dim)."""
         index = np.asarray(index)
@@ -118,6 +126,9 @@ class Dropout(Module):
         self._rng = np.random.default_rng(v.seed_option(seed))
         self.params, self.grads = {}, {}
         self._mask = None
+
+    def config(self):
+        return {"p": self.p}
 
     def forward(self, x):
         x = np.asarray(x)

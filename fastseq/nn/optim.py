@@ -15,9 +15,16 @@ from fastseq import _validate as v
 
 
 def _pairs(modules):
+    """(parameter, gradient) arrays to update: a container's one flat buffer pair, or each
+    parameter of plain modules."""
     if hasattr(modules, "params"):
         modules = [modules]
-    pairs = [(p, m.grads[name]) for m in modules for name, p in m.params.items()]
+    pairs = []
+    for m in modules:
+        if getattr(m, "flat_params", None) is not None:
+            pairs.append((m.flat_params, m.flat_grads))
+        else:
+            pairs.extend((p, m.grads[name]) for name, p in m.params.items())
     if not pairs:
         raise ValueError("modules have no parameters to optimise")
     return pairs
