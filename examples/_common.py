@@ -1,0 +1,54 @@
+"""Helpers shared by the examples: a progress bar that shows the loss, and an optional plot."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+class Progress:
+    """A click progress bar on stderr whose label shows the latest loss."""
+
+    def __init__(self, length, label):
+        self.loss = float("nan")
+        self._bar = click.progressbar(
+            length=length,
+            label=label,
+            file=click.get_text_stream("stderr"),
+            item_show_func=lambda _: f"loss {self.loss:.4f}",
+            show_eta=True,
+        )
+
+    def __enter__(self):
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._bar.__exit__(*exc)
+
+    def update(self, loss, steps=1):
+        self.loss = loss
+        self._bar.update(steps, current_item=loss)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (pip install 'fastseq[examples]')."""
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise click.ClickException("--plot needs matplotlib: pip install 'fastseq[examples]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Timer:
+    """Seconds since creation."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self):
+        return time.perf_counter() - self.start
