@@ -10,9 +10,10 @@ import click
 class Progress:
     """A click progress bar on stderr whose label shows the latest loss."""
 
-    def __init__(self, length, label):
+    def __init__(self, length, label, hidden=False):
         self.loss = float("nan")
         self._bar = click.progressbar(
+            hidden=hidden,
             length=length,
             label=label,
             file=click.get_text_stream("stderr"),

@@ -91,3 +91,28 @@ def test_batch_inference_in_chunks_matches_the_local_model(client, tmp_path):
         np.testing.assert_allclose(out, model(seq[:, None])[:, 0], rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="chunks failed"):
         predict(client, tmp_path / "missing", sequences[:3])
+
+
+def test_language_model_example_runs_distributed():
+    script = HERE.parent / "examples" / "char_lm.py"
+    args = [
+        "--mpi",
+        "--chars",
+        "20000",
+        "--hidden",
+        "32",
+        "--epochs",
+        "1",
+        "--bptt",
+        "50",
+        "--sample-length",
+        "20",
+    ]
+    result = subprocess.run(
+        [str(MPIEXEC), "-n", "2", sys.executable, str(script), *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MPI: 2 rank(s), 32 streams each" in result.stdout
+    assert result.stdout.count("validation bits/char:") == 1  # rank 0 reports, once
+    assert "MPI: allreduce" in result.stdout
