@@ -26,7 +26,13 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
-        return self._bar.__exit__(*exc)
+        result = self._bar.__exit__(*exc)
+        if not self._bar.hidden and not click.get_text_stream("stderr").isatty():
+            # click draws no bar without a terminal: leave one line with the loss in logs
+            click.echo(
+                f"{self._bar.label}: {self._bar.pos}/{self._bar.length} done, loss {self.loss:.4f}", err=True
+            )
+        return result
 
     def update(self, loss, steps=1):
         self.loss = loss
