@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 
 import click
+import numpy as np
+
+from fastseq import nn
 
 
 class Progress:
@@ -59,3 +62,30 @@ class Timer:
 
     def __call__(self):
         return time.perf_counter() - self.start
+
+
+def fit(model, loss_fn, batch_loss, samples, epochs, batch, lr, rng, clip=None):
+    """Shuffled minibatch epochs with Adam and a cosine learning-rate schedule.
+
+    ``batch_loss(idx)`` runs the forward on the samples ``idx`` and returns ``loss_fn``'s loss
+    (whose backward gives the output gradient); ``clip``: gradient-norm clipping. Returns the
+    mean loss of each epoch.
+    """
+    opt = nn.Adam(model, lr=lr)
+    sched = nn.CosineAnnealingLR(opt, epochs)
+    curve = []
+    with Progress(epochs, "training") as bar:
+        for _ in range(epochs):
+            order = rng.permutation(samples)
+            losses = []
+            for k in range(0, samples, batch):
+                opt.zero_grad()
+                losses.append(batch_loss(order[k : k + batch]))
+                model.backward(loss_fn.backward())
+                if clip is not None:
+                    nn.clip_grad_norm(model, clip)
+                opt.step()
+            sched.step()
+            curve.append(float(np.mean(losses)))
+            bar.update(curve[-1])
+    return curve

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Progress, Timer, pyplot  # noqa: E402
+from _common import Timer, fit, pyplot  # noqa: E402
 
 import fastseq  # noqa: E402
 from fastseq import nn  # noqa: E402
@@ -79,24 +79,12 @@ def main(window, horizon, hidden, epochs, batch, lr, seed, limit, plot):
         nn.LastStep(batch_first=True),
         nn.Linear(hidden, horizon, seed=seed + 1),
     )
-    opt = nn.Adam(model, lr=lr)
-    sched = nn.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.MSELoss()
-    curve = []
-    with Progress(epochs, "training") as bar:
-        for _ in range(epochs):
-            order = rng.permutation(len(xin))
-            losses = []
-            for k in range(0, len(order), batch):
-                idx = order[k : k + batch]
-                opt.zero_grad()
-                losses.append(loss_fn(model(xin[idx]), yin[idx]))
-                model.backward(loss_fn.backward())
-                nn.clip_grad_norm(model, 1.0)
-                opt.step()
-            sched.step()
-            curve.append(float(np.mean(losses)))
-            bar.update(curve[-1])
+
+    def batch_loss(idx):
+        return loss_fn(model(xin[idx]), yin[idx])
+
+    curve = fit(model, loss_fn, batch_loss, len(xin), epochs, batch, lr, rng, clip=1.0)
 
     model.eval()
     xt, _, last = prepare(x_test)

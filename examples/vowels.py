@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Progress, Timer, pyplot  # noqa: E402
+from _common import Timer, fit, pyplot  # noqa: E402
 
 import fastseq  # noqa: E402
 from fastseq import nn  # noqa: E402
@@ -76,26 +76,13 @@ def main(cell, hidden, epochs, batch, lr, seed, limit, plot):
         nn.Dropout(0.2, seed=seed + 1),
         nn.Linear(2 * hidden, classes, seed=seed + 2),
     )
-    opt = nn.Adam(model, lr=lr)
-    sched = nn.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.CrossEntropyLoss()
-    rng = np.random.default_rng(seed)
-    curve = []
-    with Progress(epochs, "training") as bar:
-        for _ in range(epochs):
-            order = rng.permutation(len(y_train))
-            losses = []
-            for k in range(0, len(order), batch):
-                idx = order[k : k + batch]
-                opt.zero_grad()
-                steps = len_train[idx].max()  # the padded batch is as long as its longest sample
-                logits = model(x_train[:steps, idx], lengths=len_train[idx])
-                losses.append(loss_fn(logits, y_train[idx]))
-                model.backward(loss_fn.backward())
-                opt.step()
-            sched.step()
-            curve.append(float(np.mean(losses)))
-            bar.update(curve[-1])
+
+    def batch_loss(idx):
+        steps = len_train[idx].max()  # the padded batch is as long as its longest sample
+        return loss_fn(model(x_train[:steps, idx], lengths=len_train[idx]), y_train[idx])
+
+    fit(model, loss_fn, batch_loss, len(y_train), epochs, batch, lr, np.random.default_rng(seed))
 
     model.eval()
     predicted = np.argmax(model(x_test, lengths=len_test), axis=1)

@@ -168,13 +168,9 @@ _worker_models: dict = {}
 
 def _load_cached(path):
     """A worker keeps each checkpoint it loaded (keyed by path and modification time)."""
-    from pathlib import Path
+    from fastseq.nn.container import _paths, load
 
-    from fastseq.nn import load
-
-    npz = (
-        Path(str(path)).with_suffix(".npz") if str(path).endswith((".npz", ".json")) else Path(f"{path}.npz")
-    )
+    npz, _ = _paths(path)
     key = (str(npz), npz.stat().st_mtime_ns)
     if key not in _worker_models:
         model, _ = load(path)

@@ -209,11 +209,6 @@ class _RecurrentLayer(Module):
         if training:
             self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
-            if self.recurrent_dropout > 0:  # sample order, for inspection and tests
-                self._cache["recurrent_masks"] = {
-                    (layer, d): packing.unsort(ws["rmask"])
-                    for layer, (dirs_ws, _) in enumerate(layers_ws) for d, ws in enumerate(dirs_ws)
-                }  # fmt: skip
         output = packing.unpack(layer_in)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
@@ -238,9 +233,7 @@ class _RecurrentLayer(Module):
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 rmask = None
                 if training and self.recurrent_dropout > 0:
-                    rmask = np.ascontiguousarray(
-                        packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
-                    )
+                    rmask = packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
                                      out, direction * hd, direction == 1, training, take, rmask)  # fmt: skip
                 for f, s in zip(final, states, strict=True):

@@ -12,6 +12,7 @@ import pytest
 import fastseq
 from fastseq import nn
 from tests import dask_tasks, mpi_job
+from tests.test_examples import SMALL, run_example
 
 HERE = Path(__file__).resolve().parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -94,24 +95,7 @@ def test_batch_inference_in_chunks_matches_the_local_model(client, tmp_path):
 
 
 def test_language_model_example_runs_distributed():
-    script = HERE.parent / "examples" / "char_lm.py"
-    args = [
-        "--mpi",
-        "--chars",
-        "20000",
-        "--hidden",
-        "32",
-        "--epochs",
-        "1",
-        "--bptt",
-        "50",
-        "--sample-length",
-        "20",
-    ]
-    result = subprocess.run(
-        [str(MPIEXEC), "-n", "2", sys.executable, str(script), *args],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = run_example("char_lm.py", "--mpi", *SMALL["char_lm.py"], launcher=(str(MPIEXEC), "-n", "2"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MPI: 2 rank(s), 32 streams each" in result.stdout
     assert result.stdout.count("validation bits/char:") == 1  # rank 0 reports, once

@@ -32,20 +32,18 @@ EXPECT = {
 }
 
 
-def _run(script, *args):
+def run_example(script, *args, launcher=()):
+    """Run examples/<script> with ``args`` (under ``launcher``, e.g. mpiexec, if given)."""
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+        [*launcher, sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("script", sorted(SMALL))
 def test_example_runs_on_a_small_slice_and_plots(script, tmp_path):
     plot = tmp_path / "out.png"
-    result = _run(script, *SMALL[script], "--plot", str(plot))
+    result = run_example(script, *SMALL[script], "--plot", str(plot))
     assert result.returncode == 0, result.stderr[-3000:]
     for text in EXPECT[script]:
         assert text in result.stdout, result.stdout
@@ -55,5 +53,5 @@ def test_example_runs_on_a_small_slice_and_plots(script, tmp_path):
 
 @pytest.mark.parametrize("script", sorted(SMALL))
 def test_example_help(script):
-    result = _run(script, "--help")
+    result = run_example(script, "--help")
     assert result.returncode == 0 and "--plot" in result.stdout and "Usage:" in result.stdout

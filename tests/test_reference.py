@@ -85,7 +85,8 @@ def test_recurrent_dropout_matches_naive_with_same_masks(variant, dtype):
     cache = case.layer._cache
     packing = cache["packing"]
     masks = [packing.unpack(m) for _, m in cache["layers"][:-1]]
-    rmasks = cache["recurrent_masks"]
+    rmasks = {(layer, d): packing.unsort(ws["rmask"])  # the layer's masks, in sample order
+              for layer, (dirs_ws, _) in enumerate(cache["layers"]) for d, ws in enumerate(dirs_ws)}  # fmt: skip
     assert set(rmasks) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     for m in rmasks.values():
         assert m.shape == (4, case.hidden_size)

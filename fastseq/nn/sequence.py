@@ -160,6 +160,8 @@ def reset_states(states, reset):
 
 
 _CELL_OF = {RNN: RNNCell, LSTM: LSTMCell, GRU: GRUCell}
+#: Layer config entries a cell takes too (the variant switches, bias and dtype).
+_CELL_OPTIONS = ("bias", "dtype", "nonlinearity", "peephole", "reset_after")
 
 
 def layer_cells(layer):
@@ -171,16 +173,10 @@ def layer_cells(layer):
         raise ValueError(
             "a bidirectional layer cannot run step by step (the reverse direction needs the future)"
         )
-    cells = []
+    config, cells = layer.config(), []
     for k in range(layer.num_layers):
         size = layer.input_size if k == 0 else layer.hidden_size
-        kwargs = {"bias": layer.bias, "dtype": layer.dtype}
-        if isinstance(layer, RNN):
-            kwargs["nonlinearity"] = layer.nonlinearity
-        elif isinstance(layer, LSTM):
-            kwargs["peephole"] = layer._opts.peephole
-        else:
-            kwargs["reset_after"] = layer._opts.reset_after
+        kwargs = {k: config[k] for k in _CELL_OPTIONS if k in config}
         cell = _CELL_OF[type(layer)](size, layer.hidden_size, **kwargs)
         names = {n: f"{n}_l{k}" for n in cell.params}
         cell._bind(
