@@ -41,32 +41,6 @@ def add_parts(parts, out):
         out += parts[c]
 
 
-@jit
-def gemm_nt_rows(a, w, out, scratch):
-    """out (n, M) = a (n, K) @ w (M, K)^T for the few rows of one time step.
-
-    Computed as (w @ a^T)^T: for a small n, BLAS runs that shape faster (measured 1.1x at
-    n=32, H=256 and 2x at n=16, H=64; see docs/performance.md). scratch: (>= n*M,) flat.
-    """
-    n, m = a.shape[0], w.shape[0]
-    t = scratch[: n * m].reshape((m, n))
-    np.dot(w, a.T, out=t)
-    for i in range(n):
-        for j in range(m):
-            out[i, j] = t[j, i]
-
-
-@jit
-def gemm_nn_rows(a, w, out, scratch):
-    """out (n, K) = a (n, M) @ w (M, K), computed as (w^T @ a^T)^T (see gemm_nt_rows)."""
-    n, k = a.shape[0], w.shape[1]
-    t = scratch[: n * k].reshape((k, n))
-    np.dot(w.T, a.T, out=t)
-    for i in range(n):
-        for j in range(k):
-            out[i, j] = t[j, i]
-
-
 #: Rows of input projected at a time by the inference path (per chunk; stays in cache).
 PROJECTION_BLOCK_ROWS = 512
 

@@ -25,14 +25,13 @@ from fastseq.kernels.common import (
     add_parts,
     chunk_input_grads,
     column_sums,
-    gemm_nn_rows,
-    gemm_nt_rows,
     mask_rows,
     masked_rows,
     packed_row,
     projection_block,
     start_chunk,
 )
+from fastseq.kernels.gemm import gemm_packed, pack, pack_transposed
 
 
 @jit
@@ -118,11 +117,15 @@ def gru_forward(
     hd = h.shape[1]
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
+    # read by every chunk at every step (only the ones the variant uses)
+    empty = w_hh[:0]
+    w_hh_panels = pack_transposed(w_hh if reset_after else empty)
+    w_hrz_panels = pack_transposed(empty if reset_after else w_hrz)
+    w_hn_panels = pack_transposed(empty if reset_after else w_hn)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
-        scratch = np.empty(w_hh.shape[0] * (nc), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
         rh = np.empty((nc, hd), h.dtype)
         ghn = np.empty((nc, hd), h.dtype)
@@ -136,9 +139,9 @@ def gru_forward(
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:
-                gemm_nt_rows(h_in, w_hh, gh[:n], scratch)
+                gemm_packed(h_in, w_hh_panels, gh[:n], False)
             else:
-                gemm_nt_rows(h_in, w_hrz, grz[:n], scratch)
+                gemm_packed(h_in, w_hrz_panels, grz[:n], False)
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -154,7 +157,7 @@ def gru_forward(
                     if training:
                         hn[r, :] = rh[i, :]
             if not reset_after:
-                gemm_nt_rows(rh[:n], w_hn, ghn[:n], scratch)
+                gemm_packed(rh[:n], w_hn_panels, ghn[:n], False)
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -177,6 +180,10 @@ def gru_backward(
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
+    empty = w_hh[:0]
+    w_hh_panels = pack(w_hh if reset_after else empty)
+    w_hrz_panels = pack(empty if reset_after else w_hrz)
+    w_hn_panels = pack(empty if reset_after else w_hn)
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
@@ -185,7 +192,6 @@ def gru_backward(
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         dg = np.empty((nc, 3 * hd), dh.dtype)
-        scratch = np.empty(w_hh.shape[0] * (nc), dh.dtype)
         dgrz = np.empty((nc, 2 * hd), dh.dtype)
         dn = np.empty((nc, hd), dh.dtype)
         drh = np.empty((nc, hd), dh.dtype)
@@ -205,15 +211,15 @@ def gru_backward(
                 else:
                     dn[i, :] = gates[r, 2 * hd :]
             if reset_after:
-                gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
+                gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
             else:
-                gemm_nn_rows(dn[:n], w_hn, drh[:n], scratch)
+                gemm_packed(dn[:n], w_hn_panels, drh[:n], False)
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
                     dgrz[i, :] = gates[r, : 2 * hd]
-                gemm_nn_rows(dgrz[:n], w_hrz, dh[s0 : s0 + n], scratch)
+                gemm_packed(dgrz[:n], w_hrz_panels, dh[s0 : s0 + n], False)
                 for i in range(n):
                     dh[s0 + i] += drh[i]
             mask_rows(dh, rmask, s0, n)

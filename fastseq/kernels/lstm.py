@@ -24,14 +24,13 @@ from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
     chunk_input_grads,
-    gemm_nn_rows,
-    gemm_nt_rows,
     mask_rows,
     masked_rows,
     packed_row,
     projection_block,
     start_chunk,
 )
+from fastseq.kernels.gemm import gemm_packed, pack, pack_transposed
 
 
 @jit
@@ -101,11 +100,11 @@ def lstm_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
+    w_hh_panels = pack_transposed(w_hh)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
-        scratch = np.empty(w_hh.shape[0] * nc, h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
@@ -114,7 +113,7 @@ def lstm_forward(
                     x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             h_in = masked_rows(h, rmask, s0, n, hm)
-            gemm_nt_rows(h_in, w_hh, gh[:n], scratch)
+            gemm_packed(h_in, w_hh_panels, gh[:n], False)
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -139,6 +138,7 @@ def lstm_backward(
     """
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
+    w_hh_panels = pack(w_hh)
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
@@ -147,7 +147,6 @@ def lstm_backward(
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         dg = np.empty((nc, 4 * hd), dh.dtype)
-        scratch = np.empty(w_hh.shape[0] * nc, dh.dtype)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
@@ -156,7 +155,7 @@ def lstm_backward(
                 lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
                                    cprev[r], w_peep, peephole)  # fmt: skip
                 dg[i, :] = gates[r, :]
-            gemm_nn_rows(dg[:n], w_hh, dh[s0 : s0 + n], scratch)
+            gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
             mask_rows(dh, rmask, s0, n)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip

@@ -1,0 +1,201 @@
+"""A packed-panel GEMM for the per-step recurrent products, with an AVX-512 micro-kernel.
+
+Every time step multiplies the few state rows of a batch chunk (``n`` <= N/K rows) by the
+same recurrent weights. BLAS re-packs the weights on every such call and, on this project's
+machine, runs them at well under half the core's FMA rate (see docs/performance.md). Here
+the weights are packed once per kernel call into column panels, and each step runs a
+register-blocked micro-kernel over them:
+
+    panels (P, K, NR)   B (K, M) split into P = ceil(M / NR) panels of NR columns,
+                        zero-padded; panel p holds B[:, p*NR:(p+1)*NR], row k contiguous.
+
+The micro-kernel (:func:`_tile`) keeps an MR x NR block of the product in 2*MR vector
+registers (NR = two 64-byte vectors: 32 float32 or 16 float64 values) and, per k, loads two
+vectors of the panel and broadcasts MR values of ``a``. It is written in LLVM IR (a numba
+intrinsic) because numba's loops leave such a block in memory; explicit <16 x float> values
+and ``llvm.fma`` give zmm FMAs wherever the CPU has AVX-512 (ymm pairs where it has AVX2).
+
+The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
+and do not depend on the number of threads (each call is serial).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from fastseq._jit import jit
+
+#: Rows of the product block the micro-kernel keeps in registers (8: measured best of
+#: 6, 8, 12, 14 for 32 rows by 256 by 1024, float32).
+MR = 8
+#: Vectors (64 bytes each) per block row.
+VECTORS = 2
+VECTOR_BYTES = 64
+
+
+def _declare(module, name, ret, args):
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
+    """c[i*c_row + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + k*NR + j], i < mr, j < nr.
+
+    a, b, c: arrays of one float dtype, addressed from their data pointers in elements
+    (strides in elements). 1 <= mr <= MR, 1 <= nr <= NR; rows i >= mr are computed from
+    row 0 and not stored; columns j >= nr are neither loaded nor stored.
+    """
+    if not (isinstance(a.dtype, types.Float) and a.dtype == b.dtype == c.dtype):
+        return None
+    intp = types.intp
+    sig = types.void(intp, a, intp, intp, b, intp, c, intp, intp, intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        k, av, a_row, a_col, bv, b_off, cv, c_row, mr, nr, acc_flag = args
+        dtype = signature.args[1].dtype
+        fty = context.get_value_type(dtype)
+        width = VECTOR_BYTES // (dtype.bitwidth // 8)
+        vty = ir.VectorType(fty, width)
+        pty = ir.PointerType(vty)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        suffix = f"v{width}f{dtype.bitwidth}"
+        mty = ir.VectorType(ir.IntType(1), width)
+        module = builder.module
+        fma = _declare(module, f"llvm.fma.{suffix}", vty, [vty, vty, vty])
+        masked_load = _declare(module, f"llvm.masked.load.{suffix}.p0", vty, [pty, i32, mty, vty])
+        masked_store = _declare(module, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vty, pty, i32, mty])
+
+        def data(index, value):
+            return cgutils.create_struct_proxy(signature.args[index])(context, builder, value=value).data
+
+        a_ptr, b_ptr, c_ptr = data(1, av), data(4, bv), data(6, cv)
+
+        def const(v):
+            return ir.Constant(i64, v)
+
+        def splat(value, vector_type):
+            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(
+                one,
+                ir.Constant(vector_type, ir.Undefined),
+                ir.Constant(ir.VectorType(i32, width), [0] * width),
+            )
+
+        zero = ir.Constant(vty, None)
+        row_start = []
+        for i in range(MR):
+            used = builder.icmp_signed("<", const(i), mr)
+            row_start.append(builder.mul(builder.select(used, const(i), const(0)), a_row))
+        entry = builder.basic_block
+        loop = builder.function.append_basic_block("tile.loop")
+        done = builder.function.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", k, const(0)), loop, done)
+
+        builder.position_at_end(loop)
+        kk = builder.phi(i64)
+        acc = [[builder.phi(vty) for _ in range(VECTORS)] for _ in range(MR)]
+        b_row = builder.add(b_off, builder.mul(kk, const(width * VECTORS)))
+        panel = [
+            builder.load(
+                builder.bitcast(builder.gep(b_ptr, [builder.add(b_row, const(v * width))]), pty), align=4
+            )
+            for v in range(VECTORS)
+        ]
+        k_col = builder.mul(kk, a_col)
+        new = []
+        for i in range(MR):
+            a_ik = splat(builder.load(builder.gep(a_ptr, [builder.add(row_start[i], k_col)])), vty)
+            new.append([builder.call(fma, [a_ik, panel[v], acc[i][v]]) for v in range(VECTORS)])
+        k_next = builder.add(kk, const(1))
+        body_end = builder.basic_block
+        kk.add_incoming(const(0), entry)
+        kk.add_incoming(k_next, body_end)
+        for i in range(MR):
+            for v in range(VECTORS):
+                acc[i][v].add_incoming(zero, entry)
+                acc[i][v].add_incoming(new[i][v], body_end)
+        builder.cbranch(builder.icmp_signed("<", k_next, k), loop, done)
+
+        builder.position_at_end(done)
+        total = []
+        for i in range(MR):
+            row = []
+            for v in range(VECTORS):
+                phi = builder.phi(vty)
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(new[i][v], body_end)
+                row.append(phi)
+            total.append(row)
+        nr_vec = splat(nr, ir.VectorType(i64, width))
+        masks = [
+            builder.icmp_signed(
+                "<", ir.Constant(ir.VectorType(i64, width), [v * width + j for j in range(width)]), nr_vec
+            )
+            for v in range(VECTORS)
+        ]
+        align = ir.Constant(i32, dtype.bitwidth // 8)
+        for i in range(MR):
+            with cgutils.if_likely(builder, builder.icmp_signed("<", const(i), mr)):
+                row = builder.mul(const(i), c_row)
+                for v in range(VECTORS):
+                    ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(row, const(v * width))]), pty)
+                    old = builder.call(masked_load, [ptr, align, masks[v], zero])
+                    value = builder.select(acc_flag, builder.fadd(total[i][v], old), total[i][v])
+                    builder.call(masked_store, [value, ptr, align, masks[v]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@jit
+def panel_width(w):
+    """NR: columns per panel for w's dtype (two 64-byte vectors)."""
+    return VECTORS * VECTOR_BYTES // w.itemsize
+
+
+@jit
+def pack_transposed(w):
+    """Panels (P, K, NR) of B = w.T, for w (M, K): products ``a @ w.T``."""
+    m, k = w.shape
+    nr = panel_width(w)
+    panels = np.zeros(((m + nr - 1) // nr, k, nr), w.dtype)
+    for j in range(m):
+        p, jj = divmod(j, nr)
+        for kk in range(k):
+            panels[p, kk, jj] = w[j, kk]
+    return panels
+
+
+@jit
+def pack(w):
+    """Panels (P, K, NR) of B = w, for w (K, M): products ``a @ w``."""
+    k, m = w.shape
+    nr = panel_width(w)
+    panels = np.zeros(((m + nr - 1) // nr, k, nr), w.dtype)
+    for kk in range(k):
+        for j in range(m):
+            p, jj = divmod(j, nr)
+            panels[p, kk, jj] = w[kk, j]
+    return panels
+
+
+@jit
+def gemm_packed(a, panels, out, accumulate):
+    """out (n, M) = a (n, K) @ B, or += when ``accumulate``; B given as its panels.
+
+    ``a`` may be any 2-D view; ``out``'s rows must be contiguous (any row stride).
+    """
+    n, k = a.shape
+    m = out.shape[1]
+    nr = panels.shape[2]
+    isz = a.itemsize
+    a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
+    for p in range(panels.shape[0]):
+        j0 = p * nr
+        for i0 in range(0, n, MR):
+            _tile(k, a[i0:], a_row, a_col, panels, p * k * nr, out[i0:, j0:], c_row,
+                  min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
