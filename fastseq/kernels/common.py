@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastseq._jit import jit
+from fastseq.kernels.gemm import gemm_packed, pack
 
 
 @jit
@@ -17,20 +18,17 @@ def column_sums(a, col0, col1, out):
 
 
 @jit
-def chunk_input_grads(dgates, x, hprev, w_ih, dx, accumulate_dx, dw_ih, dw_hh, db):
+def chunk_input_grads(dgates, x, hprev, w_ih_panels, dx, accumulate_dx, dw_ih, dw_hh, db):
     """Deferred gradients of one chunk's GEMMs, over all its rows at once.
 
     dgates (Rc, G*H) in: gradients of the gate pre-activations of the chunk's rows.
-    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in.
+    x (Rc, C), hprev (Rc, H) in. w_ih_panels: ``gemm.pack(w_ih)``, w_ih (G*H, C).
     dx (Rc, C) out, or += when accumulate_dx.
     dw_ih (G*H, C), dw_hh (G*H, H), db (G*H,) out: this chunk's partial sums (overwritten).
     """
-    if accumulate_dx:
-        dx += np.dot(dgates, w_ih)
-    else:
-        np.dot(dgates, w_ih, out=dx)
-    np.dot(dgates.T, x, out=dw_ih)
-    np.dot(dgates.T, hprev, out=dw_hh)
+    gemm_packed(dgates, w_ih_panels, dx, accumulate_dx)
+    gemm_packed(dgates.T, pack(x), dw_ih, False)
+    gemm_packed(dgates.T, pack(hprev), dw_hh, False)
     column_sums(dgates, 0, dgates.shape[1], db)
 
 
@@ -46,10 +44,10 @@ PROJECTION_BLOCK_ROWS = 512
 
 
 @jit
-def projection_block(x, w_ih, r0, offsets_c, lengths_c, s, reverse, full, block):
+def projection_block(x, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
     """Project the input rows the chunk needs from step ``s`` on, a block of steps at a time.
 
-    x (R, C), w_ih (G*H, C) in. offsets_c (S+1,): the chunk's row offsets; lengths_c: its
+    x (R, C) in; w_ih_panels: ``gemm.pack_transposed(w_ih)``, w_ih (G*H, C). offsets_c (S+1,): the chunk's row offsets; lengths_c: its
     lengths (state order). full (R, G*H): when it has rows, everything is projected there
     already (training, or reverse with unequal lengths) and it is returned with base r0.
     Otherwise block (B, G*H) receives rows for the steps from ``s`` on and is returned with
@@ -67,7 +65,7 @@ def projection_block(x, w_ih, r0, offsets_c, lengths_c, s, reverse, full, block)
     else:
         t_lo, t_hi = s, s_end
     a, b = offsets_c[t_lo], offsets_c[t_hi]
-    np.dot(x[r0 + a : r0 + b], w_ih.T, out=block[: b - a])
+    gemm_packed(x[r0 + a : r0 + b], w_ih_panels, block[: b - a], False)
     return block, r0 + a, s_end
 
 
@@ -80,7 +78,7 @@ def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
 
 
 @jit
-def start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch):
+def start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
     """Bounds of chunk ``ch`` and its projection set-up.
 
     Returns (r0, r1, s0, nc, block): rows r0..r1-1 and state indices s0..s0+nc-1. When
@@ -91,7 +89,7 @@ def start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch):
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0:
-        np.dot(x[r0:r1], w_ih.T, out=gates[r0:r1])
+        gemm_packed(x[r0:r1], w_ih_panels, gates[r0:r1], False)
     block = np.empty(
         (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
     )

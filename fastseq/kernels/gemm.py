@@ -163,10 +163,11 @@ def pack_transposed(w):
     m, k = w.shape
     nr = panel_width(w)
     panels = np.zeros(((m + nr - 1) // nr, k, nr), w.dtype)
-    for j in range(m):
-        p, jj = divmod(j, nr)
+    for p in range(panels.shape[0]):
+        cols = min(nr, m - p * nr)
         for kk in range(k):
-            panels[p, kk, jj] = w[j, kk]
+            for jj in range(cols):
+                panels[p, kk, jj] = w[p * nr + jj, kk]
     return panels
 
 
@@ -176,11 +177,19 @@ def pack(w):
     k, m = w.shape
     nr = panel_width(w)
     panels = np.zeros(((m + nr - 1) // nr, k, nr), w.dtype)
-    for kk in range(k):
-        for j in range(m):
-            p, jj = divmod(j, nr)
-            panels[p, kk, jj] = w[kk, j]
+    for p in range(panels.shape[0]):
+        cols = min(nr, m - p * nr)
+        for kk in range(k):
+            for jj in range(cols):
+                panels[p, kk, jj] = w[kk, p * nr + jj]
     return panels
+
+
+#: Rows of ``a`` per block in :func:`gemm_packed`, for K < 512 and K >= 512: every panel
+#: passes over a block of rows. Measured (float32, one thread, 3200 rows): 96 rows best at
+#: K = 64 (245 vs 149 GFLOP/s with 256), 256 rows best at K = 1024 (216 vs 178 with 96).
+ROW_BLOCK_SHORT_K = 96
+ROW_BLOCK_LONG_K = 256
 
 
 @jit
@@ -194,8 +203,11 @@ def gemm_packed(a, panels, out, accumulate):
     nr = panels.shape[2]
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
-    for p in range(panels.shape[0]):
-        j0 = p * nr
-        for i0 in range(0, n, MR):
-            _tile(k, a[i0:], a_row, a_col, panels, p * k * nr, out[i0:, j0:], c_row,
-                  min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
+    rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
+    for b0 in range(0, n, rows):
+        b1 = min(n, b0 + rows)
+        for p in range(panels.shape[0]):
+            j0 = p * nr
+            for i0 in range(b0, b1, MR):
+                _tile(k, a[i0:], a_row, a_col, panels, p * k * nr, out[i0:, j0:], c_row,
+                      min(MR, b1 - i0), min(nr, m - j0), accumulate)  # fmt: skip

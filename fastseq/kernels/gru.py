@@ -119,11 +119,12 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
+    w_ih_panels = pack_transposed(w_ih)
     w_hh_panels = pack_transposed(w_hh if reset_after else empty)
     w_hrz_panels = pack_transposed(empty if reset_after else w_hrz)
     w_hn_panels = pack_transposed(empty if reset_after else w_hn)
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
@@ -134,7 +135,7 @@ def gru_forward(
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
-                    x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                    x, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
@@ -181,6 +182,7 @@ def gru_backward(
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
     empty = w_hh[:0]
+    w_ih_panels = pack(w_ih)
     w_hh_panels = pack(w_hh if reset_after else empty)
     w_hrz_panels = pack(empty if reset_after else w_hrz)
     w_hn_panels = pack(empty if reset_after else w_hn)
@@ -228,7 +230,7 @@ def gru_backward(
         # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:
         # dn * r, kept in hn) or input (r*h, kept in hn), so that block is recomputed.
         g_c, hprev_c, hn_c = gates[r0:r1], hprev[r0:r1], hn[r0:r1]
-        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b_ih[ch])  # fmt: skip
         if reset_after:
             np.dot(hn_c.T, hprev_c, out=part_w_hh[ch][2 * hd :])

@@ -100,9 +100,10 @@ def lstm_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
+    w_ih_panels = pack_transposed(w_ih)
     w_hh_panels = pack_transposed(w_hh)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
@@ -110,7 +111,7 @@ def lstm_forward(
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
-                    x, w_ih, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                    x, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             h_in = masked_rows(h, rmask, s0, n, hm)
             gemm_packed(h_in, w_hh_panels, gh[:n], False)
@@ -138,6 +139,7 @@ def lstm_backward(
     """
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
+    w_ih_panels = pack(w_ih)
     w_hh_panels = pack(w_hh)
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
@@ -157,7 +159,7 @@ def lstm_backward(
                 dg[i, :] = gates[r, :]
             gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
             mask_rows(dh, rmask, s0, n)
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
         if peephole:
             for r in range(r0, r1):
