@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm_packed, pack
+from fastseq.kernels.gemm import gemm, gemm_packed
 
 
 @jit
@@ -18,17 +18,17 @@ def column_sums(a, col0, col1, out):
 
 
 @jit
-def chunk_input_grads(dgates, x, hprev, w_ih_panels, dx, accumulate_dx, dw_ih, dw_hh, db):
+def chunk_input_grads(dgates, x, hprev, w_ih, dx, accumulate_dx, dw_ih, dw_hh, db):
     """Deferred gradients of one chunk's GEMMs, over all its rows at once.
 
     dgates (Rc, G*H) in: gradients of the gate pre-activations of the chunk's rows.
-    x (Rc, C), hprev (Rc, H) in. w_ih_panels: ``gemm.pack(w_ih)``, w_ih (G*H, C).
+    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in.
     dx (Rc, C) out, or += when accumulate_dx.
     dw_ih (G*H, C), dw_hh (G*H, H), db (G*H,) out: this chunk's partial sums (overwritten).
     """
-    gemm_packed(dgates, w_ih_panels, dx, accumulate_dx)
-    gemm_packed(dgates.T, pack(x), dw_ih, False)
-    gemm_packed(dgates.T, pack(hprev), dw_hh, False)
+    gemm(dgates, w_ih, dx, accumulate_dx)
+    gemm(dgates.T, x, dw_ih, False)
+    gemm(dgates.T, hprev, dw_hh, False)
     column_sums(dgates, 0, dgates.shape[1], db)
 
 

@@ -1,4 +1,4 @@
-"""A packed-panel GEMM for the per-step recurrent products, with an AVX-512 micro-kernel.
+"""A packed-panel GEMM for the per-step recurrent products, with a register-blocked micro-kernel.
 
 Every time step multiplies the few state rows of a batch chunk (``n`` <= N/K rows) by the
 same recurrent weights. BLAS re-packs the weights on every such call and, on this project's
@@ -10,10 +10,12 @@ register-blocked micro-kernel over them:
                         zero-padded; panel p holds B[:, p*NR:(p+1)*NR], row k contiguous.
 
 The micro-kernel (:func:`_tile`) keeps an MR x NR block of the product in 2*MR vector
-registers (NR = two 64-byte vectors: 32 float32 or 16 float64 values) and, per k, loads two
-vectors of the panel and broadcasts MR values of ``a``. It is written in LLVM IR (a numba
-intrinsic) because numba's loops leave such a block in memory; explicit <16 x float> values
-and ``llvm.fma`` give zmm FMAs wherever the CPU has AVX-512 (ymm pairs where it has AVX2).
+registers (NR = two vectors) and, per k, loads two vectors of the panel and broadcasts MR
+values of ``a``. The vector width and MR follow the CPU numba compiles for: 64-byte vectors
+(zmm) and MR = 8 with AVX-512, 32-byte vectors (ymm) and MR = 6 with AVX2, so that the
+block fits the register file. It is written in LLVM IR (a numba intrinsic) because numba's
+loops leave such a block in memory; explicit vector values and ``llvm.fma`` give one FMA
+instruction per vector and term.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
 and do not depend on the number of threads (each call is serial).
@@ -29,12 +31,27 @@ from numba.extending import intrinsic
 
 from fastseq._jit import jit
 
-#: Rows of the product block the micro-kernel keeps in registers (8: measured best of
-#: 6, 8, 12, 14 for 32 rows by 256 by 1024, float32).
-MR = 8
-#: Vectors (64 bytes each) per block row.
+
+def _target_features():
+    """The CPU features numba compiles for (its config's, else the host's): {"avx2", ...}."""
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    flags = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return {flag[1:] for flag in flags.split(",") if flag.startswith("+")}
+
+
+#: Bytes per vector register the micro-kernel computes in: 64 (zmm) with AVX-512, 32 (ymm)
+#: with AVX, 16 (xmm) otherwise. Numba compiles for this machine's CPU, and its cache is
+#: keyed by that CPU, so a cached kernel always matches these constants.
+VECTOR_BYTES = 64 if "avx512f" in _target_features() else 32 if "avx" in _target_features() else 16
+#: Vectors per block row: NR = VECTORS * VECTOR_BYTES / itemsize columns.
 VECTORS = 2
-VECTOR_BYTES = 64
+#: Rows of the product block kept in registers: MR * VECTORS accumulators, plus VECTORS
+#: panel vectors and a broadcast, must fit the register file (32 zmm with AVX-512, else 16).
+#: Measured best (float32, one thread, 32 rows by 256 by 1024): 8 of 6, 8, 12, 14 with
+#: AVX-512 (Zen 5); 6 of 4, 6 with AVX2 (Zen 3).
+MR = 8 if VECTOR_BYTES == 64 else 6
 
 
 def _declare(module, name, ret, args):
@@ -46,8 +63,9 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
     """c[i*c_row + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + k*NR + j], i < mr, j < nr.
 
     a, b, c: arrays of one float dtype, addressed from their data pointers in elements
-    (strides in elements). 1 <= mr <= MR, 1 <= nr <= NR; rows i >= mr are computed from
-    row 0 and not stored; columns j >= nr are neither loaded nor stored.
+    (strides in elements); b holds panels (rows of NR values, zero-padded). 1 <= mr <= MR,
+    1 <= nr <= NR; rows i >= mr are computed from row 0 and not stored; columns j >= nr of
+    c are neither loaded nor stored.
     """
     if not (isinstance(a.dtype, types.Float) and a.dtype == b.dtype == c.dtype):
         return None
@@ -86,6 +104,14 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
             )
 
         zero = ir.Constant(vty, None)
+        nr_vec = splat(nr, ir.VectorType(i64, width))
+        masks = [
+            builder.icmp_signed(
+                "<", ir.Constant(ir.VectorType(i64, width), [v * width + j for j in range(width)]), nr_vec
+            )
+            for v in range(VECTORS)
+        ]
+        align = ir.Constant(i32, dtype.bitwidth // 8)
         row_start = []
         for i in range(MR):
             used = builder.icmp_signed("<", const(i), mr)
@@ -98,10 +124,11 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
         builder.position_at_end(loop)
         kk = builder.phi(i64)
         acc = [[builder.phi(vty) for _ in range(VECTORS)] for _ in range(MR)]
-        b_row = builder.add(b_off, builder.mul(kk, const(width * VECTORS)))
-        panel = [
+        b_k = builder.add(b_off, builder.mul(kk, const(VECTORS * width)))
+        panel = [  # zero-padded panels: full vectors are always in bounds
             builder.load(
-                builder.bitcast(builder.gep(b_ptr, [builder.add(b_row, const(v * width))]), pty), align=4
+                builder.bitcast(builder.gep(b_ptr, [builder.add(b_k, const(v * width))]), pty),
+                align=dtype.bitwidth // 8,
             )
             for v in range(VECTORS)
         ]
@@ -130,14 +157,6 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
                 phi.add_incoming(new[i][v], body_end)
                 row.append(phi)
             total.append(row)
-        nr_vec = splat(nr, ir.VectorType(i64, width))
-        masks = [
-            builder.icmp_signed(
-                "<", ir.Constant(ir.VectorType(i64, width), [v * width + j for j in range(width)]), nr_vec
-            )
-            for v in range(VECTORS)
-        ]
-        align = ir.Constant(i32, dtype.bitwidth // 8)
         for i in range(MR):
             with cgutils.if_likely(builder, builder.icmp_signed("<", const(i), mr)):
                 row = builder.mul(const(i), c_row)
@@ -153,7 +172,7 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
 
 @jit
 def panel_width(w):
-    """NR: columns per panel for w's dtype (two 64-byte vectors)."""
+    """NR: columns per panel for w's dtype (VECTORS vectors of VECTOR_BYTES)."""
     return VECTORS * VECTOR_BYTES // w.itemsize
 
 
@@ -171,32 +190,24 @@ def pack_transposed(w):
     return panels
 
 
-@jit
-def pack(w):
-    """Panels (P, K, NR) of B = w, for w (K, M): products ``a @ w``."""
-    k, m = w.shape
-    nr = panel_width(w)
-    panels = np.zeros(((m + nr - 1) // nr, k, nr), w.dtype)
-    for p in range(panels.shape[0]):
-        cols = min(nr, m - p * nr)
-        for kk in range(k):
-            for jj in range(cols):
-                panels[p, kk, jj] = w[kk, p * nr + jj]
-    return panels
-
-
 #: Rows of ``a`` per block in :func:`gemm_packed`, for K < 512 and K >= 512: every panel
-#: passes over a block of rows. Measured (float32, one thread, 3200 rows): 96 rows best at
+#: passes over a block of rows. Measured (float32, one thread, 3200 rows, Zen 5): 96 rows best at
 #: K = 64 (245 vs 149 GFLOP/s with 256), 256 rows best at K = 1024 (216 vs 178 with 96).
 ROW_BLOCK_SHORT_K = 96
 ROW_BLOCK_LONG_K = 256
+#: Depth of one pass over K: a block of ``a`` and one panel's rows stay in cache (and, for a
+#: transposed ``a`` such as the weight gradients' dG^T, the pages it strides over stay in
+#: the TLB).
+K_BLOCK = 256
 
 
 @jit
 def gemm_packed(a, panels, out, accumulate):
-    """out (n, M) = a (n, K) @ B, or += when ``accumulate``; B given as its panels.
+    """out (n, M) = a (n, K) @ B, or += when ``accumulate``; B (K, M) given as its panels
+    (:func:`pack_transposed`, :func:`pack`).
 
-    ``a`` may be any 2-D view; ``out``'s rows must be contiguous (any row stride).
+    ``a`` may be any 2-D view (a transposed one included); ``out``'s rows must be
+    contiguous (any row stride).
     """
     n, k = a.shape
     m = out.shape[1]
@@ -204,10 +215,31 @@ def gemm_packed(a, panels, out, accumulate):
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    for b0 in range(0, n, rows):
-        b1 = min(n, b0 + rows)
-        for p in range(panels.shape[0]):
-            j0 = p * nr
-            for i0 in range(b0, b1, MR):
-                _tile(k, a[i0:], a_row, a_col, panels, p * k * nr, out[i0:, j0:], c_row,
-                      min(MR, b1 - i0), min(nr, m - j0), accumulate)  # fmt: skip
+    for k0 in range(0, max(k, 1), K_BLOCK):
+        kc = min(K_BLOCK, k - k0)
+        add = accumulate or k0 > 0
+        for b0 in range(0, n, rows):
+            b1 = min(n, b0 + rows)
+            for p in range(panels.shape[0]):
+                j0 = p * nr
+                for i0 in range(b0, b1, MR):
+                    _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
+                          out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+
+
+@jit
+def pack(w):
+    """Panels (P, K, NR) of B = w, for w (K, M): products ``a @ w``."""
+    return pack_transposed(w.T)
+
+
+@jit
+def gemm(a, b, out, accumulate):
+    """out (n, M) = a (n, K) @ b (K, M), or += when ``accumulate``; b packed here.
+
+    Packing b (one copy) and running the panels beats reading b in place at every size
+    measured: b's rows lie a row stride apart, so one panel's K rows alias in L1 (float32,
+    one thread, Zen 3: 60-71 vs 39-55 GFLOP/s at 3200 x 256 x 1024 and 1600 x 3072 x 1024,
+    packing included). ``a`` and ``out`` as in :func:`gemm_packed`.
+    """
+    gemm_packed(a, pack(b), out, accumulate)

@@ -31,7 +31,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm_packed, pack, pack_transposed
+from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_transposed
 
 
 @jit
@@ -181,8 +181,7 @@ def gru_backward(
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
-    empty = w_hh[:0]
-    w_ih_panels = pack(w_ih)
+    empty = w_hh[:0]  # B operands of the per-step products, packed once (only the variant's)
     w_hh_panels = pack(w_hh if reset_after else empty)
     w_hrz_panels = pack(empty if reset_after else w_hrz)
     w_hn_panels = pack(empty if reset_after else w_hn)
@@ -230,14 +229,14 @@ def gru_backward(
         # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:
         # dn * r, kept in hn) or input (r*h, kept in hn), so that block is recomputed.
         g_c, hprev_c, hn_c = gates[r0:r1], hprev[r0:r1], hn[r0:r1]
-        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih_panels, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b_ih[ch])  # fmt: skip
         if reset_after:
-            np.dot(hn_c.T, hprev_c, out=part_w_hh[ch][2 * hd :])
+            gemm(hn_c.T, hprev_c, part_w_hh[ch][2 * hd :], False)
             column_sums(g_c, 0, 2 * hd, part_b_hh[ch][: 2 * hd])
             column_sums(hn_c, 0, hd, part_b_hh[ch][2 * hd :])
         else:
-            part_w_hh[ch][2 * hd :] = np.dot(g_c.T, hn_c)[2 * hd :]
+            gemm(g_c[:, 2 * hd :].T, hn_c, part_w_hh[ch][2 * hd :], False)
             part_b_hh[ch][:] = part_b_ih[ch]
     add_parts(part_w_ih, dw_ih)
     add_parts(part_w_hh, dw_hh)

@@ -92,8 +92,7 @@ def rnn_backward(
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
-    w_ih_panels = pack(w_ih)
-    w_hh_panels = pack(w_hh)
+    w_hh_panels = pack(w_hh)  # B = W_hh of the per-step dh = dG @ W_hh
     part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
     part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b = np.empty((n_chunks, hd), dh.dtype)
@@ -110,7 +109,7 @@ def rnn_backward(
                 dg[i, :] = gates[r, :]
             gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
             mask_rows(dh, rmask, s0, n)
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih_panels, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
     add_parts(part_w_ih, dw_ih)
     add_parts(part_w_hh, dw_hh)

@@ -1,0 +1,47 @@
+"""The packed-panel GEMM (fastseq.kernels.gemm) against NumPy in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastseq.kernels.gemm import MR, gemm, gemm_packed, pack_transposed
+from tests.tolerances import assert_close
+
+# (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
+# panels of columns), K across the K blocks, and the recurrent and weight-gradient shapes.
+SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
+          (17, 1024, 40), (12, 64, 3), (300, 600, 70)]  # fmt: skip
+
+
+def _operands(shape, dtype, rng):
+    n, k, m = shape
+    a = rng.standard_normal((n, k)).astype(dtype)
+    w = rng.standard_normal((m, k)).astype(dtype)
+    return a, w, a.astype(np.float64) @ w.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemm_matches_numpy(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    a, w, expected = _operands(shape, dtype, rng)
+    packed = np.full(expected.shape, np.nan, dtype)
+    gemm_packed(a, pack_transposed(w), packed, False)
+    assert_close(packed, expected, dtype, "a @ w.T, packed panels")
+    # b (K, M) packed by gemm, a transposed view, accumulate into a strided out
+    b = np.ascontiguousarray(w.T)
+    wide = np.full((shape[0], shape[2] + 5), 7.0, dtype)
+    out = wide[:, 2 : 2 + shape[2]]
+    out[:] = 1
+    gemm(np.ascontiguousarray(a.T).T, b, out, True)
+    assert_close(out, expected + 1, dtype, "1 + a @ b")
+    assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
+
+
+def test_gemm_propagates_nan():
+    a = np.ones((3, 4), np.float32)
+    a[1, 2] = np.nan
+    out = np.zeros((3, 5), np.float32)
+    gemm(a, np.ones((4, 5), np.float32), out, False)
+    assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2]]).any()
