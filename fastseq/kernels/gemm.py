@@ -1,21 +1,21 @@
 """A packed-panel GEMM for the per-step recurrent products, with a register-blocked micro-kernel.
 
 Every time step multiplies the few state rows of a batch chunk (``n`` <= N/K rows) by the
-same recurrent weights. BLAS re-packs the weights on every such call and, on this project's
-machine, runs them at well under half the core's FMA rate (see docs/performance.md). Here
-the weights are packed once per kernel call into column panels, and each step runs a
-register-blocked micro-kernel over them:
+same recurrent weights. BLAS re-packs the weights on every such call; here they are packed
+once per kernel call into column panels, and each step runs a register-blocked
+micro-kernel over them:
 
     panels (P, K, NR)   B (K, M) split into P = ceil(M / NR) panels of NR columns,
                         zero-padded; panel p holds B[:, p*NR:(p+1)*NR], row k contiguous.
 
-The micro-kernel (:func:`_tile`) keeps an MR x NR block of the product in 2*MR vector
-registers (NR = two vectors) and, per k, loads two vectors of the panel and broadcasts MR
-values of ``a``. The vector width and MR follow the CPU numba compiles for: 64-byte vectors
-(zmm) and MR = 8 with AVX-512, 32-byte vectors (ymm) and MR = 6 with AVX2, so that the
-block fits the register file. It is written in LLVM IR (a numba intrinsic) because numba's
-loops leave such a block in memory; explicit vector values and ``llvm.fma`` give one FMA
-instruction per vector and term.
+The micro-kernel (:func:`_tile`) keeps an MR x NR block of the product in MR * VECTORS
+vector registers (NR = VECTORS vectors) and, per k, loads VECTORS vectors of the panel and
+broadcasts MR values of ``a``. Vector width, VECTORS and MR follow the CPU numba compiles
+for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with AVX-512;
+32-byte vectors (ymm), 4 x 3 with AVX2. It is written in LLVM IR (a numba intrinsic)
+because numba's loops leave such a block in memory; explicit vector values and
+``llvm.fma`` give one FMA instruction per vector and term. Measured rates against BLAS on
+both kinds of CPU: docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
 and do not depend on the number of threads (each call is serial).
@@ -45,13 +45,13 @@ def _target_features():
 #: with AVX, 16 (xmm) otherwise. Numba compiles for this machine's CPU, and its cache is
 #: keyed by that CPU, so a cached kernel always matches these constants.
 VECTOR_BYTES = 64 if "avx512f" in _target_features() else 32 if "avx" in _target_features() else 16
-#: Vectors per block row: NR = VECTORS * VECTOR_BYTES / itemsize columns.
-VECTORS = 2
-#: Rows of the product block kept in registers: MR * VECTORS accumulators, plus VECTORS
-#: panel vectors and a broadcast, must fit the register file (32 zmm with AVX-512, else 16).
-#: Measured best (float32, one thread, 32 rows by 256 by 1024): 8 of 6, 8, 12, 14 with
-#: AVX-512 (Zen 5); 6 of 4, 6 with AVX2 (Zen 3).
-MR = 8 if VECTOR_BYTES == 64 else 6
+#: Vectors per block row (NR = VECTORS * VECTOR_BYTES / itemsize columns) and rows of the
+#: block (MR): MR * VECTORS accumulators, VECTORS panel vectors and a broadcast must fit the
+#: register file (32 zmm with AVX-512, else 16). Measured (float32, one thread, 32 x 256 x
+#: 1024 and 32 x 1024 x 4096): 8 x 2 best of MR 6, 8, 12, 14 with AVX-512 (Zen 5); with
+#: AVX2 (Zen 3) 4 x 3 (12 accumulators; 32-row chunks split into whole tiles) at 0.85-1.4x
+#: OpenBLAS's single-thread rate, 6 x 2 at 0.73-1.3x, 3 x 4 at 0.4-0.7x.
+VECTORS, MR = (2, 8) if VECTOR_BYTES == 64 else (3, 4)
 
 
 def _declare(module, name, ret, args):
@@ -195,10 +195,13 @@ def pack_transposed(w):
 #: K = 64 (245 vs 149 GFLOP/s with 256), 256 rows best at K = 1024 (216 vs 178 with 96).
 ROW_BLOCK_SHORT_K = 96
 ROW_BLOCK_LONG_K = 256
-#: Depth of one pass over K: a block of ``a`` and one panel's rows stay in cache (and, for a
-#: transposed ``a`` such as the weight gradients' dG^T, the pages it strides over stay in
-#: the TLB).
-K_BLOCK = 256
+#: Depth of one pass over K, for ``a`` with contiguous rows and for a transposed ``a`` (the
+#: weight gradients' dG^T, whose column walk strides over pages: a short pass keeps them in
+#: the TLB). Measured (float32, one thread, Zen 3, best of 15 interleaved): 32 x 1024 x
+#: 4096 ran 79 / 74 / 71 GFLOP/s with 1024 / 512 / 256, dG^T (1024 x 1600) x 1024 ran 58 /
+#: 63 / 72.
+K_BLOCK_ROWS = 1024
+K_BLOCK_TRANSPOSED = 256
 
 
 @jit
@@ -215,8 +218,9 @@ def gemm_packed(a, panels, out, accumulate):
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    for k0 in range(0, max(k, 1), K_BLOCK):
-        kc = min(K_BLOCK, k - k0)
+    k_block = K_BLOCK_ROWS if a_col == 1 else K_BLOCK_TRANSPOSED
+    for k0 in range(0, max(k, 1), k_block):
+        kc = min(k_block, k - k0)
         add = accumulate or k0 > 0
         for b0 in range(0, n, rows):
             b1 = min(n, b0 + rows)
