@@ -111,27 +111,51 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
 SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn")
 
 
-def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads):
+def backward(
+    cell,
+    opts,
+    w,
+    ws,
+    dout,
+    out_col,
+    dstates,
+    packing,
+    reverse,
+    dx,
+    accumulate_dx,
+    grads,
+    take=np.empty,
+    give=None,
+):
     """Run one layer and direction backward, consuming ``ws`` (its buffers are overwritten).
 
     ``dout`` (R, D*H): gradient of the packed output (columns ``out_col:out_col+H`` read).
     ``dstates``: tuple of (N, H), gradient of the final state(s) in state order,
     overwritten with the gradient of the initial state(s). ``dx`` (R, C): written, or added
     to when ``accumulate_dx``. ``grads``: ``WEIGHT_KEYS`` -> arrays the parameter gradients
-    are added into.
+    are added into. ``take(shape, dtype)`` allocates the per-chunk weight-gradient scratch,
+    handed to ``give`` afterwards (a layer's workspace pool).
     """
     pk = (*packing.kernel_args, reverse)
+    w_ih, w_hh = w["w_ih"], w["w_hh"]
+    parts = (
+        take((packing.n_chunks,) + w_ih.shape, w_ih.dtype),
+        take((packing.n_chunks,) + w_hh.shape, w_hh.dtype),
+    )
     x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":
         rnn_backward(x, w["w_ih"], w["w_hh"], opts.relu, *pk, dout, out_col, dstates[0],
                      gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                     grads["b_ih"], grads["b_hh"], rmask)  # fmt: skip
+                     grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
     elif cell == "lstm":
         lstm_backward(x, w["w_ih"], w["w_hh"], w["w_peep"], opts.peephole, *pk, dout,
                       out_col, dstates[0], dstates[1], gates, hprev, ws["cprev"],
                       ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                      grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask)  # fmt: skip
+                      grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask, *parts)  # fmt: skip
     else:
         gru_backward(x, w["w_ih"], w["w_hh"], opts.reset_after, *pk, dout, out_col,
                      dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],
-                     grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask)  # fmt: skip
+                     grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
+    if give is not None:
+        for part in parts:
+            give(part)

@@ -330,7 +330,7 @@ class _RecurrentLayer(Module):
                     grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
                     _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
                                      direction * hd, dstates, packing, direction == 1, dx,
-                                     direction == 1, grads)  # fmt: skip
+                                     direction == 1, grads, self._pool.take, self._pool.give)  # fmt: skip
                     for d, s in zip(dinitial, dstates, strict=True):
                         d[row] = packing.unsort(s)
                 # What this layer consumed goes back to the pool for the next training step

@@ -57,5 +57,8 @@ Kernel arguments shared by all cells::
 Backward kernels take the same packing, the forward's workspace, ``dout`` (R, D*H) and
 ``dh`` (N, H) (gradient of the final state in, of the initial state out), write ``dx``
 (R, C) (``accumulate_dx``: add instead of overwrite, for the second direction) and add the
-parameter gradients into ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``.
+parameter gradients into ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``. Each chunk's weight
+gradients first go to its own slice of ``part_w_ih`` (K, G*H, C) and ``part_w_hh`` (K, G*H,
+H) (scratch, overwritten), then are added in chunk order: the caller passes them so that a
+training loop reuses them (fresh, they cost page faults every step: 64 MB at H = 1024).
 """

@@ -170,7 +170,7 @@ def gru_forward(
 def gru_backward(
     x, w_ih, w_hh, reset_after, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, gates, hprev, hn, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh,
-    rmask,
+    rmask, part_w_ih, part_w_hh,
 ):  # fmt: skip
     """Backward pass of one layer and direction (consumes the forward's workspace).
 
@@ -185,8 +185,6 @@ def gru_backward(
     w_hh_panels = pack(w_hh if reset_after else empty)
     w_hrz_panels = pack(empty if reset_after else w_hrz)
     w_hn_panels = pack(empty if reset_after else w_hn)
-    part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
-    part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
     part_b_hh = np.empty((n_chunks, 3 * hd), dh.dtype)
     for ch in prange(n_chunks):

@@ -131,7 +131,7 @@ def lstm_forward(
 def lstm_backward(
     x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
-    db_ih, db_hh, dw_peep, rmask,
+    db_ih, db_hh, dw_peep, rmask, part_w_ih, part_w_hh,
 ):  # fmt: skip
     """Backward pass of one layer and direction; ``dc`` (N, H) in/out like ``dh``.
 
@@ -140,8 +140,6 @@ def lstm_backward(
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = pack(w_hh)  # B = W_hh of the per-step dh = dG @ W_hh
-    part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
-    part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):

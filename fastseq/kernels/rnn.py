@@ -88,13 +88,12 @@ def rnn_forward(
 def rnn_backward(
     x, w_ih, w_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
     dout, out_col, dh, gates, hprev, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
+    part_w_ih, part_w_hh,
 ):  # fmt: skip
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = pack(w_hh)  # B = W_hh of the per-step dh = dG @ W_hh
-    part_w_ih = np.empty((n_chunks,) + w_ih.shape, dh.dtype)
-    part_w_hh = np.empty((n_chunks,) + w_hh.shape, dh.dtype)
     part_b = np.empty((n_chunks, hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
