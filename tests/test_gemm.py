@@ -29,14 +29,21 @@ def test_gemm_matches_numpy(shape, dtype):
     packed = np.full(expected.shape, np.nan, dtype)
     gemm_packed(a, pack_transposed(w), packed, False)
     assert_close(packed, expected, dtype, "a @ w.T, packed panels")
-    # b (K, M) packed by gemm, a transposed view, accumulate into a strided out
-    b = np.ascontiguousarray(w.T)
+    # accumulate into a strided out: gemm_packed writes inside it only
     wide = np.full((shape[0], shape[2] + 5), 7.0, dtype)
     out = wide[:, 2 : 2 + shape[2]]
     out[:] = 1
+    gemm_packed(a, pack_transposed(w), out, True)
+    assert_close(out, expected + 1, dtype, "1 + a @ w.T, packed panels")
+    assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
+    # the chunk-level gemm (BLAS or packed here), a transposed view, accumulating
+    b = np.ascontiguousarray(w.T)
+    out = np.ones(expected.shape, dtype)
     gemm(np.ascontiguousarray(a.T).T, b, out, True)
     assert_close(out, expected + 1, dtype, "1 + a @ b")
-    assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
+    out = np.full(expected.shape, np.nan, dtype)
+    gemm(a, b, out, False)
+    assert_close(out, expected, dtype, "a @ b")
 
 
 def test_gemm_propagates_nan():

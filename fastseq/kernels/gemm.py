@@ -237,13 +237,29 @@ def pack(w):
     return pack_transposed(w.T)
 
 
+#: Whether :func:`gemm` (the chunk-level products: dx and the weight gradients, hundreds
+#: to thousands of rows) calls BLAS instead of the micro-kernel: where the micro-kernel has
+#: no AVX-512. Measured (float32, one thread, best of 15 interleaved): on Zen 3 (AVX2)
+#: OpenBLAS ran 86-94 GFLOP/s there against the micro-kernel's 71-81 (it wins only the
+#: few-row per-step products: 79-87 vs 72-73); on Zen 5 (AVX-512, OpenBLAS held to its
+#: AVX2 kernels by OPENBLAS_CORETYPE=Haswell) the micro-kernel won both.
+BLAS_FOR_LARGE = VECTOR_BYTES < 64
+
+
 @jit
 def gemm(a, b, out, accumulate):
-    """out (n, M) = a (n, K) @ b (K, M), or += when ``accumulate``; b packed here.
+    """out (n, M) = a (n, K) @ b (K, M), or += when ``accumulate``.
 
-    Packing b (one copy) and running the panels beats reading b in place at every size
-    measured: b's rows lie a row stride apart, so one panel's K rows alias in L1 (float32,
-    one thread, Zen 3: 60-71 vs 39-55 GFLOP/s at 3200 x 256 x 1024 and 1600 x 3072 x 1024,
-    packing included). ``a`` and ``out`` as in :func:`gemm_packed`.
+    For the large chunk-level products. Without BLAS_FOR_LARGE, b is packed here (one copy)
+    and run through the panels: that beats reading b in place at every size measured, as
+    b's rows lie a row stride apart and one panel's K rows alias in L1 (float32, one thread,
+    Zen 3: 60-71 vs 39-55 GFLOP/s at 3200 x 256 x 1024 and 1600 x 3072 x 1024, packing
+    included). ``a`` and ``b``: C- or F-contiguous (BLAS); ``out`` C-contiguous.
     """
-    gemm_packed(a, pack(b), out, accumulate)
+    if BLAS_FOR_LARGE:
+        if accumulate:
+            out += np.dot(a, b)
+        else:
+            np.dot(a, b, out=out)
+    else:
+        gemm_packed(a, pack(b), out, accumulate)

@@ -234,7 +234,7 @@ def gru_backward(
             column_sums(g_c, 0, 2 * hd, part_b_hh[ch][: 2 * hd])
             column_sums(hn_c, 0, hd, part_b_hh[ch][2 * hd :])
         else:
-            gemm(g_c[:, 2 * hd :].T, hn_c, part_w_hh[ch][2 * hd :], False)
+            gemm_packed(g_c[:, 2 * hd :].T, pack(hn_c), part_w_hh[ch][2 * hd :], False)  # a: no BLAS layout
             part_b_hh[ch][:] = part_b_ih[ch]
     add_parts(part_w_ih, dw_ih)
     add_parts(part_w_hh, dw_hh)
