@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm, gemm_packed
+from fastseq.kernels.gemm import gemm, gemm_large_nt
 
 
 @jit
@@ -44,10 +44,11 @@ PROJECTION_BLOCK_ROWS = 512
 
 
 @jit
-def projection_block(x, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
+def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
     """Project the input rows the chunk needs from step ``s`` on, a block of steps at a time.
 
-    x (R, C) in; w_ih_panels: ``gemm.pack_transposed(w_ih)``, w_ih (G*H, C). offsets_c (S+1,): the chunk's row offsets; lengths_c: its
+    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih)``. offsets_c (S+1,):
+    the chunk's row offsets; lengths_c: its
     lengths (state order). full (R, G*H): when it has rows, everything is projected there
     already (training, or reverse with unequal lengths) and it is returned with base r0.
     Otherwise block (B, G*H) receives rows for the steps from ``s`` on and is returned with
@@ -65,7 +66,7 @@ def projection_block(x, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full,
     else:
         t_lo, t_hi = s, s_end
     a, b = offsets_c[t_lo], offsets_c[t_hi]
-    gemm_packed(x[r0 + a : r0 + b], w_ih_panels, block[: b - a], False)
+    gemm_large_nt(x[r0 + a : r0 + b], w_ih, w_ih_panels, block[: b - a])
     return block, r0 + a, s_end
 
 
@@ -78,7 +79,7 @@ def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
 
 
 @jit
-def start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
+def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
     """Bounds of chunk ``ch`` and its projection set-up.
 
     Returns (r0, r1, s0, nc, block): rows r0..r1-1 and state indices s0..s0+nc-1. When
@@ -89,7 +90,7 @@ def start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0:
-        gemm_packed(x[r0:r1], w_ih_panels, gates[r0:r1], False)
+        gemm_large_nt(x[r0:r1], w_ih, w_ih_panels, gates[r0:r1])
     block = np.empty(
         (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
     )

@@ -263,3 +263,21 @@ def gemm(a, b, out, accumulate):
             np.dot(a, b, out=out)
     else:
         gemm_packed(a, pack(b), out, accumulate)
+
+
+@jit
+def pack_for_large(w):
+    """Operand of :func:`gemm_large_nt` for w (M, K): the panels of w.T, or none (empty)
+    when BLAS_FOR_LARGE (BLAS reads w itself)."""
+    return pack_transposed(w[:0] if BLAS_FOR_LARGE else w)
+
+
+@jit
+def gemm_large_nt(a, w, w_panels, out):
+    """out (n, M) = a (n, K) @ w.T for w (M, K), a chunk-level product (the input
+    projection): BLAS when BLAS_FOR_LARGE, else the panels ``pack_for_large(w)``.
+    a, w: C-contiguous; out: C-contiguous rows."""
+    if BLAS_FOR_LARGE:
+        np.dot(a, w.T, out=out)
+    else:
+        gemm_packed(a, w_panels, out, False)

@@ -31,7 +31,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_transposed
+from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_for_large, pack_transposed
 
 
 @jit
@@ -119,12 +119,12 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = pack_transposed(w_ih)
+    w_ih_panels = pack_for_large(w_ih)
     w_hh_panels = pack_transposed(w_hh if reset_after else empty)
     w_hrz_panels = pack_transposed(empty if reset_after else w_hrz)
     w_hn_panels = pack_transposed(empty if reset_after else w_hn)
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
@@ -135,7 +135,7 @@ def gru_forward(
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
-                    x, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                    x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)

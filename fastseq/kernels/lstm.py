@@ -30,7 +30,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm_packed, pack, pack_transposed
+from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed
 
 
 @jit
@@ -100,10 +100,10 @@ def lstm_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
-    w_ih_panels = pack_transposed(w_ih)
+    w_ih_panels = pack_for_large(w_ih)
     w_hh_panels = pack_transposed(w_hh)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
@@ -111,7 +111,7 @@ def lstm_forward(
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(
-                    x, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
+                    x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             h_in = masked_rows(h, rmask, s0, n, hm)
             gemm_packed(h_in, w_hh_panels, gh[:n], False)
