@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastseq.kernels.gemm import MR, gemm, gemm_packed, pack_transposed
+from fastseq.kernels.gemm import MR, gemm, gemm_packed, pack, pack_transposed
 from tests.tolerances import assert_close
 
 # (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
@@ -44,6 +44,10 @@ def test_gemm_matches_numpy(shape, dtype):
     out = np.full(expected.shape, np.nan, dtype)
     gemm(a, b, out, False)
     assert_close(out, expected, dtype, "a @ b")
+    # panels of b itself (the per-step dG @ W_hh; gemm's path with AVX-512)
+    out = np.full(expected.shape, np.nan, dtype)
+    gemm_packed(np.ascontiguousarray(a.T).T, pack(b), out, False)
+    assert_close(out, expected, dtype, "a @ b, panels of b")
 
 
 def test_gemm_propagates_nan():
