@@ -111,22 +111,8 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
 SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn")
 
 
-def backward(
-    cell,
-    opts,
-    w,
-    ws,
-    dout,
-    out_col,
-    dstates,
-    packing,
-    reverse,
-    dx,
-    accumulate_dx,
-    grads,
-    take=np.empty,
-    give=None,
-):
+def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads,
+             take=np.empty, give=None):  # fmt: skip
     """Run one layer and direction backward, consuming ``ws`` (its buffers are overwritten).
 
     ``dout`` (R, D*H): gradient of the packed output (columns ``out_col:out_col+H`` read).
@@ -144,16 +130,16 @@ def backward(
     )
     x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":
-        rnn_backward(x, w["w_ih"], w["w_hh"], opts.relu, *pk, dout, out_col, dstates[0],
+        rnn_backward(x, w_ih, w_hh, opts.relu, *pk, dout, out_col, dstates[0],
                      gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
                      grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
     elif cell == "lstm":
-        lstm_backward(x, w["w_ih"], w["w_hh"], w["w_peep"], opts.peephole, *pk, dout,
+        lstm_backward(x, w_ih, w_hh, w["w_peep"], opts.peephole, *pk, dout,
                       out_col, dstates[0], dstates[1], gates, hprev, ws["cprev"],
                       ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
                       grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask, *parts)  # fmt: skip
     else:
-        gru_backward(x, w["w_ih"], w["w_hh"], opts.reset_after, *pk, dout, out_col,
+        gru_backward(x, w_ih, w_hh, opts.reset_after, *pk, dout, out_col,
                      dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],
                      grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
     if give is not None:

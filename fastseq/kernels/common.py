@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm, gemm_large_nt
+from fastseq.kernels.gemm import gemm, gemm_large
 
 
 @jit
@@ -18,15 +18,16 @@ def column_sums(a, col0, col1, out):
 
 
 @jit
-def chunk_input_grads(dgates, x, hprev, w_ih, dx, accumulate_dx, dw_ih, dw_hh, db):
+def chunk_input_grads(dgates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, dw_ih, dw_hh, db):
     """Deferred gradients of one chunk's GEMMs, over all its rows at once.
 
     dgates (Rc, G*H) in: gradients of the gate pre-activations of the chunk's rows.
-    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in.
+    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih)``
+    (packed once per kernel call, not per chunk).
     dx (Rc, C) out, or += when accumulate_dx.
     dw_ih (G*H, C), dw_hh (G*H, H), db (G*H,) out: this chunk's partial sums (overwritten).
     """
-    gemm(dgates, w_ih, dx, accumulate_dx)
+    gemm_large(dgates, w_ih, w_ih_panels, dx, accumulate_dx)
     gemm(dgates.T, x, dw_ih, False)
     gemm(dgates.T, hprev, dw_hh, False)
     column_sums(dgates, 0, dgates.shape[1], db)
@@ -47,7 +48,7 @@ PROJECTION_BLOCK_ROWS = 512
 def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
     """Project the input rows the chunk needs from step ``s`` on, a block of steps at a time.
 
-    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih)``. offsets_c (S+1,):
+    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih.T)``. offsets_c (S+1,):
     the chunk's row offsets; lengths_c: its
     lengths (state order). full (R, G*H): when it has rows, everything is projected there
     already (training, or reverse with unequal lengths) and it is returned with base r0.
@@ -66,7 +67,7 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     else:
         t_lo, t_hi = s, s_end
     a, b = offsets_c[t_lo], offsets_c[t_hi]
-    gemm_large_nt(x[r0 + a : r0 + b], w_ih, w_ih_panels, block[: b - a])
+    gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
     return block, r0 + a, s_end
 
 
@@ -90,7 +91,7 @@ def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0:
-        gemm_large_nt(x[r0:r1], w_ih, w_ih_panels, gates[r0:r1])
+        gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], False)
     block = np.empty(
         (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
     )

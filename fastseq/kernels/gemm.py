@@ -237,24 +237,31 @@ def pack(w):
     return pack_transposed(w.T)
 
 
-#: Whether :func:`gemm` (the chunk-level products: dx and the weight gradients, hundreds
-#: to thousands of rows) calls BLAS instead of the micro-kernel: where the micro-kernel has
-#: no AVX-512. Measured (float32, one thread, best of 15 interleaved): on Zen 3 (AVX2)
-#: OpenBLAS ran 86-94 GFLOP/s there against the micro-kernel's 71-81 (it wins only the
-#: few-row per-step products: 79-87 vs 72-73); on Zen 5 (AVX-512, OpenBLAS held to its
-#: AVX2 kernels by OPENBLAS_CORETYPE=Haswell) the micro-kernel won both.
+#: Whether the chunk-level products (:func:`gemm_large`: input projection, dx and the weight
+#: gradients, hundreds to thousands of rows) call BLAS instead of the micro-kernel: where
+#: the micro-kernel has no AVX-512. Measured (float32, one thread, best of 15 interleaved):
+#: on Zen 3 (AVX2) OpenBLAS ran 86-94 GFLOP/s there against the micro-kernel's 71-81 (it
+#: wins only the few-row per-step products: 79-87 vs 72-73); on Zen 5 (AVX-512, OpenBLAS
+#: held to its AVX2 kernels by OPENBLAS_CORETYPE=Haswell) the micro-kernel won both.
 BLAS_FOR_LARGE = VECTOR_BYTES < 64
 
 
 @jit
-def gemm(a, b, out, accumulate):
-    """out (n, M) = a (n, K) @ b (K, M), or += when ``accumulate``.
+def pack_for_large(b):
+    """Operand of :func:`gemm_large` for b (K, M): its panels (:func:`pack`), or none
+    (empty) when BLAS_FOR_LARGE (BLAS reads b itself)."""
+    return pack(b[:0] if BLAS_FOR_LARGE else b)
 
-    For the large chunk-level products. Without BLAS_FOR_LARGE, b is packed here (one copy)
-    and run through the panels: that beats reading b in place at every size measured, as
-    b's rows lie a row stride apart and one panel's K rows alias in L1 (float32, one thread,
-    Zen 3: 60-71 vs 39-55 GFLOP/s at 3200 x 256 x 1024 and 1600 x 3072 x 1024, packing
-    included). ``a`` and ``b``: C- or F-contiguous (BLAS); ``out`` C-contiguous.
+
+@jit
+def gemm_large(a, b, b_panels, out, accumulate):
+    """out (n, M) = a (n, K) @ b (K, M), or += when ``accumulate``, for a chunk-level
+    product: BLAS when BLAS_FOR_LARGE, else the panels ``b_panels = pack_for_large(b)``.
+
+    a, b: C- or F-contiguous (BLAS); out: C-contiguous. Packing b and running the panels
+    beats reading b in place at every size measured, as b's rows lie a row stride apart and
+    one panel's K rows alias in L1 (float32, one thread, Zen 3: 60-71 vs 39-55 GFLOP/s at
+    3200 x 256 x 1024 and 1600 x 3072 x 1024, packing included).
     """
     if BLAS_FOR_LARGE:
         if accumulate:
@@ -262,22 +269,10 @@ def gemm(a, b, out, accumulate):
         else:
             np.dot(a, b, out=out)
     else:
-        gemm_packed(a, pack(b), out, accumulate)
+        gemm_packed(a, b_panels, out, accumulate)
 
 
 @jit
-def pack_for_large(w):
-    """Operand of :func:`gemm_large_nt` for w (M, K): the panels of w.T, or none (empty)
-    when BLAS_FOR_LARGE (BLAS reads w itself)."""
-    return pack_transposed(w[:0] if BLAS_FOR_LARGE else w)
-
-
-@jit
-def gemm_large_nt(a, w, w_panels, out):
-    """out (n, M) = a (n, K) @ w.T for w (M, K), a chunk-level product (the input
-    projection): BLAS when BLAS_FOR_LARGE, else the panels ``pack_for_large(w)``.
-    a, w: C-contiguous; out: C-contiguous rows."""
-    if BLAS_FOR_LARGE:
-        np.dot(a, w.T, out=out)
-    else:
-        gemm_packed(a, w_panels, out, False)
+def gemm(a, b, out, accumulate):
+    """:func:`gemm_large` for a b used once (packed here when not BLAS_FOR_LARGE)."""
+    gemm_large(a, b, pack_for_large(b), out, accumulate)

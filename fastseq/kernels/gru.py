@@ -119,7 +119,7 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = pack_for_large(w_ih)
+    w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = pack_transposed(w_hh if reset_after else empty)
     w_hrz_panels = pack_transposed(empty if reset_after else w_hrz)
     w_hn_panels = pack_transposed(empty if reset_after else w_hn)
@@ -185,6 +185,7 @@ def gru_backward(
     w_hh_panels = pack(w_hh if reset_after else empty)
     w_hrz_panels = pack(empty if reset_after else w_hrz)
     w_hn_panels = pack(empty if reset_after else w_hn)
+    w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
     part_b_hh = np.empty((n_chunks, 3 * hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -227,7 +228,7 @@ def gru_backward(
         # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:
         # dn * r, kept in hn) or input (r*h, kept in hn), so that block is recomputed.
         g_c, hprev_c, hn_c = gates[r0:r1], hprev[r0:r1], hn[r0:r1]
-        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b_ih[ch])  # fmt: skip
         if reset_after:
             gemm(hn_c.T, hprev_c, part_w_hh[ch][2 * hd :], False)

@@ -100,7 +100,7 @@ def lstm_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
-    w_ih_panels = pack_for_large(w_ih)
+    w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = pack_transposed(w_hh)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
@@ -140,6 +140,7 @@ def lstm_backward(
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = pack(w_hh)  # B = W_hh of the per-step dh = dG @ W_hh
+    w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -156,7 +157,7 @@ def lstm_backward(
                 dg[i, :] = gates[r, :]
             gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
             mask_rows(dh, rmask, s0, n)
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, dx[r0:r1], accumulate_dx,
+        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
         if peephole:
             for r in range(r0, r1):
