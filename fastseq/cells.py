@@ -243,19 +243,17 @@ class Stream:
         w, o = cell._weights, cell._opts
         gx = np.empty((n, spec.gates * hd), dt)
         gh = np.empty((n, spec.gates * hd), dt)
-        h = self._states[0]
+        weights = (w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
         if cell._cell == "rnn":
-            self._run = lambda x: rnn_step(x, h, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], o.relu, gx, gh)
+            self._kernel, self._args = rnn_step, (self._states[0], *weights, o.relu, gx, gh)
         elif cell._cell == "lstm":
-            c = self._states[1]
-            self._run = lambda x: lstm_step(
-                x, h, c, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], o.peephole, gx, gh
-            )
+            self._kernel, self._args = lstm_step, (*self._states, *weights, w["w_peep"], o.peephole, gx, gh)
         else:
-            grz, rh, ghn = np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt)
-            self._run = lambda x: gru_step(
-                x, h, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], o.reset_after, gx, gh, grz, rh, ghn
-            )
+            scratch = (np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt))
+            self._kernel, self._args = gru_step, (self._states[0], *weights, o.reset_after, gx, gh, *scratch)
+        # What step() returns, copied: the state arrays, or their only row when unbatched.
+        self._views = tuple(s[0] if self.unbatched else s for s in self._states)
+        self._dtype = dt
 
     def reset(self, hx=None):
         """Set the state to ``hx`` (same forms as ``cell.stream``), or to zeros."""
@@ -268,16 +266,23 @@ class Stream:
     @property
     def state(self):
         """Copy of the current state: h, or (h, c) for an LSTM cell."""
-        out = tuple(s[0].copy() if self.unbatched else s.copy() for s in self._states)
-        return out[0] if self._n_states == 1 else out
+        if self._n_states == 1:
+            return self._views[0].copy()
+        return self._views[0].copy(), self._views[1].copy()
 
     def step(self, x):
         """Advance one step with input x ((N, C), or (C,) unbatched); returns the new state
         (a copy), h' or (h', c')."""
-        if type(x) is not np.ndarray or x.dtype != self.cell.dtype or x.shape != self._x_shape:
+        # One cheap test for the usual case: an aligned, writeable C-contiguous array of
+        # the cell's dtype (native dtypes are singletons) and shape; else validate and copy.
+        if (
+            type(x) is not np.ndarray
+            or x.dtype is not self._dtype
+            or x.shape != self._x_shape
+            or not x.flags.carray
+        ):
             x = v.float_array("x", x, self.cell.dtype)
             v.shape("x", x, self._x_shape, "(C,)" if self.unbatched else "(N, C)")
-        if not (x.flags.c_contiguous and x.flags.writeable):
             x = np.array(x, order="C")
-        self._run(x.reshape(self.batch, -1) if self.unbatched else x)
+        self._kernel(x.reshape(self.batch, -1) if self.unbatched else x, *self._args)
         return self.state

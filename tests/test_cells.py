@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fastseq.kernels.gemm import FEW_ROWS
 from tests.conftest import VARIANTS, make_cell, make_layer
 from tests.tolerances import assert_close
 
@@ -96,17 +97,19 @@ def test_cell_unbatched_and_eval(variant, rng):
         cell.backward(np.zeros(4) if variant != "lstm" else (np.zeros(4), None))
 
 
+# Batches on either side of FEW_ROWS: the step's products computed by fastseq or by BLAS.
+@pytest.mark.parametrize("batch", [3, FEW_ROWS + 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_stream_matches_cell_steps(variant, dtype, rng):
+def test_stream_matches_cell_steps(variant, dtype, batch, rng):
     cell_name = VARIANTS[variant][0]
     cell = make_cell(variant, 5, 7, dtype=dtype, seed=3).eval()
     n_states = 2 if cell_name == "lstm" else 1
-    x = rng.standard_normal((6, 3, 5)).astype(dtype)
-    h0 = [rng.standard_normal((3, 7)).astype(dtype) for _ in range(n_states)]
+    x = rng.standard_normal((6, batch, 5)).astype(dtype)
+    h0 = [rng.standard_normal((batch, 7)).astype(dtype) for _ in range(n_states)]
     hx = h0[0] if n_states == 1 else tuple(h0)
     stream = cell.stream(hx)
-    assert stream.batch == 3 and not stream.unbatched
+    assert stream.batch == batch and not stream.unbatched
     state = hx
     for t in range(6):
         state = cell(x[t], state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastseq.kernels.gemm import MR, gemm, gemm_packed, pack, pack_transposed
+from fastseq.kernels.gemm import MR, few_rows_nt, gemm, gemm_packed, pack, pack_transposed, step_product
 from tests.tolerances import assert_close
 
 # (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
@@ -48,6 +48,13 @@ def test_gemm_matches_numpy(shape, dtype):
     out = np.full(expected.shape, np.nan, dtype)
     gemm_packed(np.ascontiguousarray(a.T).T, pack(b), out, False)
     assert_close(out, expected, dtype, "a @ b, panels of b")
+    # the streaming step's product, computed here (any row count) and as it dispatches
+    out = np.full(expected.shape, np.nan, dtype)
+    few_rows_nt(a, w, out)
+    assert_close(out, expected, dtype, "a @ w.T, few rows")
+    out = np.full(expected.shape, np.nan, dtype)
+    step_product(a, w, out)
+    assert_close(out, expected, dtype, "a @ w.T, streaming step")
 
 
 def test_gemm_propagates_nan():

@@ -31,7 +31,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_for_large, pack_transposed
+from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_for_large, pack_transposed, step_product
 
 
 @jit
@@ -248,15 +248,15 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
     scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H)."""
     hd = h.shape[1]
-    np.dot(x, w_ih.T, out=gx)
+    step_product(x, w_ih, gx)
     if reset_after:
-        np.dot(h, w_hh.T, out=gh)
+        step_product(h, w_hh, gh)
         for i in range(x.shape[0]):
             gru_cell_forward(gx[i], gh[i], b_ih, b_hh, h[i])
     else:
-        np.dot(h, w_hh[: 2 * hd].T, out=grz)
+        step_product(h, w_hh[: 2 * hd], grz)
         for i in range(x.shape[0]):
             gru_cell_reset(gx[i], grz[i], b_ih, b_hh, h[i], rh[i])
-        np.dot(rh, w_hh[2 * hd :].T, out=ghn)
+        step_product(rh, w_hh[2 * hd :], ghn)
         for i in range(x.shape[0]):
             gru_cell_update(gx[i], ghn[i], b_ih, b_hh, h[i])

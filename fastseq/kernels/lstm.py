@@ -30,7 +30,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed
+from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed, step_product
 
 
 @jit
@@ -177,7 +177,7 @@ def lstm_backward(
 def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
     """One inference step for streaming (serial, no workspace). x (N, C); h, c (N, H)
     in/out; gx, gh (N, 4H) scratch."""
-    np.dot(x, w_ih.T, out=gx)
-    np.dot(h, w_hh.T, out=gh)
+    step_product(x, w_ih, gx)
+    step_product(h, w_hh, gh)
     for i in range(x.shape[0]):
         lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])

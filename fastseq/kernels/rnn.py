@@ -20,7 +20,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
 )
-from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed
+from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed, step_product
 
 
 @jit
@@ -121,7 +121,7 @@ def rnn_backward(
 def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
     gx, gh (N, H) scratch."""
-    np.dot(x, w_ih.T, out=gx)
-    np.dot(h, w_hh.T, out=gh)
+    step_product(x, w_ih, gx)
+    step_product(h, w_hh, gh)
     for i in range(x.shape[0]):
         rnn_cell_forward(gx[i], gh[i], b_ih, b_hh, relu, h[i])
