@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm, gemm_large
+from fastseq.kernels.gemm import gemm, gemm_large, pack, panel_width
 
 
 @jit
@@ -31,6 +31,19 @@ def chunk_input_grads(dgates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, dw
     gemm(dgates.T, x, dw_ih, False)
     gemm(dgates.T, hprev, dw_hh, False)
     column_sums(dgates, 0, dgates.shape[1], db)
+
+
+@jit
+def step_panels(b, chunk_samples):
+    """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)``, or
+    none (empty) when no chunk has more than one sample, as every step then has one row
+    and goes to BLAS. chunk_samples (K+1,): the chunks' first state indices."""
+    widest = 0
+    for ch in range(chunk_samples.shape[0] - 1):
+        widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])
+    if widest > 1:
+        return pack(b)
+    return np.zeros((0, b.shape[0], panel_width(b)), b.dtype)
 
 
 @jit

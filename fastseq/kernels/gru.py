@@ -30,8 +30,16 @@ from fastseq.kernels.common import (
     packed_row,
     projection_block,
     start_chunk,
+    step_panels,
 )
-from fastseq.kernels.gemm import gemm, gemm_packed, pack, pack_for_large, pack_transposed, step_product
+from fastseq.kernels.gemm import (
+    gemm,
+    gemm_packed,
+    gemm_step,
+    pack,
+    pack_for_large,
+    step_product,
+)
 
 
 @jit
@@ -120,9 +128,9 @@ def gru_forward(
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
     w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
-    w_hh_panels = pack_transposed(w_hh if reset_after else empty)
-    w_hrz_panels = pack_transposed(empty if reset_after else w_hrz)
-    w_hn_panels = pack_transposed(empty if reset_after else w_hn)
+    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples)
+    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples)
+    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
@@ -140,9 +148,9 @@ def gru_forward(
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:
-                gemm_packed(h_in, w_hh_panels, gh[:n], False)
+                gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
             else:
-                gemm_packed(h_in, w_hrz_panels, grz[:n], False)
+                gemm_step(h_in, w_hrz.T, w_hrz_panels, grz[:n])
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -158,7 +166,7 @@ def gru_forward(
                     if training:
                         hn[r, :] = rh[i, :]
             if not reset_after:
-                gemm_packed(rh[:n], w_hn_panels, ghn[:n], False)
+                gemm_step(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -182,9 +190,9 @@ def gru_backward(
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
     empty = w_hh[:0]  # B operands of the per-step products, packed once (only the variant's)
-    w_hh_panels = pack(w_hh if reset_after else empty)
-    w_hrz_panels = pack(empty if reset_after else w_hrz)
-    w_hn_panels = pack(empty if reset_after else w_hn)
+    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples)
+    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples)
+    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples)
     w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
     part_b_hh = np.empty((n_chunks, 3 * hd), dh.dtype)
@@ -211,15 +219,15 @@ def gru_backward(
                 else:
                     dn[i, :] = gates[r, 2 * hd :]
             if reset_after:
-                gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
+                gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             else:
-                gemm_packed(dn[:n], w_hn_panels, drh[:n], False)
+                gemm_step(dn[:n], w_hn, w_hn_panels, drh[:n])
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
                     dgrz[i, :] = gates[r, : 2 * hd]
-                gemm_packed(dgrz[:n], w_hrz_panels, dh[s0 : s0 + n], False)
+                gemm_step(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
                 for i in range(n):
                     dh[s0 + i] += drh[i]
             mask_rows(dh, rmask, s0, n)

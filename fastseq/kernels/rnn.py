@@ -19,8 +19,9 @@ from fastseq.kernels.common import (
     packed_row,
     projection_block,
     start_chunk,
+    step_panels,
 )
-from fastseq.kernels.gemm import gemm_packed, pack, pack_for_large, pack_transposed, step_product
+from fastseq.kernels.gemm import gemm_step, pack_for_large, step_product
 
 
 @jit
@@ -61,7 +62,7 @@ def rnn_forward(
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
     w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
-    w_hh_panels = pack_transposed(w_hh)  # read by every chunk at every step
+    w_hh_panels = step_panels(w_hh.T, chunk_samples)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
@@ -74,7 +75,7 @@ def rnn_forward(
                     x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
                 )
             h_in = masked_rows(h, rmask, s0, n, hm)
-            gemm_packed(h_in, w_hh_panels, gh[:n], False)
+            gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -93,7 +94,7 @@ def rnn_backward(
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
-    w_hh_panels = pack(w_hh)  # B = W_hh of the per-step dh = dG @ W_hh
+    w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b = np.empty((n_chunks, hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -107,7 +108,7 @@ def rnn_backward(
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
                 dg[i, :] = gates[r, :]
-            gemm_packed(dg[:n], w_hh_panels, dh[s0 : s0 + n], False)
+            gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
