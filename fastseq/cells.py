@@ -8,7 +8,7 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
-from fastseq._threads import num_chunks, single_threaded_blas
+from fastseq._threads import kernel_threads, num_chunks
 from fastseq.kernels.gru import gru_step
 from fastseq.kernels.lstm import lstm_step
 from fastseq.kernels.rnn import rnn_step
@@ -109,7 +109,7 @@ class _RecurrentCell(Module):
                        else packing.sort(s.reshape(batch, self.hidden_size)) for s in states)  # fmt: skip
         x_packed = packing.pack(x2[None])
         out = np.empty((batch, self.hidden_size), self.dtype)
-        with single_threaded_blas(packing.n_chunks > 1):
+        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
             ws = _engine.forward(self._cell, self._opts, self._weights, x_packed, states, packing, out, 0, False,
                                  self.training)  # fmt: skip
         if self.training:
@@ -149,7 +149,7 @@ class _RecurrentCell(Module):
             packing.sort(g) for g in grads[1:]
         )
         dx = np.empty((batch, self.input_size), self.dtype)
-        with single_threaded_blas(packing.n_chunks > 1):
+        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
             _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False,
                              self._grad_views)  # fmt: skip
         dx = packing.unpack(dx)[0]

@@ -9,7 +9,7 @@ from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
 from fastseq._pool import WorkspacePool
-from fastseq._threads import num_chunks, single_threaded_blas
+from fastseq._threads import kernel_threads, num_chunks
 from fastseq.registry import CELLS
 
 
@@ -200,7 +200,7 @@ class _RecurrentLayer(Module):
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
-        with single_threaded_blas():
+        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training)
         layer_in = layers_ws.pop()
         if self.check_finite:
@@ -318,7 +318,7 @@ class _RecurrentLayer(Module):
             for k, d in enumerate(dfinal):
                 v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
-        with single_threaded_blas():
+        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd

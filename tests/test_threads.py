@@ -9,6 +9,7 @@ from threadpoolctl import threadpool_info
 
 from tests.cases import Case
 from tests.conftest import VARIANTS
+from tests.tolerances import assert_close
 
 
 def _blas_threads():
@@ -92,3 +93,44 @@ def test_two_python_threads_run_layers_concurrently():
         for a, b in zip(exp, res, strict=True):
             np.testing.assert_array_equal(a, b)
     assert _blas_threads() == blas_before
+
+
+def test_kernel_threads_policy():
+    from fastseq._threads import SPREAD_STEP_BYTES, _blas_controller, kernel_threads
+
+    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    scipy_blas = _blas_controller()
+    # one chunk, weights beyond a core's L2: numba's team of one, BLAS left as it was
+    with kernel_threads(1, SPREAD_STEP_BYTES):
+        assert numba.get_num_threads() == 1
+        assert _blas_threads() == blas_before
+    # several chunks, or small weights: BLAS (the kernels' copy) at one thread, numba as it was
+    for n_chunks, step_bytes in ((2, SPREAD_STEP_BYTES), (1, SPREAD_STEP_BYTES - 1)):
+        with kernel_threads(n_chunks, step_bytes):
+            assert numba.get_num_threads() == numba_before
+            assert [lib.num_threads for lib in scipy_blas] == [1] * len(scipy_blas)
+    assert numba.get_num_threads() == numba_before
+    assert _blas_threads() == blas_before
+
+
+@pytest.mark.parametrize("variant", ["lstm", "gru", "rnn-tanh"])
+def test_batch_of_one_matches_its_row_in_a_batch(variant):
+    # A batch of one with H = 512 takes the single-chunk path (numba's team of one, BLAS on
+    # every thread for the per-step products); the same sample inside a batch of 3, with
+    # the other rows' output gradients zero, takes the chunked one.
+    case = Case(variant, np.float32, 1, False, False, True, steps=3, batch=3, input_size=8, hidden_size=512)
+    layer, row = case.layer.train(), 1
+    grad_row = np.zeros_like(case.grad_out)
+    grad_row[:, row] = case.grad_out[:, row]
+    results = []
+    for x, grad_out in ((case.x, grad_row), (case.x[:, row : row + 1], case.grad_out[:, row : row + 1])):
+        for g in layer.grads.values():
+            g[...] = 0
+        out, _ = layer(x)
+        dx = layer.backward(grad_out)[0]
+        results.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
+    (out, dx, grads), (out1, dx1, grads1) = results
+    assert_close(out1[:, 0], out[:, row], np.float32, "output, batch of one")
+    assert_close(dx1[:, 0], dx[:, row], np.float32, "dx, batch of one")
+    for name, g in grads.items():
+        assert_close(grads1[name], g, np.float32, f"{name}, batch of one")
