@@ -66,18 +66,28 @@ class Packing:
         """The layout arguments every kernel takes, in order."""
         return self.chunk_rows, self.chunk_samples, self.batch_sizes, self.offsets, self.lengths
 
-    def pack(self, a):
-        """(T, N, F) -> (R, F) C-contiguous, writable (a copy unless ``a`` already fits)."""
+    def pack(self, a, take=np.empty):
+        """(T, N, F) -> (R, F) C-contiguous, writable: ``a`` reshaped when it already fits,
+        else a copy into ``take((R, F), dtype)`` (a workspace pool's, to reuse memory
+        already paged in)."""
         if self.identity:
             packed = np.ascontiguousarray(a).reshape(self.rows, a.shape[2])
             return packed if packed.flags.writeable else packed.copy()
-        return a[self.row_time, self.row_sample]
+        out = take((self.rows, a.shape[2]), a.dtype)
+        if a.flags.c_contiguous:  # one gather of whole rows
+            np.take(a.reshape(-1, a.shape[2]), self.row_time * self.batch + self.row_sample, axis=0, out=out)
+        else:
+            out[...] = a[self.row_time, self.row_sample]
+        return out
 
     def unpack(self, packed):
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        full = np.zeros((self.steps, self.batch, packed.shape[1]), dtype=packed.dtype)
+        # np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages.
+        shape = (self.steps, self.batch, packed.shape[1])
+        padded = self.rows < self.steps * self.batch
+        full = (np.zeros if padded else np.empty)(shape, packed.dtype)
         full[self.row_time, self.row_sample] = packed
         return full
 

@@ -196,7 +196,7 @@ class _RecurrentLayer(Module):
         states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
                    else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
-        layer_in = packing.pack(x3)
+        layer_in = packing.pack(x3, self._pool.take if self.training else np.empty)
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
@@ -210,6 +210,8 @@ class _RecurrentLayer(Module):
             self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
         output = packing.unpack(layer_in)
+        if training and not packing.identity:  # else output is a view of layer_in
+            self._pool.give(layer_in)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
         elif self.batch_first:
@@ -224,8 +226,7 @@ class _RecurrentLayer(Module):
         layers_ws = []
         take = self._pool.take if training else np.empty
         for layer in range(self.num_layers):
-            last = layer == self.num_layers - 1
-            out = (np.empty if last else take)((packing.rows, n_dirs * hd), self.dtype)
+            out = take((packing.rows, n_dirs * hd), self.dtype)
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
@@ -312,7 +313,7 @@ class _RecurrentLayer(Module):
             g3 = g[:, None, :]
         else:
             g3 = g.transpose(1, 0, 2) if self.batch_first else g
-        dout = packing.pack(g3)
+        dout = packing.pack(g3, self._pool.take)
         if self.check_finite:
             self._check_packed("grad_output", dout, packing, ValueError)
             for k, d in enumerate(dfinal):
@@ -322,7 +323,7 @@ class _RecurrentLayer(Module):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd
-                dx = (np.empty if layer == 0 else self._pool.take)((packing.rows, cols), self.dtype)
+                dx = self._pool.take((packing.rows, cols), self.dtype)
                 for direction in range(n_dirs):
                     row = layer * n_dirs + direction
                     dstates = tuple(packing.sort(s[row]) for s in dfinal)
@@ -333,16 +334,18 @@ class _RecurrentLayer(Module):
                                      direction == 1, grads, self._pool.take, self._pool.give)  # fmt: skip
                     for d, s in zip(dinitial, dstates, strict=True):
                         d[row] = packing.unsort(s)
-                # What this layer consumed goes back to the pool for the next training step
-                # (the packed user input of layer 0 and the gradient handed to the user stay).
-                if layer < self.num_layers - 1:
+                # What this layer consumed goes back to the pool for the next training step,
+                # except views of the user's arrays (packed input and gradient, when the
+                # packing is the identity).
+                if layer < self.num_layers - 1 or not packing.identity:
                     self._pool.give(dout)
                 for ws in dirs_ws:
                     for key in _engine.SCRATCH_KEYS:
                         if key in ws:
                             self._pool.give(ws[key])
-                if layer > 0:
+                if layer > 0 or not packing.identity:
                     self._pool.give(dirs_ws[0]["x"])
+                if layer > 0:
                     mask = cache["layers"][layer - 1][1]
                     if mask is not None:
                         dx *= mask
@@ -352,6 +355,8 @@ class _RecurrentLayer(Module):
             for name, g in self.grads.items():
                 v.finite(f"grads[{name!r}]", g, error=FloatingPointError)
         dx_full = packing.unpack(dx)
+        if not packing.identity:  # else dx_full is a view of dx
+            self._pool.give(dx)
         if unbatched:
             dx_full, dinitial = dx_full[:, 0, :], [d[:, 0, :] for d in dinitial]
         elif self.batch_first:

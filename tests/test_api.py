@@ -159,3 +159,18 @@ def test_training_steps_reuse_workspaces_without_changing_results(variant):
             np.testing.assert_array_equal(a, b)
     layer.eval()
     assert not layer._pool._free
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # 1: the packed rows are views of the user's arrays
+@pytest.mark.parametrize("variant", ["lstm", "gru"])
+def test_arrays_returned_by_a_training_step_are_not_reused(variant, batch):
+    case = Case(variant, np.float32, 2, True, False, False, batch=batch)
+    layer = case.layer.train()
+    out, h_n = layer(case.x)
+    dx, dh0 = layer.backward(case.grad_out)
+    kept = [np.copy(a) for a in (out, dx, case.x, case.grad_out)]
+    for _ in range(2):  # later steps take pooled workspaces
+        layer(case.x * 2)
+        layer.backward(case.grad_out * 3)
+    for a, b in zip((out, dx, case.x, case.grad_out), kept, strict=True):
+        np.testing.assert_array_equal(a, b)
