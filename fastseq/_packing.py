@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastseq.kernels.common import gather_rows, scatter_rows
+
 
 class Packing:
     """Row layout of a batch of variable-length sequences.
@@ -74,10 +76,7 @@ class Packing:
             packed = np.ascontiguousarray(a).reshape(self.rows, a.shape[2])
             return packed if packed.flags.writeable else packed.copy()
         out = take((self.rows, a.shape[2]), a.dtype)
-        if a.flags.c_contiguous:  # one gather of whole rows
-            np.take(a.reshape(-1, a.shape[2]), self.row_time * self.batch + self.row_sample, axis=0, out=out)
-        else:
-            out[...] = a[self.row_time, self.row_sample]
+        gather_rows(a, self.row_time, self.row_sample, out)
         return out
 
     def unpack(self, packed):
@@ -88,7 +87,7 @@ class Packing:
         shape = (self.steps, self.batch, packed.shape[1])
         padded = self.rows < self.steps * self.batch
         full = (np.zeros if padded else np.empty)(shape, packed.dtype)
-        full[self.row_time, self.row_sample] = packed
+        scatter_rows(packed, self.row_time, self.row_sample, full)
         return full
 
     def sort(self, state):

@@ -13,7 +13,7 @@ KERNELS = {
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
     "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
     "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
-    "add_parts": common.add_parts,
+    "add_parts": common.add_parts, "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
 }  # fmt: skip
 
 _LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
@@ -39,6 +39,9 @@ def _exercise(layer_cls, cell_cls, dtype):
     layer = layer_cls(2, 3, num_layers=2, bidirectional=True, dtype=dtype, seed=0)
     x = np.zeros((3, 2, 2), dtype)
     out, _ = layer(x, lengths=[3, 2])
+    layer.backward(np.ones_like(out))
+    layer = layer_cls(2, 3, batch_first=True, dtype=dtype, seed=0)  # strided (N, T, C) views
+    out, _ = layer(x.transpose(1, 0, 2), lengths=[3, 2])
     layer.backward(np.ones_like(out))
     cell = cell_cls(2, 3, dtype=dtype, seed=0)
     h = cell(x[0])

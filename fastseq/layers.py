@@ -196,7 +196,8 @@ class _RecurrentLayer(Module):
         states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
                    else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
-        layer_in = packing.pack(x3, self._pool.take if self.training else np.empty)
+        self._pool.start_step()
+        layer_in = packed_x = packing.pack(x3, self._pool.take)
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
@@ -210,8 +211,10 @@ class _RecurrentLayer(Module):
             self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
         output = packing.unpack(layer_in)
-        if training and not packing.identity:  # else output is a view of layer_in
+        if not packing.identity:  # else output and packed_x are views of these arrays
             self._pool.give(layer_in)
+            if not training:  # training keeps the packed input for backward
+                self._pool.give(packed_x)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
         elif self.batch_first:
@@ -224,9 +227,9 @@ class _RecurrentLayer(Module):
         """All layers and directions; returns the per-layer workspaces + the last output."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
-        take = self._pool.take if training else np.empty
+        take = self._pool.take if training else np.empty  # workspaces (none in eval)
         for layer in range(self.num_layers):
-            out = take((packing.rows, n_dirs * hd), self.dtype)
+            out = self._pool.take((packing.rows, n_dirs * hd), self.dtype)
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
@@ -245,6 +248,8 @@ class _RecurrentLayer(Module):
                 mask = self._dropout_mask(out.shape, self.dropout)
                 out *= mask  # backward needs only the masked output (the next layer's input)
             layers_ws.append((dirs_ws, mask))
+            if layer > 0 and not training:
+                self._pool.give(layer_in)  # the previous layer's output, consumed
             layer_in = out
         return layers_ws + [layer_in]
 

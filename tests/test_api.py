@@ -174,3 +174,25 @@ def test_arrays_returned_by_a_training_step_are_not_reused(variant, batch):
         layer.backward(case.grad_out * 3)
     for a, b in zip((out, dx, case.x, case.grad_out), kept, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_arrays_returned_in_eval_mode_are_not_reused(batch):
+    case = Case("gru", np.float32, 2, True, False, False, batch=batch)
+    layer = case.layer.eval()
+    out, _ = layer(case.x)
+    kept = [np.copy(out), np.copy(case.x)]
+    for _ in range(2):
+        layer(case.x * 2)
+    np.testing.assert_array_equal(out, kept[0])
+    np.testing.assert_array_equal(case.x, kept[1])
+
+
+def test_pool_frees_shapes_that_stop_recurring():
+    layer = make_layer("lstm", 3, 8, num_layers=2).train()
+    rng = np.random.default_rng(0)
+    for steps in range(2, 12):  # a new sequence length every step
+        out, _ = layer(rng.standard_normal((steps, 4, 3)).astype(np.float32))
+        layer.backward(np.ones_like(out))
+        held = {shape[0][0] for shape in layer._pool._free if len(shape[0]) == 2}
+        assert held <= {4 * steps, 4 * (steps - 1)}, f"pool holds rows {sorted(held)} at T={steps}"
