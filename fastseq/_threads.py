@@ -7,8 +7,9 @@ at one thread (several chunks; restored after, with a reference count that makes
 correct when several Python threads run kernels), or, with a single chunk (a batch of
 one) and recurrent weights larger than a core's L2, numba's team is one thread and BLAS
 keeps its threads for the per-step products: the numba worker left without a chunk would
-otherwise spin at the region's barrier on the core BLAS's second thread needs (measured: 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange
-against 1.70 ms outside it; 3.3 ms with BLAS at one thread).
+otherwise spin at the region's barrier on the core BLAS's second thread needs (measured:
+50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
+outside it; 3.3 ms with BLAS at one thread).
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
@@ -56,12 +57,12 @@ def _blas_controller():
 SPREAD_STEP_BYTES = 1 << 20
 
 
-def kernel_threads(n_chunks: int, step_bytes: int):
-    """Context for kernels over ``n_chunks`` batch chunks whose per-step products read
-    ``step_bytes`` of weights: BLAS at one thread, except for one chunk with
-    ``step_bytes >= SPREAD_STEP_BYTES``: numba's team at one thread (thread-local), BLAS
+def kernel_threads(n_chunks: int, w_hh):
+    """Context for kernels over ``n_chunks`` batch chunks whose per-step products read the
+    recurrent weights ``w_hh`` (G*H, H): BLAS at one thread, except for one chunk with
+    ``w_hh.nbytes >= SPREAD_STEP_BYTES``: numba's team at one thread (thread-local), BLAS
     free."""
-    if n_chunks == 1 and step_bytes >= SPREAD_STEP_BYTES:
+    if n_chunks == 1 and w_hh.nbytes >= SPREAD_STEP_BYTES:
         return _numba_threads(1)
     return single_threaded_blas()
 

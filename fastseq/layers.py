@@ -201,7 +201,7 @@ class _RecurrentLayer(Module):
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
-        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
+        with kernel_threads(packing.n_chunks, self.params[self._keys[0][0]["w_hh"]]):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training)
         layer_in = layers_ws.pop()
         if self.check_finite:
@@ -324,7 +324,7 @@ class _RecurrentLayer(Module):
             for k, d in enumerate(dfinal):
                 v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
-        with kernel_threads(packing.n_chunks, spec.gates * self.hidden_size**2 * self.dtype.itemsize):
+        with kernel_threads(packing.n_chunks, self.params[self._keys[0][0]["w_hh"]]):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd

@@ -101,12 +101,12 @@ def test_kernel_threads_policy():
     numba_before, blas_before = numba.get_num_threads(), _blas_threads()
     scipy_blas = _blas_controller()
     # one chunk, weights beyond a core's L2: numba's team of one, BLAS left as it was
-    with kernel_threads(1, SPREAD_STEP_BYTES):
+    with kernel_threads(1, np.empty(SPREAD_STEP_BYTES, np.uint8)):
         assert numba.get_num_threads() == 1
         assert _blas_threads() == blas_before
     # several chunks, or small weights: BLAS (the kernels' copy) at one thread, numba as it was
     for n_chunks, step_bytes in ((2, SPREAD_STEP_BYTES), (1, SPREAD_STEP_BYTES - 1)):
-        with kernel_threads(n_chunks, step_bytes):
+        with kernel_threads(n_chunks, np.empty(step_bytes, np.uint8)):
             assert numba.get_num_threads() == numba_before
             assert [lib.num_threads for lib in scipy_blas] == [1] * len(scipy_blas)
     assert numba.get_num_threads() == numba_before
