@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastseq.kernels.gru import gru_backward, gru_forward
-from fastseq.kernels.lstm import lstm_backward, lstm_forward
+from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_forward
 from fastseq.registry import CELLS
 
@@ -97,9 +97,12 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     elif cell == "lstm":
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
-        lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"],
-                     opts.peephole, *pk, out, out_col, states[0], states[1], gates, hprev,
-                     ws["cprev"], ws["cnew"], training, rmask)  # fmt: skip
+        args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], opts.peephole, *pk,
+                out, out_col, states[0], states[1], gates, hprev, ws["cprev"], ws["cnew"], training, rmask)  # fmt: skip
+        if packing.unit_parts:
+            lstm_forward_units(*args, packing.unit_parts)
+        else:
+            lstm_forward(*args)
     else:
         ws["hn"] = take((ws_rows, hd), dt)
         gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.reset_after, *pk,
@@ -125,8 +128,8 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     pk = (*packing.kernel_args, reverse)
     w_ih, w_hh = w["w_ih"], w["w_hh"]
     parts = (
-        take((packing.n_chunks,) + w_ih.shape, w_ih.dtype),
-        take((packing.n_chunks,) + w_hh.shape, w_hh.dtype),
+        take((packing.n_parts,) + w_ih.shape, w_ih.dtype),
+        take((packing.n_parts,) + w_hh.shape, w_hh.dtype),
     )
     x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":
@@ -134,10 +137,13 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
                      gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
                      grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
     elif cell == "lstm":
-        lstm_backward(x, w_ih, w_hh, w["w_peep"], opts.peephole, *pk, dout,
-                      out_col, dstates[0], dstates[1], gates, hprev, ws["cprev"],
-                      ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                      grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask, *parts)  # fmt: skip
+        args = (x, w_ih, w_hh, w["w_peep"], opts.peephole, *pk, dout, out_col, dstates[0], dstates[1],
+                gates, hprev, ws["cprev"], ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
+                grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask, *parts)  # fmt: skip
+        if packing.unit_parts:
+            lstm_backward_units(*args, packing.unit_parts)
+        else:
+            lstm_backward(*args)
     else:
         gru_backward(x, w_ih, w_hh, opts.reset_after, *pk, dout, out_col,
                      dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],

@@ -25,10 +25,17 @@ class Packing:
         N.
     chunks : int
         Number of chunks wanted (capped at N).
+    unit_parts : int
+        Threads that split each step by hidden units (fastseq._threads.unit_parts; then
+        ``chunks`` must be 1), or 0.
     """
 
-    def __init__(self, lengths, steps: int, batch: int, chunks: int = 1):
-        self.steps, self.batch = steps, batch
+    def __init__(self, lengths, steps: int, batch: int, chunks: int = 1, unit_parts: int = 0):
+        if unit_parts and chunks != 1:
+            raise ValueError(f"a packing split by units has one chunk; received chunks={chunks}")
+        self.steps, self.batch, self.unit_parts = steps, batch, unit_parts
+        #: Slices of the per-chunk weight-gradient scratch the backward kernels fill.
+        self.n_parts = max(unit_parts, min(chunks, batch), 1)
         full = lengths is None or bool(np.all(lengths == steps))
         if full:
             lengths = np.full(batch, steps, dtype=np.int64)

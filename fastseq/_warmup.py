@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastseq import cells, layers
+from fastseq import _threads, cells, layers
 from fastseq.kernels import common, gru, lstm, rnn
 
 KERNELS = {
     "rnn_forward": rnn.rnn_forward, "rnn_backward": rnn.rnn_backward,
     "lstm_forward": lstm.lstm_forward, "lstm_backward": lstm.lstm_backward,
+    "lstm_forward_units": lstm.lstm_forward_units, "lstm_backward_units": lstm.lstm_backward_units,
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
     "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
     "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
@@ -47,6 +48,12 @@ def _exercise(layer_cls, cell_cls, dtype):
     h = cell(x[0])
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
     cell.stream(batch=2).step(x[0])
+    # LSTM batches of 2-4 with large recurrent weights split each step by hidden units
+    hidden = 256
+    if _threads.unit_parts(layer_cls._cell, 2, np.empty((4 * hidden, hidden), dtype)):
+        layer = layer_cls(2, hidden, dtype=dtype, seed=0)
+        out, _ = layer(x, lengths=[3, 2])
+        layer.backward(np.ones_like(out))
 
 
 def cache_status() -> dict:

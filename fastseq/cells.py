@@ -109,7 +109,7 @@ class _RecurrentCell(Module):
                        else packing.sort(s.reshape(batch, self.hidden_size)) for s in states)  # fmt: skip
         x_packed = packing.pack(x2[None])
         out = np.empty((batch, self.hidden_size), self.dtype)
-        with kernel_threads(packing.n_chunks, self._weights["w_hh"]):
+        with kernel_threads(packing, self._weights["w_hh"]):
             ws = _engine.forward(self._cell, self._opts, self._weights, x_packed, states, packing, out, 0, False,
                                  self.training)  # fmt: skip
         if self.training:
@@ -149,7 +149,7 @@ class _RecurrentCell(Module):
             packing.sort(g) for g in grads[1:]
         )
         dx = np.empty((batch, self.input_size), self.dtype)
-        with kernel_threads(packing.n_chunks, self._weights["w_hh"]):
+        with kernel_threads(packing, self._weights["w_hh"]):
             _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False,
                              self._grad_views)  # fmt: skip
         dx = packing.unpack(dx)[0]

@@ -9,7 +9,7 @@ from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
 from fastseq._pool import WorkspacePool
-from fastseq._threads import kernel_threads, num_chunks
+from fastseq._threads import kernel_threads, num_chunks, unit_parts
 from fastseq.registry import CELLS
 
 
@@ -188,7 +188,9 @@ class _RecurrentLayer(Module):
         if lengths is not None:
             lengths = v.lengths_array(lengths, steps, batch)
 
-        packing = Packing(lengths, steps, batch, num_chunks(batch))
+        w_hh = self.params[self._keys[0][0]["w_hh"]]
+        parts = unit_parts(self._cell, batch, w_hh)
+        packing = Packing(lengths, steps, batch, 1 if parts else num_chunks(batch), parts)
         if self.check_finite:
             for k, s in enumerate(states0):
                 if s is not None:
@@ -201,7 +203,7 @@ class _RecurrentLayer(Module):
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
-        with kernel_threads(packing.n_chunks, self.params[self._keys[0][0]["w_hh"]]):
+        with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training)
         layer_in = layers_ws.pop()
         if self.check_finite:
@@ -324,7 +326,7 @@ class _RecurrentLayer(Module):
             for k, d in enumerate(dfinal):
                 v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
-        with kernel_threads(packing.n_chunks, self.params[self._keys[0][0]["w_hh"]]):
+        with kernel_threads(packing, self.params[self._keys[0][0]["w_hh"]]):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd

@@ -1,6 +1,7 @@
 """Results do not depend on the thread count; concurrent use is safe; global state is kept."""
 
 import threading
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -100,13 +101,19 @@ def test_kernel_threads_policy():
 
     numba_before, blas_before = numba.get_num_threads(), _blas_threads()
     scipy_blas = _blas_controller()
+
+    def packing(n_chunks, unit_parts=0):
+        return SimpleNamespace(n_chunks=n_chunks, unit_parts=unit_parts)
+
     # one chunk, weights beyond a core's L2: numba's team of one, BLAS left as it was
-    with kernel_threads(1, np.empty(SPREAD_STEP_BYTES, np.uint8)):
+    with kernel_threads(packing(1), np.empty(SPREAD_STEP_BYTES, np.uint8)):
         assert numba.get_num_threads() == 1
         assert _blas_threads() == blas_before
-    # several chunks, or small weights: BLAS (the kernels' copy) at one thread, numba as it was
-    for n_chunks, step_bytes in ((2, SPREAD_STEP_BYTES), (1, SPREAD_STEP_BYTES - 1)):
-        with kernel_threads(n_chunks, np.empty(step_bytes, np.uint8)):
+    # several chunks, small weights, or one chunk split by units: BLAS (the kernels' copy)
+    # at one thread, numba as it was
+    for pk, step_bytes in ((packing(2), SPREAD_STEP_BYTES), (packing(1), SPREAD_STEP_BYTES - 1),
+                           (packing(1, 2), SPREAD_STEP_BYTES)):  # fmt: skip
+        with kernel_threads(pk, np.empty(step_bytes, np.uint8)):
             assert numba.get_num_threads() == numba_before
             assert [lib.num_threads for lib in scipy_blas] == [1] * len(scipy_blas)
     assert numba.get_num_threads() == numba_before

@@ -72,17 +72,24 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     """
     if full.shape[0] > 0:
         return full, 0, lengths_c[0]
+    a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse, block.shape[0])
+    gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
+    return block, r0 + a, s_end
+
+
+@jit
+def block_rows(offsets_c, lengths_c, s, reverse, capacity):
+    """The block :func:`projection_block` projects from step ``s``: as many steps as fit in
+    ``capacity`` rows (at least one). Returns (first row, end row) relative to the chunk and
+    the step after the block."""
     n_longest = lengths_c[0]
-    nc = lengths_c.shape[0]
-    steps = max(1, block.shape[0] // nc)
+    steps = max(1, capacity // lengths_c.shape[0])
     s_end = min(s + steps, n_longest)
     if reverse:  # all lengths equal here: step s is time L-1-s
         t_lo, t_hi = n_longest - s_end, n_longest - s
     else:
         t_lo, t_hi = s, s_end
-    a, b = offsets_c[t_lo], offsets_c[t_hi]
-    gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
-    return block, r0 + a, s_end
+    return offsets_c[t_lo], offsets_c[t_hi], s_end
 
 
 @jit
@@ -153,3 +160,72 @@ def scatter_rows(packed, row_time, row_sample, out):
     unpacking (rows not named are left as they are)."""
     for r in prange(packed.shape[0]):
         out[row_time[r], row_sample[r], :] = packed[r, :]
+
+
+# Unit-split steps: a batch too small to split by samples (fastseq._threads.unit_parts) runs
+# as one chunk, and each step's recurrent product and gate math are split across ``parts``
+# threads by hidden units, one parallel region per step. Part p owns units
+# ``units[p] .. units[p+1]-1`` of every gate.
+
+
+@jit
+def unit_bounds(hd, parts):
+    """(parts+1,) int64: first hidden unit of each part, the H units split evenly."""
+    units = np.empty(parts + 1, np.int64)
+    for p in range(parts + 1):
+        units[p] = p * hd // parts
+    return units
+
+
+@jit
+def widest_part(units):
+    """Units in the largest part."""
+    widest = 0
+    for p in range(units.shape[0] - 1):
+        widest = max(widest, units[p + 1] - units[p])
+    return widest
+
+
+@jit(parallel=True)
+def pack_unit_rows(w, gates, units):
+    """Panels (parts, P, K, NR) of each part's rows of w (G*H, K), for products
+    ``a @ w_p.T``: part p's w_p stacks rows ``q*H + j`` for gates q = 0..G-1 and its units j
+    (gate-major, so the product's row holds gate q of unit j at ``q * hu + j - units[p]``).
+    Use ``panels[p, :ceil(G * hu / NR)]``."""
+    hd = w.shape[0] // gates
+    parts, k, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
+    panels = np.zeros((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
+    for p in prange(parts):
+        u0, hu = units[p], units[p + 1] - units[p]
+        for m in range(gates * hu):
+            src = (m // hu) * hd + u0 + m % hu
+            for kk in range(k):
+                panels[p, m // nr, kk, m % nr] = w[src, kk]
+    return panels
+
+
+@jit(parallel=True)
+def pack_unit_columns(w, units):
+    """Panels (parts, P, K, NR) of each part's columns of w (K, H), for products
+    ``a @ w[:, units[p]:units[p+1]]``. Use ``panels[p, :ceil(hu / NR)]``."""
+    parts, k, nr = units.shape[0] - 1, w.shape[0], panel_width(w)
+    panels = np.zeros((parts, (widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
+    for p in prange(parts):
+        u0, hu = units[p], units[p + 1] - units[p]
+        for q in range((hu + nr - 1) // nr):
+            cols = min(nr, hu - q * nr)
+            for kk in range(k):
+                for jj in range(cols):
+                    panels[p, q, kk, jj] = w[kk, u0 + q * nr + jj]
+    return panels
+
+
+@jit(parallel=True)
+def gemm_split_rows(a, b, b_panels, out, parts):
+    """:func:`gemm.gemm_large` (a @ b -> out, overwritten) with a's rows split across
+    ``parts`` threads."""
+    n = a.shape[0]
+    for p in prange(parts):
+        r0, r1 = n * p // parts, n * (p + 1) // parts
+        if r1 > r0:
+            gemm_large(a[r0:r1], b, b_panels, out[r0:r1], False)

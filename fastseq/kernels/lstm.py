@@ -22,29 +22,39 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
+    PROJECTION_BLOCK_ROWS,
     add_parts,
+    block_rows,
     chunk_input_grads,
+    gemm_split_rows,
     mask_rows,
     masked_rows,
+    pack_unit_columns,
+    pack_unit_rows,
     packed_row,
     projection_block,
     start_chunk,
     step_panels,
+    unit_bounds,
+    widest_part,
 )
-from fastseq.kernels.gemm import gemm_step, pack_for_large, step_product
+from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_for_large, step_product
 
 
 @jit
-def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
-    """One sample, one step. g (4H,) in: input projection, out: activations i, f, g, o.
-    gh (4H,) in: recurrent GEMM row. b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
+def lstm_cell_forward(g, gh, gh_stride, j0, j1, b_ih, b_hh, w_peep, peephole, c, h):
+    """One sample, one step, hidden units j0..j1-1. g (4H,) in: input projection, out:
+    activations i, f, g, o (the units' entries). gh in: the recurrent GEMM row, gate q of
+    unit j at ``gh[q * gh_stride + j - j0]`` (the full (4H,) row: gh_stride = H, j0 = 0).
+    b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
     hd = h.shape[0]
-    for j in range(hd):
+    for j in range(j0, j1):
+        u = j - j0
         c0 = c[j]
-        ai = g[j] + b_ih[j] + gh[j] + b_hh[j]
-        af = g[hd + j] + b_ih[hd + j] + gh[hd + j] + b_hh[hd + j]
-        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * hd + j] + b_hh[2 * hd + j]
-        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * hd + j] + b_hh[3 * hd + j]
+        ai = g[j] + b_ih[j] + gh[u] + b_hh[j]
+        af = g[hd + j] + b_ih[hd + j] + gh[gh_stride + u] + b_hh[hd + j]
+        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * gh_stride + u] + b_hh[2 * hd + j]
+        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * gh_stride + u] + b_hh[3 * hd + j]
         if peephole:
             ai += w_peep[0, j] * c0
             af += w_peep[1, j] * c0
@@ -64,13 +74,14 @@ def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
 
 
 @jit
-def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
-    """One sample, one step. g (4H,) in: activations i, f, g, o; out: gradients of the
-    pre-activations. dh (H,) in: gradient from the next step; dout (H,) in: gradient of this
-    output. dc (H,) in/out: gradient of c' in, of c out. c1 (H,) c', c0 (H,) c."""
+def lstm_cell_backward(g, j0, j1, dh, dout, dc, c1, c0, w_peep, peephole):
+    """One sample, one step, hidden units j0..j1-1. g (4H,) in: activations i, f, g, o; out:
+    gradients of the pre-activations (the units' entries). dh (H,) in: gradient from the
+    next step; dout (H,) in: gradient of this output. dc (H,) in/out: gradient of c' in, of
+    c out. c1 (H,) c', c0 (H,) c."""
     hd = dc.shape[0]
     one = dc.dtype.type(1)
-    for j in range(hd):
+    for j in range(j0, j1):
         ig = g[j]
         fg = g[hd + j]
         gg = g[2 * hd + j]
@@ -122,7 +133,7 @@ def lstm_forward(
                 if training:
                     hprev[r, :] = h_in[i, :]
                     cprev[r, :] = c[k, :]
-                lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
+                lstm_cell_forward(proj[r - base], gh[i], hd, 0, hd, b_ih, b_hh, w_peep, peephole, c[k], h[k])
                 out[r, out_col : out_col + hd] = h[k]
                 if training:
                     cnew[r, :] = c[k, :]
@@ -153,7 +164,7 @@ def lstm_backward(
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
+                lstm_cell_backward(gates[r], 0, hd, dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
                                    cprev[r], w_peep, peephole)  # fmt: skip
                 dg[i, :] = gates[r, :]
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
@@ -161,11 +172,24 @@ def lstm_backward(
         chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
                           part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
         if peephole:
-            for r in range(r0, r1):
-                for j in range(hd):
-                    part_peep[ch, 0, j] += gates[r, j] * cprev[r, j]
-                    part_peep[ch, 1, j] += gates[r, hd + j] * cprev[r, j]
-                    part_peep[ch, 2, j] += gates[r, 3 * hd + j] * cnew[r, j]
+            peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
+    add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep)
+
+
+@jit
+def peephole_sums(dgates, cprev, cnew, out):
+    """out (3, H) += the peephole gradients of rows dgates (Rc, 4H), cprev, cnew (Rc, H)."""
+    hd = out.shape[1]
+    for r in range(dgates.shape[0]):
+        for j in range(hd):
+            out[0, j] += dgates[r, j] * cprev[r, j]
+            out[1, j] += dgates[r, hd + j] * cprev[r, j]
+            out[2, j] += dgates[r, 3 * hd + j] * cnew[r, j]
+
+
+@jit
+def add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep):
+    """Add the per-chunk (or per-part) weight gradients in order into the gradients."""
     add_parts(part_w_ih, dw_ih)
     add_parts(part_w_hh, dw_hh)
     add_parts(part_b, db_ih)
@@ -174,11 +198,104 @@ def lstm_backward(
         add_parts(part_peep, dw_peep)
 
 
+@jit(parallel=True)
+def lstm_forward_units(
+    x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
+    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training, rmask, parts,
+):  # fmt: skip
+    """:func:`lstm_forward` for a batch in one chunk, each step's recurrent product and gate
+    math split across ``parts`` threads by hidden units (see common.unit_bounds); the input
+    projection is split by rows. Same arguments, plus ``parts``."""
+    hd, nb = h.shape[1], h.shape[0]
+    units = unit_bounds(hd, parts)
+    w_ih_panels = pack_for_large(w_ih.T)
+    w_hh_panels = pack_unit_rows(w_hh, 4, units)  # part p: h @ (its rows of W_hh)^T
+    nr = w_hh_panels.shape[3]
+    gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
+    h_in = np.empty((nb, hd), h.dtype)
+    full = gates.shape[0] > 0
+    block = np.empty((0 if full else max(PROJECTION_BLOCK_ROWS, nb), 4 * hd), h.dtype)
+    if full:
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, parts)
+    proj, base, s_next = gates, 0, lengths[0] if full else 0
+    for s in range(lengths[0]):
+        n = batch_sizes[0, s]
+        if s == s_next:
+            a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
+            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], parts)
+            proj, base = block, a
+        for i in range(n):  # every part reads all of h: copy it, as the parts overwrite h
+            for j in range(hd):
+                h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
+            if training:
+                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+                hprev[r, :] = h_in[i, :]
+                cprev[r, :] = c[i, :]
+        for p in prange(parts):
+            u0, u1 = units[p], units[p + 1]
+            hu = u1 - u0
+            gemm_packed(h_in[:n], w_hh_panels[p, : (4 * hu + nr - 1) // nr], gh[p, :n, : 4 * hu], False)
+            for i in range(n):
+                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+                lstm_cell_forward(
+                    proj[r - base], gh[p, i], hu, u0, u1, b_ih, b_hh, w_peep, peephole, c[i], h[i]
+                )
+                out[r, out_col + u0 : out_col + u1] = h[i, u0:u1]
+                if training:
+                    cnew[r, u0:u1] = c[i, u0:u1]
+
+
+@jit(parallel=True)
+def lstm_backward_units(
+    x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
+    reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
+    db_ih, db_hh, dw_peep, rmask, part_w_ih, part_w_hh, parts,
+):  # fmt: skip
+    """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: per step, the gate
+    gradients and then dh = dG @ W_hh, each split by hidden units (two parallel regions);
+    the weight gradients split by rows. ``part_w_ih``, ``part_w_hh`` have ``parts``
+    slices."""
+    hd, nb = dh.shape[1], dh.shape[0]
+    units = unit_bounds(hd, parts)
+    w_hh_panels = pack_unit_columns(w_hh, units)  # part p: dG @ W_hh[:, its units]
+    nr = w_hh_panels.shape[3]
+    w_ih_panels = pack_for_large(w_ih)
+    part_b = np.empty((parts, 4 * hd), dh.dtype)
+    part_peep = np.zeros((parts, 3, hd), dh.dtype)
+    dg = np.empty((nb, 4 * hd), dh.dtype)
+    for s in range(lengths[0] - 1, -1, -1):
+        n = batch_sizes[0, s]
+        for p in prange(parts):
+            u0, u1 = units[p], units[p + 1]
+            for i in range(n):
+                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+                lstm_cell_backward(gates[r], u0, u1, dh[i], dout[r, out_col : out_col + hd], dc[i], cnew[r],
+                                   cprev[r], w_peep, peephole)  # fmt: skip
+                for q in range(4):
+                    dg[i, q * hd + u0 : q * hd + u1] = gates[r, q * hd + u0 : q * hd + u1]
+        for p in prange(parts):
+            u0, u1 = units[p], units[p + 1]
+            gemm_packed(dg[:n], w_hh_panels[p, : (u1 - u0 + nr - 1) // nr], dh[:n, u0:u1], False)
+            if rmask.shape[0]:
+                for i in range(n):
+                    for j in range(u0, u1):
+                        dh[i, j] *= rmask[i, j]
+    rows = x.shape[0]
+    for p in prange(parts):
+        r0, r1 = rows * p // parts, rows * (p + 1) // parts
+        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
+                          part_w_ih[p], part_w_hh[p], part_b[p])  # fmt: skip
+        if peephole:
+            peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[p])
+    add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep)
+
+
 @jit
 def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
     """One inference step for streaming (serial, no workspace). x (N, C); h, c (N, H)
     in/out; gx, gh (N, 4H) scratch."""
     step_product(x, w_ih, gx)
     step_product(h, w_hh, gh)
+    hd = h.shape[1]
     for i in range(x.shape[0]):
-        lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])
+        lstm_cell_forward(gx[i], gh[i], hd, 0, hd, b_ih, b_hh, w_peep, peephole, c[i], h[i])

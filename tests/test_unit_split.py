@@ -1,0 +1,114 @@
+"""The LSTM's unit-split path (a batch of 2-4 samples with large recurrent weights: one chunk,
+each step split across threads by hidden units) against finite differences, torch and the
+chunked path. ``SPREAD_STEP_BYTES = 0`` makes any weights count as large, so small layers
+take the path; H is odd so that the parts have unequal widths."""
+
+import numba
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import _engine, _threads, layers
+from tests.cases import Case, assert_matches
+from tests.test_gradcheck import _check
+from tests.test_torch_parity import torch_run
+from tests.tolerances import assert_close
+
+
+@pytest.fixture
+def unit_split(monkeypatch):
+    """Force the unit-split path and count its kernel calls: {"forward": n, "backward": n}."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
+    monkeypatch.setattr(_threads, "SPREAD_STEP_BYTES", 0)
+    calls = {"forward": 0, "backward": 0}
+    for name, kind in (("lstm_forward_units", "forward"), ("lstm_backward_units", "backward")):
+        kernel = getattr(_engine, name)
+
+        def counted(*args, kernel=kernel, kind=kind):
+            calls[kind] += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(_engine, name, counted)
+    return calls
+
+
+def _chunked(monkeypatch):
+    monkeypatch.setattr(layers, "unit_parts", lambda *args: 0)
+
+
+def test_unit_parts_policy():
+    w = np.empty((4 * 512, 512), np.float32)  # 4 MB
+    assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
+    assert _threads.unit_parts("lstm", 2, w) > 0
+    assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
+    assert _threads.unit_parts("lstm", _threads.UNIT_SPLIT_MAX_BATCH + 1, w) == 0
+    assert _threads.unit_parts("gru", 4, w) == 0
+    assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
+
+
+@pytest.mark.parametrize(
+    ("variant", "num_layers", "bidirectional", "use_lengths", "use_hx", "bias"),
+    [
+        ("lstm", 1, False, False, False, True),
+        ("lstm", 2, True, True, True, True),
+        ("lstm-peephole", 2, True, True, True, False),
+        ("lstm-peephole", 1, False, True, False, True),
+    ],
+)
+def test_unit_split_finite_differences(
+    unit_split, variant, num_layers, bidirectional, use_lengths, use_hx, bias
+):
+    case = Case(variant, np.float64, num_layers, bidirectional, use_lengths, use_hx, bias, steps=4, batch=3,
+                hidden_size=5)  # fmt: skip
+    _, _, dx, dinit = case.run()
+    assert unit_split["forward"] > 0 and unit_split["backward"] > 0
+    grads = {k: g.copy() for k, g in case.layer.grads.items()}
+    rng = np.random.default_rng(7)
+    for name, param in case.layer.params.items():
+        _check(case, name, param, grads[name], rng)
+    x = case.x.copy()
+    _check(case, "x", x, dx, rng, x=x)
+    h0 = [s.copy() if use_hx else np.zeros_like(s) for s in case.h0]
+    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
+        _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [2, 4])
+def test_unit_split_torch_parity(unit_split, dtype, batch):
+    case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
+    got = case.run()
+    assert unit_split["forward"] == 4 and unit_split["backward"] == 4
+    assert_matches(case, got, torch_run(case), "torch parity")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unit_split_matches_chunks_with_recurrent_dropout(unit_split, monkeypatch, dtype):
+    results = []
+    for split in (True, False):
+        case = Case("lstm-peephole", dtype, 2, True, True, True, steps=6, batch=4, hidden_size=7,
+                    extra={"recurrent_dropout": 0.3})  # fmt: skip
+        case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
+        if not split:
+            _chunked(monkeypatch)
+        out, finals, dx, dinit = case.run()
+        results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    assert unit_split["forward"] == 4  # the first run only
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b, dtype, "unit split vs chunks")
+
+
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeypatch, equal_lengths):
+    # Inference projects the input a block of steps at a time (512 rows: 256 steps of 2
+    # samples); 600 steps take three blocks, forwards and in reverse.
+    layer = fastseq.LSTM(3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
+    x = np.random.default_rng(3).standard_normal((600, 2, 3))
+    lengths = None if equal_lengths else [600, 431]
+    out, (h, c) = layer(x, lengths=lengths)
+    assert unit_split["forward"] == 2
+    _chunked(monkeypatch)
+    ref_out, (ref_h, ref_c) = layer(x, lengths=lengths)
+    for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+        assert_close(a, b, np.float64, "unit split vs chunks, inference")
