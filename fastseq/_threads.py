@@ -57,26 +57,22 @@ def _blas_controller():
 SPREAD_STEP_BYTES = 1 << 20
 
 
-#: Largest batch whose steps are split across threads by hidden units instead of by samples
+#: Batches whose steps are split across threads by hidden units instead of by samples
 #: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
 #: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
-#: Measured (float32, Zen 3, 4 x 512 @ 512 x 2048 per step): 55 us split against 96 us for
-#: two chunks; at 8 and 16 rows the two tie (105 vs 103 us, 205 vs 197 us).
-UNIT_SPLIT_MAX_BATCH = 4
+#: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
+#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=2 (chunks of one row, BLAS gemv)
+#: 0.90-1.06; N=5-8 mixed (0.9-1.14).
+UNIT_SPLIT_BATCHES = (3, 4)
 
 
 def unit_parts(cell: str, batch: int, w_hh) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
-    chunks (:func:`num_chunks`): for an LSTM batch of 2..UNIT_SPLIT_MAX_BATCH samples with
-    recurrent weights ``w_hh`` of at least SPREAD_STEP_BYTES, as many parts as numba's
-    start-up thread count (so results do not depend on the active thread count)."""
+    chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES with recurrent
+    weights ``w_hh`` of at least SPREAD_STEP_BYTES, as many parts as numba's start-up thread
+    count (so results do not depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
-    if (
-        cell == "lstm"
-        and 2 <= batch <= UNIT_SPLIT_MAX_BATCH
-        and threads >= 2
-        and w_hh.nbytes >= SPREAD_STEP_BYTES
-    ):
+    if cell == "lstm" and batch in UNIT_SPLIT_BATCHES and threads >= 2 and w_hh.nbytes >= SPREAD_STEP_BYTES:
         return min(threads, w_hh.shape[1])
     return 0
 

@@ -1,4 +1,4 @@
-"""The LSTM's unit-split path (a batch of 2-4 samples with large recurrent weights: one chunk,
+"""The LSTM's unit-split path (a batch of 3-4 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
 chunked path. ``SPREAD_STEP_BYTES = 0`` makes any weights count as large, so small layers
 take the path; H is odd so that the parts have unequal widths."""
@@ -40,9 +40,10 @@ def _chunked(monkeypatch):
 def test_unit_parts_policy():
     w = np.empty((4 * 512, 512), np.float32)  # 4 MB
     assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
-    assert _threads.unit_parts("lstm", 2, w) > 0
+    assert _threads.unit_parts("lstm", 3, w) > 0
+    assert _threads.unit_parts("lstm", 2, w) == 0  # chunks of one row: BLAS gemv
     assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
-    assert _threads.unit_parts("lstm", _threads.UNIT_SPLIT_MAX_BATCH + 1, w) == 0
+    assert _threads.unit_parts("lstm", 5, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
 
@@ -75,7 +76,7 @@ def test_unit_split_finite_differences(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [2, 4])
+@pytest.mark.parametrize("batch", [3, 4])
 def test_unit_split_torch_parity(unit_split, dtype, batch):
     case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
     got = case.run()
@@ -101,11 +102,11 @@ def test_unit_split_matches_chunks_with_recurrent_dropout(unit_split, monkeypatc
 
 @pytest.mark.parametrize("equal_lengths", [True, False])
 def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeypatch, equal_lengths):
-    # Inference projects the input a block of steps at a time (512 rows: 256 steps of 2
-    # samples); 600 steps take three blocks, forwards and in reverse.
+    # Inference projects the input a block of steps at a time (512 rows: 170 steps of 3
+    # samples); 600 steps take four blocks, forwards and in reverse.
     layer = fastseq.LSTM(3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
-    x = np.random.default_rng(3).standard_normal((600, 2, 3))
-    lengths = None if equal_lengths else [600, 431]
+    x = np.random.default_rng(3).standard_normal((600, 3, 3))
+    lengths = None if equal_lengths else [600, 431, 17]
     out, (h, c) = layer(x, lengths=lengths)
     assert unit_split["forward"] == 2
     _chunked(monkeypatch)

@@ -229,3 +229,39 @@ def gemm_split_rows(a, b, b_panels, out, parts):
         r0, r1 = n * p // parts, n * (p + 1) // parts
         if r1 > r0:
             gemm_large(a[r0:r1], b, b_panels, out[r0:r1], False)
+
+
+@jit
+def gather_units(row, gates, u0, out):
+    """Compact a gate row for the units u0..u0+hu-1: out[q*hu + u] = row[q*H + u0 + u] for
+    each gate q < ``gates``. row (G*H,), out (G*hu,)."""
+    hd, hu = row.shape[0] // gates, out.shape[0] // gates
+    for q in range(gates):
+        out[q * hu : (q + 1) * hu] = row[q * hd + u0 : q * hd + u0 + hu]
+
+
+@jit
+def scatter_units(compact, gates, u0, row):
+    """The inverse of :func:`gather_units`: row[q*H + u0 + u] = compact[q*hu + u]."""
+    hd, hu = row.shape[0] // gates, compact.shape[0] // gates
+    for q in range(gates):
+        row[q * hd + u0 : q * hd + u0 + hu] = compact[q * hu : (q + 1) * hu]
+
+
+@jit
+def unit_operands(b_ih, b_hh, w_peep, gates, units):
+    """Each part's compact biases (parts, G*widest) (empty when b_ih has no entries), peephole
+    weights (parts, P, widest) of w_peep (P, H), and a compact gate-row scratch (parts,
+    G*widest): part p's use the first G*hu (hu) entries."""
+    parts, wide = units.shape[0] - 1, widest_part(units)
+    nb = gates * wide if b_ih.shape[0] else 0
+    b_ih_p = np.zeros((parts, nb), b_ih.dtype)
+    b_hh_p = np.zeros((parts, nb), b_ih.dtype)
+    peep_p = np.zeros((parts, w_peep.shape[0], wide), w_peep.dtype)
+    for p in range(parts):
+        u0, hu = units[p], units[p + 1] - units[p]
+        if nb:
+            gather_units(b_ih, gates, u0, b_ih_p[p, : gates * hu])
+            gather_units(b_hh, gates, u0, b_hh_p[p, : gates * hu])
+        peep_p[p, :, :hu] = w_peep[:, u0 : u0 + hu]
+    return b_ih_p, b_hh_p, peep_p, np.empty((parts, gates * wide), w_peep.dtype)

@@ -26,6 +26,7 @@ from fastseq.kernels.common import (
     add_parts,
     block_rows,
     chunk_input_grads,
+    gather_units,
     gemm_split_rows,
     mask_rows,
     masked_rows,
@@ -33,28 +34,27 @@ from fastseq.kernels.common import (
     pack_unit_rows,
     packed_row,
     projection_block,
+    scatter_units,
     start_chunk,
     step_panels,
     unit_bounds,
+    unit_operands,
     widest_part,
 )
 from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_for_large, step_product
 
 
 @jit
-def lstm_cell_forward(g, gh, gh_stride, j0, j1, b_ih, b_hh, w_peep, peephole, c, h):
-    """One sample, one step, hidden units j0..j1-1. g (4H,) in: input projection, out:
-    activations i, f, g, o (the units' entries). gh in: the recurrent GEMM row, gate q of
-    unit j at ``gh[q * gh_stride + j - j0]`` (the full (4H,) row: gh_stride = H, j0 = 0).
-    b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
+def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
+    """One sample, one step. g (4H,) in: input projection, out: activations i, f, g, o.
+    gh (4H,) in: recurrent GEMM row. b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
     hd = h.shape[0]
-    for j in range(j0, j1):
-        u = j - j0
+    for j in range(hd):
         c0 = c[j]
-        ai = g[j] + b_ih[j] + gh[u] + b_hh[j]
-        af = g[hd + j] + b_ih[hd + j] + gh[gh_stride + u] + b_hh[hd + j]
-        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * gh_stride + u] + b_hh[2 * hd + j]
-        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * gh_stride + u] + b_hh[3 * hd + j]
+        ai = g[j] + b_ih[j] + gh[j] + b_hh[j]
+        af = g[hd + j] + b_ih[hd + j] + gh[hd + j] + b_hh[hd + j]
+        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * hd + j] + b_hh[2 * hd + j]
+        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * hd + j] + b_hh[3 * hd + j]
         if peephole:
             ai += w_peep[0, j] * c0
             af += w_peep[1, j] * c0
@@ -74,14 +74,13 @@ def lstm_cell_forward(g, gh, gh_stride, j0, j1, b_ih, b_hh, w_peep, peephole, c,
 
 
 @jit
-def lstm_cell_backward(g, j0, j1, dh, dout, dc, c1, c0, w_peep, peephole):
-    """One sample, one step, hidden units j0..j1-1. g (4H,) in: activations i, f, g, o; out:
-    gradients of the pre-activations (the units' entries). dh (H,) in: gradient from the
-    next step; dout (H,) in: gradient of this output. dc (H,) in/out: gradient of c' in, of
-    c out. c1 (H,) c', c0 (H,) c."""
+def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
+    """One sample, one step. g (4H,) in: activations i, f, g, o; out: gradients of the
+    pre-activations. dh (H,) in: gradient from the next step; dout (H,) in: gradient of this
+    output. dc (H,) in/out: gradient of c' in, of c out. c1 (H,) c', c0 (H,) c."""
     hd = dc.shape[0]
     one = dc.dtype.type(1)
-    for j in range(j0, j1):
+    for j in range(hd):
         ig = g[j]
         fg = g[hd + j]
         gg = g[2 * hd + j]
@@ -133,7 +132,7 @@ def lstm_forward(
                 if training:
                     hprev[r, :] = h_in[i, :]
                     cprev[r, :] = c[k, :]
-                lstm_cell_forward(proj[r - base], gh[i], hd, 0, hd, b_ih, b_hh, w_peep, peephole, c[k], h[k])
+                lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
                 out[r, out_col : out_col + hd] = h[k]
                 if training:
                     cnew[r, :] = c[k, :]
@@ -164,7 +163,7 @@ def lstm_backward(
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                lstm_cell_backward(gates[r], 0, hd, dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
+                lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
                                    cprev[r], w_peep, peephole)  # fmt: skip
                 dg[i, :] = gates[r, :]
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
@@ -212,6 +211,9 @@ def lstm_forward_units(
     w_hh_panels = pack_unit_rows(w_hh, 4, units)  # part p: h @ (its rows of W_hh)^T
     nr = w_hh_panels.shape[3]
     gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
+    # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so
+    # that it vectorises like the full rows of lstm_forward
+    b_ih_p, b_hh_p, peep_p, g_p = unit_operands(b_ih, b_hh, w_peep, 4, units)
     h_in = np.empty((nb, hd), h.dtype)
     full = gates.shape[0] > 0
     block = np.empty((0 if full else max(PROJECTION_BLOCK_ROWS, nb), 4 * hd), h.dtype)
@@ -235,13 +237,15 @@ def lstm_forward_units(
             u0, u1 = units[p], units[p + 1]
             hu = u1 - u0
             gemm_packed(h_in[:n], w_hh_panels[p, : (4 * hu + nr - 1) // nr], gh[p, :n, : 4 * hu], False)
+            g = g_p[p, : 4 * hu]
             for i in range(n):
                 r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-                lstm_cell_forward(
-                    proj[r - base], gh[p, i], hu, u0, u1, b_ih, b_hh, w_peep, peephole, c[i], h[i]
-                )
+                gather_units(proj[r - base], 4, u0, g)
+                lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
+                                  peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
                 out[r, out_col + u0 : out_col + u1] = h[i, u0:u1]
                 if training:
+                    scatter_units(g, 4, u0, proj[r - base])
                     cnew[r, u0:u1] = c[i, u0:u1]
 
 
@@ -263,16 +267,19 @@ def lstm_backward_units(
     part_b = np.empty((parts, 4 * hd), dh.dtype)
     part_peep = np.zeros((parts, 3, hd), dh.dtype)
     dg = np.empty((nb, 4 * hd), dh.dtype)
+    _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
     for s in range(lengths[0] - 1, -1, -1):
         n = batch_sizes[0, s]
         for p in prange(parts):
             u0, u1 = units[p], units[p + 1]
+            g = g_p[p, : 4 * (u1 - u0)]
             for i in range(n):
                 r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-                lstm_cell_backward(gates[r], u0, u1, dh[i], dout[r, out_col : out_col + hd], dc[i], cnew[r],
-                                   cprev[r], w_peep, peephole)  # fmt: skip
-                for q in range(4):
-                    dg[i, q * hd + u0 : q * hd + u1] = gates[r, q * hd + u0 : q * hd + u1]
+                gather_units(gates[r], 4, u0, g)
+                lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
+                                   cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
+                scatter_units(g, 4, u0, gates[r])
+                scatter_units(g, 4, u0, dg[i])
         for p in prange(parts):
             u0, u1 = units[p], units[p + 1]
             gemm_packed(dg[:n], w_hh_panels[p, : (u1 - u0 + nr - 1) // nr], dh[:n, u0:u1], False)
@@ -296,6 +303,5 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
     in/out; gx, gh (N, 4H) scratch."""
     step_product(x, w_ih, gx)
     step_product(h, w_hh, gh)
-    hd = h.shape[1]
     for i in range(x.shape[0]):
-        lstm_cell_forward(gx[i], gh[i], hd, 0, hd, b_ih, b_hh, w_peep, peephole, c[i], h[i])
+        lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])
