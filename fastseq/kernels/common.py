@@ -6,7 +6,7 @@ import numpy as np
 from numba import prange
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm, gemm_large, pack, panel_width
+from fastseq.kernels.gemm import gemm, gemm_large, gemm_packed, pack, panel_width
 
 
 @jit
@@ -218,6 +218,34 @@ def pack_unit_columns(w, units):
                 for jj in range(cols):
                     panels[p, q, kk, jj] = w[kk, u0 + q * nr + jj]
     return panels
+
+
+@jit(parallel=True)
+def unit_products(a, panels, out, units, mask):
+    """out[:, units[p]:units[p+1]] = a @ B_p for every part p across threads, B_p given as
+    ``panels[p]`` (:func:`pack_unit_columns`); then out *= mask[:n] (recurrent dropout;
+    mask with 0 rows: none). a (n, K), out (n, H) with contiguous rows."""
+    nr = panels.shape[3]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        gemm_packed(a, panels[p, : (u1 - u0 + nr - 1) // nr], out[:, u0:u1], False)
+        if mask.shape[0]:
+            for i in range(a.shape[0]):
+                for j in range(u0, u1):
+                    out[i, j] *= mask[i, j]
+
+
+@jit(parallel=True)
+def input_grads_split_rows(
+    dgates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, part_w_ih, part_w_hh, part_b
+):
+    """:func:`chunk_input_grads` over all rows, split into ``part_w_ih.shape[0]`` row ranges
+    across threads; range p's partial sums go to ``part_*[p]``."""
+    rows, parts = x.shape[0], part_w_ih.shape[0]
+    for p in prange(parts):
+        r0, r1 = rows * p // parts, rows * (p + 1) // parts
+        chunk_input_grads(dgates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
+                          part_w_ih[p], part_w_hh[p], part_b[p])  # fmt: skip
 
 
 @jit(parallel=True)

@@ -28,6 +28,7 @@ from fastseq.kernels.common import (
     chunk_input_grads,
     gather_units,
     gemm_split_rows,
+    input_grads_split_rows,
     mask_rows,
     masked_rows,
     pack_unit_columns,
@@ -39,6 +40,7 @@ from fastseq.kernels.common import (
     step_panels,
     unit_bounds,
     unit_operands,
+    unit_products,
     widest_part,
 )
 from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_for_large, step_product
@@ -197,7 +199,7 @@ def add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, d
         add_parts(part_peep, dw_peep)
 
 
-@jit(parallel=True)
+@jit
 def lstm_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
     offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training, rmask, parts,
@@ -209,12 +211,12 @@ def lstm_forward_units(
     units = unit_bounds(hd, parts)
     w_ih_panels = pack_for_large(w_ih.T)
     w_hh_panels = pack_unit_rows(w_hh, 4, units)  # part p: h @ (its rows of W_hh)^T
-    nr = w_hh_panels.shape[3]
     gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
     # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so
     # that it vectorises like the full rows of lstm_forward
     b_ih_p, b_hh_p, peep_p, g_p = unit_operands(b_ih, b_hh, w_peep, 4, units)
     h_in = np.empty((nb, hd), h.dtype)
+    rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
     full = gates.shape[0] > 0
     block = np.empty((0 if full else max(PROJECTION_BLOCK_ROWS, nb), 4 * hd), h.dtype)
     if full:
@@ -227,29 +229,44 @@ def lstm_forward_units(
             gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], parts)
             proj, base = block, a
         for i in range(n):  # every part reads all of h: copy it, as the parts overwrite h
+            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+            proj_rows[i] = rows[i] - base
             for j in range(hd):
                 h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
             if training:
-                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-                hprev[r, :] = h_in[i, :]
-                cprev[r, :] = c[i, :]
-        for p in prange(parts):
-            u0, u1 = units[p], units[p + 1]
-            hu = u1 - u0
-            gemm_packed(h_in[:n], w_hh_panels[p, : (4 * hu + nr - 1) // nr], gh[p, :n, : 4 * hu], False)
-            g = g_p[p, : 4 * hu]
-            for i in range(n):
-                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-                gather_units(proj[r - base], 4, u0, g)
-                lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
-                                  peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
-                out[r, out_col + u0 : out_col + u1] = h[i, u0:u1]
-                if training:
-                    scatter_units(g, 4, u0, proj[r - base])
-                    cnew[r, u0:u1] = c[i, u0:u1]
+                hprev[rows[i], :] = h_in[i, :]
+                cprev[rows[i], :] = c[i, :]
+        forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
+                           c, h, out, out_col, cnew, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
+def forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
+                       out_col, cnew, rows, training, units):  # fmt: skip
+    """One step of :func:`lstm_forward_units`, its parts across threads. h_in (n, H) in: the
+    (masked) state the product reads; rows (n,): the step's packed rows, proj_rows: their
+    rows of ``proj``; panels, b_ih_p, b_hh_p, peep_p, g_p: per part (common.unit_operands).
+    A parallel function of its own, so that the kernel's time loop around it stays serial
+    code."""
+    nr = panels.shape[3]
+    n = rows.shape[0]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        gemm_packed(h_in, panels[p, : (4 * hu + nr - 1) // nr], gh[p, :n, : 4 * hu], False)
+        g = g_p[p, : 4 * hu]
+        for i in range(n):
+            r = rows[i]
+            gather_units(proj[proj_rows[i]], 4, u0, g)
+            lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
+                              peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
+            out[r, out_col + u0 : out_col + u1] = h[i, u0:u1]
+            if training:
+                scatter_units(g, 4, u0, proj[proj_rows[i]])
+                cnew[r, u0:u1] = c[i, u0:u1]
+
+
+@jit
 def lstm_backward_units(
     x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
@@ -262,39 +279,43 @@ def lstm_backward_units(
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_columns(w_hh, units)  # part p: dG @ W_hh[:, its units]
-    nr = w_hh_panels.shape[3]
     w_ih_panels = pack_for_large(w_ih)
     part_b = np.empty((parts, 4 * hd), dh.dtype)
-    part_peep = np.zeros((parts, 3, hd), dh.dtype)
+    part_peep = np.zeros((1, 3, hd), dh.dtype)
     dg = np.empty((nb, 4 * hd), dh.dtype)
     _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
+    rows = np.empty(nb, np.int64)
     for s in range(lengths[0] - 1, -1, -1):
         n = batch_sizes[0, s]
-        for p in prange(parts):
-            u0, u1 = units[p], units[p + 1]
-            g = g_p[p, : 4 * (u1 - u0)]
-            for i in range(n):
-                r = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-                gather_units(gates[r], 4, u0, g)
-                lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
-                                   cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
-                scatter_units(g, 4, u0, gates[r])
-                scatter_units(g, 4, u0, dg[i])
-        for p in prange(parts):
-            u0, u1 = units[p], units[p + 1]
-            gemm_packed(dg[:n], w_hh_panels[p, : (u1 - u0 + nr - 1) // nr], dh[:n, u0:u1], False)
-            if rmask.shape[0]:
-                for i in range(n):
-                    for j in range(u0, u1):
-                        dh[i, j] *= rmask[i, j]
-    rows = x.shape[0]
-    for p in prange(parts):
-        r0, r1 = rows * p // parts, rows * (p + 1) // parts
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
-                          part_w_ih[p], part_w_hh[p], part_b[p])  # fmt: skip
-        if peephole:
-            peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[p])
+        for i in range(n):
+            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+        backward_step_units(
+            gates, rows[:n], dh, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg, units
+        )
+        unit_products(dg[:n], w_hh_panels, dh[:n], units, rmask)
+    input_grads_split_rows(
+        gates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, part_w_ih, part_w_hh, part_b
+    )
+    if peephole:
+        peephole_sums(gates, cprev, cnew, part_peep[0])
     add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep)
+
+
+@jit(parallel=True)
+def backward_step_units(gates, rows, dh, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg, units):
+    """The gate gradients of one step of :func:`lstm_backward_units`, its parts across
+    threads: rows (n,) the step's packed rows; gates rows in: activations, out: gradients of
+    the pre-activations, copied to dg[:n] for the product that follows."""
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        g = g_p[p, : 4 * (u1 - u0)]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            gather_units(gates[r], 4, u0, g)
+            lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
+                               cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
+            scatter_units(g, 4, u0, gates[r])
+            scatter_units(g, 4, u0, dg[i])
 
 
 @jit
