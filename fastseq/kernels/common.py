@@ -186,7 +186,7 @@ def widest_part(units):
     return widest
 
 
-@jit(parallel=True)
+@jit
 def pack_unit_rows(w, gates, units):
     """Panels (parts, P, K, NR) of each part's rows of w (G*H, K), for products
     ``a @ w_p.T``: part p's w_p stacks rows ``q*H + j`` for gates q = 0..G-1 and its units j
@@ -195,7 +195,7 @@ def pack_unit_rows(w, gates, units):
     hd = w.shape[0] // gates
     parts, k, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
     panels = np.zeros((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
-    for p in prange(parts):
+    for p in range(parts):
         u0, hu = units[p], units[p + 1] - units[p]
         for m in range(gates * hu):
             src = (m // hu) * hd + u0 + m % hu
@@ -204,13 +204,13 @@ def pack_unit_rows(w, gates, units):
     return panels
 
 
-@jit(parallel=True)
+@jit
 def pack_unit_columns(w, units):
     """Panels (parts, P, K, NR) of each part's columns of w (K, H), for products
     ``a @ w[:, units[p]:units[p+1]]``. Use ``panels[p, :ceil(hu / NR)]``."""
     parts, k, nr = units.shape[0] - 1, w.shape[0], panel_width(w)
     panels = np.zeros((parts, (widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
-    for p in prange(parts):
+    for p in range(parts):
         u0, hu = units[p], units[p + 1] - units[p]
         for q in range((hu + nr - 1) // nr):
             cols = min(nr, hu - q * nr)
@@ -262,10 +262,13 @@ def gemm_split_rows(a, b, b_panels, out, parts):
 @jit
 def gather_units(row, gates, u0, out):
     """Compact a gate row for the units u0..u0+hu-1: out[q*hu + u] = row[q*H + u0 + u] for
-    each gate q < ``gates``. row (G*H,), out (G*hu,)."""
+    each gate q < ``gates``. row (G*H,), out (G*hu,). (Element loops here and in the other
+    unit-split helpers: slice assignments compile numba's shape-error path, seconds of
+    first-call compile time.)"""
     hd, hu = row.shape[0] // gates, out.shape[0] // gates
     for q in range(gates):
-        out[q * hu : (q + 1) * hu] = row[q * hd + u0 : q * hd + u0 + hu]
+        for u in range(hu):
+            out[q * hu + u] = row[q * hd + u0 + u]
 
 
 @jit
@@ -273,7 +276,15 @@ def scatter_units(compact, gates, u0, row):
     """The inverse of :func:`gather_units`: row[q*H + u0 + u] = compact[q*hu + u]."""
     hd, hu = row.shape[0] // gates, compact.shape[0] // gates
     for q in range(gates):
-        row[q * hd + u0 : q * hd + u0 + hu] = compact[q * hu : (q + 1) * hu]
+        for u in range(hu):
+            row[q * hd + u0 + u] = compact[q * hu + u]
+
+
+@jit
+def copy_units(src, dst, u0, u1):
+    """dst[u0:u1] = src[u0:u1] (1-D)."""
+    for u in range(u0, u1):
+        dst[u] = src[u]
 
 
 @jit
@@ -291,5 +302,6 @@ def unit_operands(b_ih, b_hh, w_peep, gates, units):
         if nb:
             gather_units(b_ih, gates, u0, b_ih_p[p, : gates * hu])
             gather_units(b_hh, gates, u0, b_hh_p[p, : gates * hu])
-        peep_p[p, :, :hu] = w_peep[:, u0 : u0 + hu]
+        for q in range(w_peep.shape[0]):
+            copy_units(w_peep[q, u0:], peep_p[p, q], 0, hu)
     return b_ih_p, b_hh_p, peep_p, np.empty((parts, gates * wide), w_peep.dtype)

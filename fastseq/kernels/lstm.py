@@ -26,6 +26,7 @@ from fastseq.kernels.common import (
     add_parts,
     block_rows,
     chunk_input_grads,
+    copy_units,
     gather_units,
     gemm_split_rows,
     input_grads_split_rows,
@@ -234,8 +235,8 @@ def lstm_forward_units(
             for j in range(hd):
                 h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
             if training:
-                hprev[rows[i], :] = h_in[i, :]
-                cprev[rows[i], :] = c[i, :]
+                copy_units(h_in[i], hprev[rows[i]], 0, hd)
+                copy_units(c[i], cprev[rows[i]], 0, hd)
         forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
                            c, h, out, out_col, cnew, rows[:n], training, units)  # fmt: skip
 
@@ -260,10 +261,10 @@ def forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p
             gather_units(proj[proj_rows[i]], 4, u0, g)
             lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
                               peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
-            out[r, out_col + u0 : out_col + u1] = h[i, u0:u1]
+            copy_units(h[i], out[r, out_col:], u0, u1)
             if training:
                 scatter_units(g, 4, u0, proj[proj_rows[i]])
-                cnew[r, u0:u1] = c[i, u0:u1]
+                copy_units(c[i], cnew[r], u0, u1)
 
 
 @jit
