@@ -24,7 +24,10 @@ leading slice of the chunk's contiguous state, and work is proportional to valid
 Each kernel runs one ``prange`` over the chunks; a chunk runs its whole sequence with its
 own (single-threaded) BLAS calls, so there is no barrier per time step. Weight gradients
 are summed per chunk and the partial sums added in chunk order: results do not depend on
-the number of threads.
+the number of threads. Exception: LSTM batches too small to split well by samples
+(``fastseq._threads.unit_parts``) run as one chunk through ``lstm_forward_units`` /
+``lstm_backward_units``, which split each step across threads by hidden units (a parallel
+region per step) and the chunk-level GEMMs by rows.
 
 The forward direction runs step ``s = t``. The reverse direction runs step ``s`` of sample
 ``k`` at time ``t = lengths[k] - 1 - s``, so each sample's reverse pass starts at its own
