@@ -3,6 +3,8 @@ each step split across threads by hidden units) against finite differences, torc
 chunked path. ``SPREAD_STEP_BYTES = 0`` makes any weights count as large, so small layers
 take the path; H is odd so that the parts have unequal widths."""
 
+import threading
+
 import numba
 import numpy as np
 import pytest
@@ -113,3 +115,52 @@ def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeyp
     ref_out, (ref_h, ref_c) = layer(x, lengths=lengths)
     for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
         assert_close(a, b, np.float64, "unit split vs chunks, inference")
+
+
+def test_unit_split_bitwise_identical_across_thread_counts(unit_split):
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            numba.set_num_threads(threads)
+            case = Case("lstm-peephole", np.float32, 2, True, True, True, steps=9, batch=4, input_size=5,
+                        hidden_size=17)  # fmt: skip
+            out, finals, dx, dinit = case.run()
+            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    finally:
+        numba.set_num_threads(before)
+    assert unit_split["forward"] == 3 * 4
+    for a, b, c in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_unit_split_layers_in_concurrent_python_threads(unit_split):
+    cases = [
+        Case("lstm", np.float64, 1, True, True, True, steps=20, batch=3, hidden_size=9, seed=i)
+        for i in range(3)
+    ]
+    expected = [[a.copy() for a in _flat(c.run())] for c in cases]
+    got, errors = [None] * len(cases), []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got[k] = _flat(cases[k].run())
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for exp, res in zip(expected, got, strict=True):
+        for a, b in zip(exp, res, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _flat(result):
+    out, finals, dx, dinit = result
+    return [out, *finals, dx, *dinit]
