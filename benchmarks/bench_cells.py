@@ -11,8 +11,14 @@ import numpy as np
 import fastseq
 from fastseq.registry import CELLS, gemm_flops
 
-#: (N, T, C=H) shapes: the speed issue's targets (small, medium, large).
-SHAPES = {"small": (32, 100, 64), "medium": (64, 100, 256), "large": (64, 50, 1024)}
+#: (N, T, C=H) shapes: the speed issue's targets (small, medium, large), and a small batch
+#: with large weights (the LSTM's unit-split path).
+SHAPES = {
+    "small": (32, 100, 64),
+    "medium": (64, 100, 256),
+    "large": (64, 50, 1024),
+    "small_batch": (4, 50, 512),
+}
 STREAM_HIDDEN = 128
 
 
