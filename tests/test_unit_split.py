@@ -164,3 +164,21 @@ def test_unit_split_layers_in_concurrent_python_threads(unit_split):
 def _flat(result):
     out, finals, dx, dinit = result
     return [out, *finals, dx, *dinit]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
+    # On a machine with many threads a short batch has fewer packed rows than parts: the
+    # row ranges of the weight gradients are then empty for some parts, whose partial sums
+    # (uninitialised pool scratch) must count as zero.
+    results = []
+    for parts in (8, 0):
+        monkeypatch.setattr(layers, "unit_parts", lambda *args, parts=parts: parts)
+        case = Case("lstm-peephole", np.float64, 1, False, False, True, steps=steps, batch=3, hidden_size=11)
+        for _ in range(2):  # the second step reuses the layer's scratch
+            out, finals, dx, dinit = case.run()
+            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    assert unit_split["forward"] == 2 and unit_split["backward"] == 2
+    for split_first, split_second, chunks, _ in zip(*results, strict=True):
+        assert_close(split_first, chunks, np.float64, "8 parts vs chunks")
+        assert_close(split_second, chunks, np.float64, "8 parts vs chunks, second step")

@@ -244,8 +244,13 @@ def input_grads_split_rows(
     rows, parts = x.shape[0], part_w_ih.shape[0]
     for p in prange(parts):
         r0, r1 = rows * p // parts, rows * (p + 1) // parts
-        chunk_input_grads(dgates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
-                          part_w_ih[p], part_w_hh[p], part_b[p])  # fmt: skip
+        if r1 > r0:
+            chunk_input_grads(dgates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
+                              part_w_ih[p], part_w_hh[p], part_b[p])  # fmt: skip
+        else:  # more parts than rows
+            part_w_ih[p].fill(0)
+            part_w_hh[p].fill(0)
+            part_b[p].fill(0)
 
 
 @jit(parallel=True)
