@@ -247,7 +247,10 @@ class _RecurrentLayer(Module):
                 dirs_ws.append(ws)
             mask = None
             if training and self.dropout > 0 and layer < self.num_layers - 1:
-                mask = self._dropout_mask(out.shape, self.dropout)
+                # drawn in (T, N) order, then packed: the same mask whatever the row layout
+                # (chunk count, unit split)
+                padded = (packing.steps, packing.batch, out.shape[1])
+                mask = packing.pack(self._dropout_mask(padded, self.dropout))
                 out *= mask  # backward needs only the masked output (the next layer's input)
             layers_ws.append((dirs_ws, mask))
             if layer > 0 and not training:

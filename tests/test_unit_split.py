@@ -87,11 +87,11 @@ def test_unit_split_torch_parity(unit_split, dtype, batch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_unit_split_matches_chunks_with_recurrent_dropout(unit_split, monkeypatch, dtype):
+def test_unit_split_matches_chunks_with_dropout(unit_split, monkeypatch, dtype):
     results = []
     for split in (True, False):
         case = Case("lstm-peephole", dtype, 2, True, True, True, steps=6, batch=4, hidden_size=7,
-                    extra={"recurrent_dropout": 0.3})  # fmt: skip
+                    extra={"recurrent_dropout": 0.3, "dropout": 0.2})  # fmt: skip
         case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
         if not split:
             _chunked(monkeypatch)
