@@ -186,7 +186,7 @@ def widest_part(units):
     return widest
 
 
-@jit
+@jit(parallel=True)
 def pack_unit_rows(w, gates, units):
     """Panels (parts, P, K, NR) of each part's rows of w (G*H, K), for products
     ``a @ w_p.T``: part p's w_p stacks rows ``q*H + j`` for gates q = 0..G-1 and its units j
@@ -195,7 +195,7 @@ def pack_unit_rows(w, gates, units):
     hd = w.shape[0] // gates
     parts, k, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
     panels = np.zeros((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
-    for p in range(parts):
+    for p in prange(parts):
         u0, hu = units[p], units[p + 1] - units[p]
         for m in range(gates * hu):
             src = (m // hu) * hd + u0 + m % hu
@@ -204,13 +204,13 @@ def pack_unit_rows(w, gates, units):
     return panels
 
 
-@jit
+@jit(parallel=True)
 def pack_unit_columns(w, units):
     """Panels (parts, P, K, NR) of each part's columns of w (K, H), for products
     ``a @ w[:, units[p]:units[p+1]]``. Use ``panels[p, :ceil(hu / NR)]``."""
     parts, k, nr = units.shape[0] - 1, w.shape[0], panel_width(w)
     panels = np.zeros((parts, (widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
-    for p in range(parts):
+    for p in prange(parts):
         u0, hu = units[p], units[p + 1] - units[p]
         for q in range((hu + nr - 1) // nr):
             cols = min(nr, hu - q * nr)
