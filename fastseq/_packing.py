@@ -34,12 +34,12 @@ class Packing:
         if unit_parts and chunks != 1:
             raise ValueError(f"a packing split by units has one chunk; received chunks={chunks}")
         self.steps, self.batch, self.unit_parts = steps, batch, unit_parts
-        #: Slices of the per-chunk weight-gradient scratch the backward kernels fill.
-        self.n_parts = max(unit_parts, min(chunks, batch), 1)
         full = lengths is None or bool(np.all(lengths == steps))
         if full:
             lengths = np.full(batch, steps, dtype=np.int64)
         self.n_chunks = n_chunks = max(1, min(chunks, batch))
+        #: Slices of the per-chunk (or per-part) weight-gradient scratch backward fills.
+        self.n_parts = unit_parts or n_chunks
         self.equal_lengths = bool(np.all(lengths == lengths[0]))
         by_length = np.argsort(-lengths, kind="stable")
         per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]

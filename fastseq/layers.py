@@ -118,6 +118,11 @@ class _RecurrentLayer(Module):
             cfg["reset_after"] = self._opts.reset_after
         return cfg
 
+    @property
+    def _recurrent_weights(self):
+        """Layer 0's W_hh (every layer's has this shape): it sets the threading policy."""
+        return self.params[self._keys[0][0]["w_hh"]]
+
     def _direction_arrays(self, layer, direction, table, absent):
         return _engine.kernel_arrays(self._keys[layer][direction], table, absent)
 
@@ -188,7 +193,7 @@ class _RecurrentLayer(Module):
         if lengths is not None:
             lengths = v.lengths_array(lengths, steps, batch)
 
-        w_hh = self.params[self._keys[0][0]["w_hh"]]
+        w_hh = self._recurrent_weights
         parts = unit_parts(self._cell, batch, w_hh)
         packing = Packing(lengths, steps, batch, 1 if parts else num_chunks(batch), parts)
         if self.check_finite:
@@ -329,7 +334,7 @@ class _RecurrentLayer(Module):
             for k, d in enumerate(dfinal):
                 v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
-        with kernel_threads(packing, self.params[self._keys[0][0]["w_hh"]]):
+        with kernel_threads(packing, self._recurrent_weights):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd
