@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,3 +101,25 @@ def assert_matches(case, got, ref, source):
     assert set(r_grads) == set(case.layer.grads)
     for name, g in r_grads.items():
         assert_close(case.layer.grads[name], g, dt, name, kind)
+
+
+def run_in_threads(jobs, repeats=3):
+    """Run every job (a callable) ``repeats`` times, each job in its own Python thread, all
+    at once; returns each job's last result and raises the first error a thread met."""
+    results, errors = [None] * len(jobs), []
+
+    def work(k):
+        try:
+            for _ in range(repeats):
+                results[k] = jobs[k]()
+        except Exception as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -29,6 +29,21 @@ def _check(case, name, array, analytic, rng, **loss_kwargs):
     assert_fd_close([analytic[idx] for idx in indices], numeric, f"{case.variant}: d{name}")
 
 
+def check_gradients(case, dx, dinit, rng, names=None, states=True):
+    """Finite differences against the gradients of the run that returned ``dx``, ``dinit``:
+    the parameters ``names`` (default: all), the input and (``states``) the initial states
+    (zeros when the case passes no hx: the gradient was taken there)."""
+    grads = {k: g.copy() for k, g in case.layer.grads.items()}
+    for name in names or list(case.layer.params):
+        _check(case, name, case.layer.params[name], grads[name], rng)
+    x = case.x.copy()
+    _check(case, "x", x, dx, rng, x=x)
+    if states:
+        h0 = [s.copy() if case.use_hx else np.zeros_like(s) for s in case.h0]
+        for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
+            _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("use_hx", [True, False], ids=["hx", "nohx"])
 @pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
@@ -38,20 +53,10 @@ def _check(case, name, array, analytic, rng, **loss_kwargs):
 def test_finite_differences(variant, num_layers, bidirectional, use_lengths, use_hx, bias):
     case = Case(variant, np.float64, num_layers, bidirectional, use_lengths, use_hx, bias, steps=4, batch=3)
     _, _, dx, dinit = case.run()
-    grads = {k: g.copy() for k, g in case.layer.grads.items()}
-    rng = np.random.default_rng(99)
-    for name, param in case.layer.params.items():
-        _check(case, name, param, grads[name], rng)
-    x = case.x.copy()
-    _check(case, "x", x, dx, rng, x=x)
-    if variant == "rnn-relu" and not use_hx and not bias:
-        # h0 = 0 with no bias puts ReLU pre-activations exactly at the kink (0) wherever the
-        # layer below outputs zeros: central differences see half a slope there.
-        return
-    # hx=None means zeros: the gradient was taken there.
-    h0 = [s.copy() if use_hx else np.zeros_like(s) for s in case.h0]
-    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
-        _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+    # h0 = 0 with no bias puts ReLU pre-activations exactly at the kink (0) wherever the
+    # layer below outputs zeros: central differences see half a slope there.
+    at_kink = variant == "rnn-relu" and not use_hx and not bias
+    check_gradients(case, dx, dinit, np.random.default_rng(99), states=not at_kink)
 
 
 @pytest.mark.parametrize("recurrent_dropout", [0.0, 0.4], ids=["dropout", "dropout+recurrent"])
@@ -66,7 +71,6 @@ def test_finite_differences_dropout_fixed_mask(variant, recurrent_dropout):
 
     reseed()
     _, _, dx, dinit = case.run()
-    grads = {k: g.copy() for k, g in case.layer.grads.items()}
     original_loss = case.loss
 
     def loss(**kw):
@@ -74,11 +78,5 @@ def test_finite_differences_dropout_fixed_mask(variant, recurrent_dropout):
         return original_loss(**kw)
 
     case.loss = loss
-    rng = np.random.default_rng(3)
-    for name in ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2", "bias_hh_l0", "weight_hh_l2"):
-        _check(case, name, case.layer.params[name], grads[name], rng)
-    x = case.x.copy()
-    _check(case, "x", x, dx, rng, x=x)
-    h0 = [s.copy() for s in case.h0]
-    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
-        _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+    names = ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2", "bias_hh_l0", "weight_hh_l2")
+    check_gradients(case, dx, dinit, np.random.default_rng(3), names)

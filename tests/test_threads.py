@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from tests.cases import Case
+from tests.cases import Case, run_in_threads
 from tests.conftest import VARIANTS
 from tests.tolerances import assert_close
 
@@ -74,22 +74,7 @@ def test_two_python_threads_run_layers_concurrently():
         for a, b in zip(ref, main, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     blas_before = _blas_threads()
-    got = [None] * len(cases)
-    errors = []
-
-    def work(k):
-        try:
-            for _ in range(3):
-                got[k] = _run(cases[k])
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = run_in_threads([lambda c=c: _run(c) for c in cases])
     for exp, res in zip(expected, got, strict=True):
         for a, b in zip(exp, res, strict=True):
             np.testing.assert_array_equal(a, b)

@@ -3,16 +3,14 @@ each step split across threads by hidden units) against finite differences, torc
 chunked path. ``SPREAD_STEP_BYTES = 0`` makes any weights count as large, so small layers
 take the path; H is odd so that the parts have unequal widths."""
 
-import threading
-
 import numba
 import numpy as np
 import pytest
 
 import fastseq
 from fastseq import _engine, _threads, layers
-from tests.cases import Case, assert_matches
-from tests.test_gradcheck import _check
+from tests.cases import Case, assert_matches, run_in_threads
+from tests.test_gradcheck import check_gradients
 from tests.test_torch_parity import torch_run
 from tests.tolerances import assert_close
 
@@ -66,15 +64,7 @@ def test_unit_split_finite_differences(
                 hidden_size=5)  # fmt: skip
     _, _, dx, dinit = case.run()
     assert unit_split["forward"] > 0 and unit_split["backward"] > 0
-    grads = {k: g.copy() for k, g in case.layer.grads.items()}
-    rng = np.random.default_rng(7)
-    for name, param in case.layer.params.items():
-        _check(case, name, param, grads[name], rng)
-    x = case.x.copy()
-    _check(case, "x", x, dx, rng, x=x)
-    h0 = [s.copy() if use_hx else np.zeros_like(s) for s in case.h0]
-    for k, (s, d) in enumerate(zip(h0, dinit, strict=True)):
-        _check(case, f"hx[{k}]", s, d, rng, h0=h0)
+    check_gradients(case, dx, dinit, np.random.default_rng(7))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -141,21 +131,7 @@ def test_unit_split_layers_in_concurrent_python_threads(unit_split):
         for i in range(3)
     ]
     expected = [[a.copy() for a in _flat(c.run())] for c in cases]
-    got, errors = [None] * len(cases), []
-
-    def work(k):
-        try:
-            for _ in range(3):
-                got[k] = _flat(cases[k].run())
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = run_in_threads([lambda c=c: _flat(c.run()) for c in cases])
     for exp, res in zip(expected, got, strict=True):
         for a, b in zip(exp, res, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
