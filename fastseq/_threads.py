@@ -28,6 +28,8 @@ from contextlib import contextmanager
 
 import numba
 
+from fastseq.kernels.gemm import FEW_ROWS
+
 _lock = threading.Lock()
 _active = 0
 _controller = None
@@ -77,6 +79,39 @@ def unit_parts(cell: str, batch: int, w_hh) -> int:
     count (so results do not depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
     if cell == "lstm" and batch in UNIT_SPLIT_BATCHES and threads >= 2 and w_hh.nbytes >= SPREAD_STEP_BYTES:
+        return min(threads, w_hh.shape[1])
+    return 0
+
+
+#: A streaming step (:class:`fastseq.cells.Stream`) splits its gate units across threads when
+#: its weights (W_ih and W_hh) reach STREAM_SPLIT_BYTES and the weights times the rows reach
+#: STREAM_SPLIT_WORK: each core then reads its share of the weights, and a parallel region
+#: (about 2.4 us to launch here) pays off. Measured (float32, Zen 3, C=H, 50 steps through
+#: ``Stream.step``, interleaved in one process, split / serial):
+#:
+#: - weights under 320 KB lose at every N tried (RNN H=128 N=2-32: 0.90-1.92; GRU H=96
+#:   N=2-16: 1.10-1.74);
+#: - N=1: 0.86 at 1.5-2 MB (GRU, LSTM H=256), 0.9-1.5 at 384-512 KB (GRU, LSTM H=128; RNN
+#:   H=256);
+#: - N=2 at 384-512 KB: 0.85-1.15; N=4: LSTM H=128 0.76, GRU H=128 0.93, RNN H=256 1.00;
+#: - N=8-32 at 384 KB and more: 0.54-0.97 (LSTM and GRU 0.54-0.78).
+STREAM_SPLIT_BYTES = 320 * 1024
+STREAM_SPLIT_WORK = 2 << 20
+
+
+def stream_parts(batch: int, w_ih, w_hh) -> int:
+    """Parts (threads) that split a streaming step of ``batch`` rows by hidden units, or 0
+    for the serial step (the thresholds above; never above ``gemm.FEW_ROWS`` rows, where BLAS
+    spreads the products). As many parts as numba's start-up thread count, so results do not
+    depend on the active thread count."""
+    threads = numba.config.NUMBA_NUM_THREADS
+    weights = w_ih.nbytes + w_hh.nbytes
+    if (
+        threads >= 2
+        and batch <= FEW_ROWS
+        and weights >= STREAM_SPLIT_BYTES
+        and weights * batch >= STREAM_SPLIT_WORK
+    ):
         return min(threads, w_hh.shape[1])
     return 0
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from fastseq import _threads, cells, layers
 from fastseq.kernels import common, gru, lstm, rnn
+from fastseq.registry import CELLS
 
 KERNELS = {
     "rnn_forward": rnn.rnn_forward, "rnn_backward": rnn.rnn_backward,
@@ -15,6 +16,8 @@ KERNELS = {
     "lstm_forward_units": lstm.lstm_forward_units, "lstm_backward_units": lstm.lstm_backward_units,
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
     "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
+    "rnn_step_units": rnn.rnn_step_units, "lstm_step_units": lstm.lstm_step_units,
+    "gru_step_units": gru.gru_step_units,
     "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
     "add_parts": common.add_parts, "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
 }  # fmt: skip
@@ -57,6 +60,14 @@ def _exercise(layer_cls, cell_cls, dtype):
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((3, 3, 2), dtype), lengths=[3, 2, 1])
         layer.backward(np.ones_like(out))
+    # Streams with large weights and enough rows split each step by hidden units: the
+    # smallest C = H and N that reach the thresholds
+    gates = CELLS[layer_cls._cell].gates
+    hidden = math.isqrt(_threads.STREAM_SPLIT_BYTES // (2 * gates * dtype.itemsize)) + 1
+    batch = -(-_threads.STREAM_SPLIT_WORK // (2 * gates * hidden * hidden * dtype.itemsize))
+    stream = cell_cls(hidden, hidden, dtype=dtype, seed=0).stream(batch=batch)
+    if stream.unit_parts:
+        stream.step(np.zeros((batch, hidden), dtype))
 
 
 def cache_status() -> dict:

@@ -8,10 +8,10 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
-from fastseq._threads import kernel_threads, num_chunks
-from fastseq.kernels.gru import gru_step
-from fastseq.kernels.lstm import lstm_step
-from fastseq.kernels.rnn import rnn_step
+from fastseq._threads import kernel_threads, num_chunks, stream_parts
+from fastseq.kernels.gru import gru_step, gru_step_units
+from fastseq.kernels.lstm import lstm_step, lstm_step_units
+from fastseq.kernels.rnn import rnn_step, rnn_step_units
 from fastseq.layers import state_arrays
 from fastseq.registry import CELLS
 
@@ -219,7 +219,10 @@ class Stream:
     """Step-by-step inference with a cell: the fast path for generation and serving.
 
     State and scratch buffers are allocated once; each :meth:`step` checks its input cheaply,
-    runs one serial kernel call (no parallel region, no workspace) and returns the new state.
+    runs one kernel call (no workspace) and returns the new state. The kernel is serial,
+    except for steps with large weights and enough rows (``fastseq._threads.stream_parts``):
+    those split their hidden units across threads, and ``unit_parts`` says into how many
+    parts (0: serial).
     The cell's parameters are used live, so in-place updates and ``load_state_dict`` take
     effect at the next step. Create with ``cell.stream(hx=None, batch=None)``.
     """
@@ -240,20 +243,53 @@ class Stream:
         self._x_shape = (cell.input_size,) if self.unbatched else (n, cell.input_size)
         self._states = tuple(np.zeros((n, hd), dt) for _ in range(spec.n_states))
         self.reset(hx)
-        w, o = cell._weights, cell._opts
-        gx = np.empty((n, spec.gates * hd), dt)
-        gh = np.empty((n, spec.gates * hd), dt)
+        w = cell._weights
         weights = (w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
-        if cell._cell == "rnn":
-            self._kernel, self._args = rnn_step, (self._states[0], *weights, o.relu, gx, gh)
-        elif cell._cell == "lstm":
-            self._kernel, self._args = lstm_step, (*self._states, *weights, w["w_peep"], o.peephole, gx, gh)
+        # Large weights: each step's units split across threads (_threads.stream_parts);
+        # GRU's reset_after=False needs r for every unit before its second product, so not it.
+        parts = stream_parts(n, w["w_ih"], w["w_hh"])
+        self.unit_parts = 0 if cell._cell == "gru" and not cell._opts.reset_after else parts
+        if self.unit_parts:
+            self._kernel, self._args = self._split_kernel(cell, weights)
         else:
-            scratch = (np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt))
-            self._kernel, self._args = gru_step, (self._states[0], *weights, o.reset_after, gx, gh, *scratch)
+            self._kernel, self._args = self._serial_kernel(cell, weights)
         # What step() returns, copied: the state arrays, or their only row when unbatched.
         self._views = tuple(s[0] if self.unbatched else s for s in self._states)
         self._dtype = dt
+
+    def _serial_kernel(self, cell, weights):
+        n, hd, dt, o = self.batch, cell.hidden_size, cell.dtype, cell._opts
+        gx = np.empty((n, CELLS[cell._cell].gates * hd), dt)
+        gh = np.empty_like(gx)
+        if cell._cell == "rnn":
+            return rnn_step, (self._states[0], *weights, o.relu, gx, gh)
+        if cell._cell == "lstm":
+            return lstm_step, (*self._states, *weights, cell._weights["w_peep"], o.peephole, gx, gh)
+        scratch = (np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt))
+        return gru_step, (self._states[0], *weights, o.reset_after, gx, gh, *scratch)
+
+    def _split_kernel(self, cell, weights):
+        n, hd, dt, o, parts = self.batch, cell.hidden_size, cell.dtype, cell._opts, self.unit_parts
+        units = np.array([p * hd // parts for p in range(parts + 1)], np.int64)
+        wide = int(np.max(np.diff(units)))  # units of the widest part
+        rows = CELLS[cell._cell].gates * wide  # its compact gate row
+        gx = np.empty((parts, n, rows), dt)
+        biases = np.empty((2, parts, rows), dt)
+        scratch = (np.empty((n, hd), dt), gx, np.empty_like(gx), biases[0], biases[1])
+        if cell._cell == "rnn":
+            return rnn_step_units, (self._states[0], *weights, o.relu, *scratch, units)
+        if cell._cell == "lstm":
+            peep = np.empty((parts, 3, wide), dt)
+            return lstm_step_units, (
+                *self._states,
+                *weights,
+                cell._weights["w_peep"],
+                o.peephole,
+                *scratch,
+                peep,
+                units,
+            )
+        return gru_step_units, (self._states[0], *weights, *scratch, units)
 
     def reset(self, hx=None):
         """Set the state to ``hx`` (same forms as ``cell.stream``), or to zeros."""

@@ -1,8 +1,10 @@
 """Cells: one step of the layer's math, forward and backward, for every variant."""
 
+import numba
 import numpy as np
 import pytest
 
+from fastseq import _threads
 from fastseq.kernels.gemm import FEW_ROWS
 from tests.conftest import VARIANTS, make_cell, make_layer
 from tests.tolerances import assert_close
@@ -97,13 +99,29 @@ def test_cell_unbatched_and_eval(variant, rng):
         cell.backward(np.zeros(4) if variant != "lstm" else (np.zeros(4), None))
 
 
-# Batches on either side of FEW_ROWS: the step's products computed by fastseq or by BLAS.
+@pytest.fixture
+def split_streams(monkeypatch):
+    """Every stream that can split its steps by hidden units does (thresholds at 0)."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("the unit-split stream needs NUMBA_NUM_THREADS >= 2")
+    monkeypatch.setattr(_threads, "STREAM_SPLIT_BYTES", 0)
+    monkeypatch.setattr(_threads, "STREAM_SPLIT_WORK", 0)
+
+
+# Batches on either side of FEW_ROWS: the step's products computed by fastseq or by BLAS;
+# each as a serial step and, where the step can be split by hidden units (up to FEW_ROWS
+# rows; not GRU's reset_after=False), split.
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
 @pytest.mark.parametrize("batch", [3, FEW_ROWS + 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_stream_matches_cell_steps(variant, dtype, batch, rng):
+def test_stream_matches_cell_steps(variant, dtype, batch, split, rng, request):
     cell_name = VARIANTS[variant][0]
     cell = make_cell(variant, 5, 7, dtype=dtype, seed=3).eval()
+    splits = split and batch <= FEW_ROWS and variant != "gru-reset-before"
+    if split:
+        request.getfixturevalue("split_streams")
+    assert cell.stream(batch=batch).unit_parts == (min(numba.config.NUMBA_NUM_THREADS, 7) if splits else 0)
     n_states = 2 if cell_name == "lstm" else 1
     x = rng.standard_normal((6, batch, 5)).astype(dtype)
     h0 = [rng.standard_normal((batch, 7)).astype(dtype) for _ in range(n_states)]
@@ -126,9 +144,13 @@ def test_stream_matches_cell_steps(variant, dtype, batch, rng):
         assert_close(a, b, dtype, "unbatched stream step")
 
 
-def test_stream_uses_live_weights_reset_and_validation(rng):
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+def test_stream_uses_live_weights_reset_and_validation(split, rng, request):
+    if split:
+        request.getfixturevalue("split_streams")
     cell = make_cell("lstm", 3, 4, dtype=np.float64, seed=0)
     stream = cell.stream(batch=2)
+    assert bool(stream.unit_parts) == split
     x = rng.standard_normal((2, 3))
     first = stream.step(x)
     stream.reset()
@@ -147,3 +169,43 @@ def test_stream_uses_live_weights_reset_and_validation(rng):
     with pytest.raises(ValueError, match=r"hx\[1\] \(c\) has shape \(2, 5\); expected \(N, H\) = \(2, 4\)"):
         stream.reset((np.zeros((2, 4)), np.zeros((2, 5))))
     stream.step(np.asfortranarray(rng.standard_normal((2, 3))))  # any layout is accepted
+
+
+def test_stream_split_policy():
+    """Which streams split their steps by hidden units (_threads.stream_parts), at the
+    shipped thresholds, with two or more threads."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("needs NUMBA_NUM_THREADS >= 2")
+    parts = min(numba.config.NUMBA_NUM_THREADS, 128)
+    cases = [  # cell, H, N, parts
+        ("lstm", 128, 1, 0),  # 512 KB of weights, one row: the region's launch does not pay
+        ("lstm", 128, 4, parts),
+        ("lstm", 256, 1, parts),
+        ("rnn-tanh", 128, 32, 0),  # 128 KB: fits one core's L2
+        ("gru", 128, 8, parts),
+        ("lstm", 128, FEW_ROWS + 1, 0),  # BLAS spreads the products
+    ]
+    for cell, hd, n, expected in cases:
+        stream = make_cell(cell, hd, hd, seed=0).stream(batch=n)
+        assert stream.unit_parts == expected, (cell, hd, n)
+    assert make_cell("gru-reset-before", 256, 256, seed=0).stream(batch=8).unit_parts == 0
+
+
+@pytest.mark.parametrize("variant", ["rnn-tanh", "lstm-peephole", "gru"])
+def test_split_stream_bitwise_across_thread_counts(variant, split_streams, rng):
+    """The parts are fixed by the start-up thread count, so a split stream gives the same
+    bits with one active thread as with all of them."""
+    cell = make_cell(variant, 5, 9, dtype=np.float32, seed=4).eval()
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    results = []
+    for threads in (numba.config.NUMBA_NUM_THREADS, 1):
+        saved = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            stream = cell.stream(batch=3)
+            results.append([stream.step(x[t]) for t in range(4)])
+        finally:
+            numba.set_num_threads(saved)
+    for a, b in zip(results[0], results[1], strict=True):
+        for u, v in zip(_states(VARIANTS[variant][0], a), _states(VARIANTS[variant][0], b), strict=True):
+            np.testing.assert_array_equal(u, v)

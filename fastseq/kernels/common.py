@@ -6,7 +6,7 @@ import numpy as np
 from numba import prange
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import gemm, gemm_large, gemm_packed, pack, panel_width
+from fastseq.kernels.gemm import few_rows_nt, gemm, gemm_large, gemm_packed, pack, panel_width
 
 
 @jit
@@ -310,3 +310,32 @@ def unit_operands(b_ih, b_hh, w_peep, gates, units):
         for q in range(w_peep.shape[0]):
             copy_units(w_peep[q, u0:], peep_p[p, q], 0, hu)
     return b_ih_p, b_hh_p, peep_p, np.empty((parts, gates * wide), w_peep.dtype)
+
+
+# Unit-split streaming steps (fastseq._threads.stream_parts): a step of a few rows whose
+# weights do not fit one core's L2 has its gate units split across threads, so each core
+# reads its share of W_ih and W_hh. The parts read a copy of h (``h_in``) because they
+# overwrite h.
+
+
+@jit
+def part_step_operands(x, h_in, w_ih, w_hh, b_ih, b_hh, gates, u0, u1, gx, gh, b_ih_c, b_hh_c):
+    """The compact operands of units u0..u1-1 (hu of them) for one streaming step, gate-major
+    like :func:`gather_units`: gx[:, :G*hu] = x @ W_ih[its rows].T, gh[:, :G*hu] = h_in @
+    W_hh[its rows].T, and their biases b_ih_c, b_hh_c[:G*hu]. x (n, C), h_in (n, H);
+    gx, gh (n, >= G*hu) out."""
+    hd, hu, n = w_hh.shape[1], u1 - u0, x.shape[0]
+    for q in range(gates):
+        r0 = q * hd + u0
+        few_rows_nt(x, w_ih[r0 : r0 + hu], gx[:n, q * hu : (q + 1) * hu])
+        few_rows_nt(h_in, w_hh[r0 : r0 + hu], gh[:n, q * hu : (q + 1) * hu])
+    gather_units(b_ih, gates, u0, b_ih_c[: gates * hu])
+    gather_units(b_hh, gates, u0, b_hh_c[: gates * hu])
+
+
+@jit
+def copy_rows(src, dst):
+    """dst[...] = src for two (n, H) arrays (element loop; see :func:`gather_units`)."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[i, j] = src[i, j]

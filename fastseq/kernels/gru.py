@@ -25,9 +25,11 @@ from fastseq.kernels.common import (
     add_parts,
     chunk_input_grads,
     column_sums,
+    copy_rows,
     mask_rows,
     masked_rows,
     packed_row,
+    part_step_operands,
     projection_block,
     start_chunk,
     step_panels,
@@ -268,3 +270,19 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn):
         step_product(rh, w_hh[2 * hd :], ghn)
         for i in range(x.shape[0]):
             gru_cell_update(gx[i], ghn[i], b_ih, b_hh, h[i])
+
+
+@jit(parallel=True)
+def gru_step_units(x, h, w_ih, w_hh, b_ih, b_hh, h_in, gx, gh, b_ih_c, b_hh_c, units):
+    """:func:`gru_step` (reset_after=True only) with the hidden units split across threads
+    (one parallel region): part p computes units ``units[p] .. units[p+1]-1`` of every gate
+    from its rows of W_ih and W_hh. Scratch: h_in (N, H); per part (parts, ...): gx, gh
+    (N, 3*hu_max), b_ih_c, b_hh_c (3*hu_max,)."""
+    copy_rows(h, h_in)
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        part_step_operands(x, h_in, w_ih, w_hh, b_ih, b_hh, 3, u0, u1, gx[p], gh[p], b_ih_c[p], b_hh_c[p])
+        for i in range(x.shape[0]):
+            gru_cell_forward(gx[p, i, : 3 * hu], gh[p, i, : 3 * hu], b_ih_c[p, : 3 * hu], b_hh_c[p, : 3 * hu],
+                             h[i, u0:u1])  # fmt: skip

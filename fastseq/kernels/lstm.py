@@ -26,6 +26,7 @@ from fastseq.kernels.common import (
     add_parts,
     block_rows,
     chunk_input_grads,
+    copy_rows,
     copy_units,
     gather_units,
     gemm_split_rows,
@@ -35,6 +36,7 @@ from fastseq.kernels.common import (
     pack_unit_columns,
     pack_unit_rows,
     packed_row,
+    part_step_operands,
     projection_block,
     scatter_units,
     start_chunk,
@@ -327,3 +329,23 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
     step_product(h, w_hh, gh)
     for i in range(x.shape[0]):
         lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])
+
+
+@jit(parallel=True)
+def lstm_step_units(
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, h_in, gx, gh, b_ih_c, b_hh_c, peep_c, units
+):
+    """:func:`lstm_step` with the hidden units split across threads (one parallel region):
+    part p computes units ``units[p] .. units[p+1]-1`` of every gate from its rows of W_ih
+    and W_hh. Scratch: h_in (N, H); per part (parts, ...): gx, gh (N, 4*hu_max), b_ih_c,
+    b_hh_c (4*hu_max,), peep_c (3, hu_max)."""
+    copy_rows(h, h_in)
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        part_step_operands(x, h_in, w_ih, w_hh, b_ih, b_hh, 4, u0, u1, gx[p], gh[p], b_ih_c[p], b_hh_c[p])
+        for q in range(3):
+            copy_units(w_peep[q, u0:], peep_c[p, q], 0, hu)
+        for i in range(x.shape[0]):
+            lstm_cell_forward(gx[p, i, : 4 * hu], gh[p, i, : 4 * hu], b_ih_c[p, : 4 * hu], b_hh_c[p, : 4 * hu],
+                              peep_c[p], peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip

@@ -14,9 +14,11 @@ from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
     add_parts,
     chunk_input_grads,
+    copy_rows,
     mask_rows,
     masked_rows,
     packed_row,
+    part_step_operands,
     projection_block,
     start_chunk,
     step_panels,
@@ -126,3 +128,18 @@ def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
     step_product(h, w_hh, gh)
     for i in range(x.shape[0]):
         rnn_cell_forward(gx[i], gh[i], b_ih, b_hh, relu, h[i])
+
+
+@jit(parallel=True)
+def rnn_step_units(x, h, w_ih, w_hh, b_ih, b_hh, relu, h_in, gx, gh, b_ih_c, b_hh_c, units):
+    """:func:`rnn_step` with the hidden units split across threads (one parallel region):
+    part p computes units ``units[p] .. units[p+1]-1`` from its rows of W_ih and W_hh.
+    Scratch: h_in (N, H); per part (parts, ...): gx, gh (N, hu_max), b_ih_c, b_hh_c
+    (hu_max,)."""
+    copy_rows(h, h_in)
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        part_step_operands(x, h_in, w_ih, w_hh, b_ih, b_hh, 1, u0, u1, gx[p], gh[p], b_ih_c[p], b_hh_c[p])
+        for i in range(x.shape[0]):
+            rnn_cell_forward(gx[p, i, :hu], gh[p, i, :hu], b_ih_c[p, :hu], b_hh_c[p, :hu], relu, h[i, u0:u1])
