@@ -6,6 +6,7 @@ import pytest
 
 from fastseq import _threads
 from fastseq.kernels.gemm import FEW_ROWS
+from tests.cases import run_in_threads
 from tests.conftest import VARIANTS, make_cell, make_layer
 from tests.tolerances import assert_close
 
@@ -209,3 +210,22 @@ def test_split_stream_bitwise_across_thread_counts(variant, split_streams, rng):
     for a, b in zip(results[0], results[1], strict=True):
         for u, v in zip(_states(VARIANTS[variant][0], a), _states(VARIANTS[variant][0], b), strict=True):
             np.testing.assert_array_equal(u, v)
+
+
+def test_split_streams_from_concurrent_threads(split_streams, rng):
+    """Several Python threads stepping their own split streams at once (each step a parallel
+    region) get what each gets alone."""
+    cells = [
+        make_cell(v, 5, 9, dtype=np.float64, seed=k).eval() for k, v in enumerate(["lstm", "gru", "rnn-tanh"])
+    ]
+    x = rng.standard_normal((20, 3, 5))
+
+    def run(cell):
+        stream = cell.stream(batch=3)
+        assert stream.unit_parts
+        return [np.concatenate(_states(cell._cell, stream.step(x[t])), axis=1) for t in range(20)]
+
+    alone = [run(cell) for cell in cells]
+    together = run_in_threads([lambda c=c: run(c) for c in cells])
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(np.stack(a), np.stack(b))
