@@ -20,6 +20,9 @@ SHAPES = {
     "small_batch": (4, 50, 512),
 }
 STREAM_HIDDEN = 128
+#: (N, H) of a batched stream whose steps split their hidden units across threads
+#: (fastseq._threads.stream_parts) for every cell.
+STREAM_BATCHED = (8, 256)
 
 
 class _CellSuite:
@@ -43,6 +46,11 @@ class _CellSuite:
         self.x_step = rng.standard_normal((1, STREAM_HIDDEN)).astype(dtype)
         self.stream = self.cell_step.stream(batch=1)
         self.stream.step(self.x_step)
+        n_stream, h_stream = STREAM_BATCHED
+        cell = getattr(fastseq, spec.torch_cell)(h_stream, h_stream, dtype=dtype, seed=0).eval()
+        self.stream_batched = cell.stream(batch=n_stream)
+        self.x_batched = rng.standard_normal((n_stream, h_stream)).astype(dtype)
+        self.stream_batched.step(self.x_batched)
         self.train_step()  # compiles (or loads) forward and backward kernels
         self.layer.eval()
         self.layer(self.x, lengths=self.lengths)
@@ -66,6 +74,9 @@ class _CellSuite:
 
     def time_stream_step(self, shape, dtype):
         self.stream.step(self.x_step)
+
+    def time_stream_step_batched(self, shape, dtype):
+        self.stream_batched.step(self.x_batched)
 
     def peakmem_train_step(self, shape, dtype):
         self.train_step()
