@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from threading import get_ident
+
 import numpy as np
 
 from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
-from fastseq._threads import kernel_threads, num_chunks, stream_parts
+from fastseq._threads import MAIN_THREAD, RUNNING, kernel_threads, num_chunks, stream_parts, stream_units
 from fastseq.kernels.gru import gru_step, gru_step_units
 from fastseq.kernels.lstm import lstm_step, lstm_step_units
 from fastseq.kernels.rnn import rnn_step, rnn_step_units
@@ -222,7 +224,9 @@ class Stream:
     runs one kernel call (no workspace) and returns the new state. The kernel is serial,
     except for steps with large weights and enough rows (``fastseq._threads.stream_parts``):
     those split their hidden units across threads, and ``unit_parts`` says into how many
-    parts (0: serial).
+    parts (0: serial), when stepped on the main thread while no other fastseq kernel runs
+    (otherwise the serial kernel, which gives bitwise the same result; see
+    ``fastseq._threads.MAIN_THREAD`` for why).
     The cell's parameters are used live, so in-place updates and ``load_state_dict`` take
     effect at the next step. Create with ``cell.stream(hx=None, batch=None)``.
     """
@@ -247,12 +251,11 @@ class Stream:
         weights = (w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
         # Large weights: each step's units split across threads (_threads.stream_parts);
         # GRU's reset_after=False needs r for every unit before its second product, so not it.
+        # Both results are bitwise the same (_threads.stream_units), so step() may pick either.
         parts = stream_parts(n, w["w_ih"], w["w_hh"])
         self.unit_parts = 0 if cell._cell == "gru" and not cell._opts.reset_after else parts
-        if self.unit_parts:
-            self._kernel, self._args = self._split_kernel(cell, weights)
-        else:
-            self._kernel, self._args = self._serial_kernel(cell, weights)
+        self._kernel, self._args = self._serial_kernel(cell, weights)
+        self._split, self._split_args = self._split_kernel(cell, weights) if self.unit_parts else (None, ())
         # What step() returns, copied: the state arrays, or their only row when unbatched.
         self._views = tuple(s[0] if self.unbatched else s for s in self._states)
         self._dtype = dt
@@ -270,7 +273,7 @@ class Stream:
 
     def _split_kernel(self, cell, weights):
         n, hd, dt, o, parts = self.batch, cell.hidden_size, cell.dtype, cell._opts, self.unit_parts
-        units = np.array([p * hd // parts for p in range(parts + 1)], np.int64)
+        units = np.array(stream_units(hd, parts), np.int64)
         wide = int(np.max(np.diff(units)))  # units of the widest part
         rows = CELLS[cell._cell].gates * wide  # its compact gate row
         gx = np.empty((parts, n, rows), dt)
@@ -320,5 +323,17 @@ class Stream:
             x = v.float_array("x", x, self.cell.dtype)
             v.shape("x", x, self._x_shape, "(C,)" if self.unbatched else "(N, C)")
             x = np.array(x, order="C")
-        self._kernel(x.reshape(self.batch, -1) if self.unbatched else x, *self._args)
+        if self.unbatched:
+            x = x.reshape(self.batch, -1)
+        # Split across threads only on the main thread and when no other fastseq kernel runs
+        # (_threads.MAIN_THREAD, RUNNING).
+        running = RUNNING
+        running.append(None)
+        try:
+            if self._split is not None and len(running) == 1 and get_ident() == MAIN_THREAD:
+                self._split(x, *self._split_args)
+            else:
+                self._kernel(x, *self._args)
+        finally:
+            running.pop()
         return self.state

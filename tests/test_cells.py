@@ -213,8 +213,9 @@ def test_split_stream_bitwise_across_thread_counts(variant, split_streams, rng):
 
 
 def test_split_streams_from_concurrent_threads(split_streams, rng):
-    """Several Python threads stepping their own split streams at once (each step a parallel
-    region) get what each gets alone."""
+    """Several Python threads stepping their own streams that can split at once (each then
+    runs its serial kernel: not the main thread) get what each gets alone on the main thread,
+    where the steps split."""
     cells = [
         make_cell(v, 5, 9, dtype=np.float64, seed=k).eval() for k, v in enumerate(["lstm", "gru", "rnn-tanh"])
     ]
@@ -229,3 +230,48 @@ def test_split_streams_from_concurrent_threads(split_streams, rng):
     together = run_in_threads([lambda c=c: run(c) for c in cells])
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
+@pytest.mark.parametrize("hidden", [7, 12, 130])
+@pytest.mark.parametrize("variant", ["rnn-tanh", "rnn-relu", "lstm", "lstm-peephole", "gru"])
+def test_split_stream_steps_equal_serial_bitwise(variant, hidden, split_streams, rng):
+    """A split step sums every output exactly as the serial step does, so Stream.step may
+    pick either (it splits only when no other kernel runs)."""
+    cell = make_cell(variant, 5, hidden, dtype=np.float32, seed=6).eval()
+    x = rng.standard_normal((5, 3, 5)).astype(np.float32)
+    stream = cell.stream(batch=3)
+    assert stream.unit_parts
+    split, serial = [], []
+    for t in range(5):
+        split.append(stream.step(x[t]))
+    stream.reset()
+    _threads.RUNNING.append(None)  # as if another Python thread were running a kernel
+    try:
+        for t in range(5):
+            serial.append(stream.step(x[t]))
+    finally:
+        _threads.RUNNING.pop()
+    for a, b in zip(split, serial, strict=True):
+        for u, v in zip(_states(VARIANTS[variant][0], a), _states(VARIANTS[variant][0], b), strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_stream_splits_only_when_alone(split_streams, rng):
+    """The split kernel runs only on the main thread while no other fastseq kernel is in
+    flight."""
+    stream = make_cell("lstm", 5, 8, seed=0).eval().stream(batch=2)
+    calls = []
+    split = stream._split
+    stream._split = lambda *args: (calls.append("split"), split(*args))
+    kernel = stream._kernel
+    stream._kernel = lambda *args: (calls.append("serial"), kernel(*args))
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    stream.step(x)
+    _threads.RUNNING.append(None)
+    try:
+        stream.step(x)
+    finally:
+        _threads.RUNNING.pop()
+    stream.step(x)
+    run_in_threads([lambda: stream.step(x)], repeats=1)  # not the main thread
+    assert calls == ["split", "serial", "split", "serial"] and not _threads.RUNNING

@@ -363,10 +363,13 @@ def few_rows_nt(a, w, out):
 
 
 @jit
-def step_product(a, w, out):
-    """out (n, M) = a (n, K) @ w.T for one streaming step: :func:`few_rows_nt` up to
-    FEW_ROWS rows, BLAS above."""
+def step_product(a, w, out, gates):
+    """out (n, G*H) = a (n, K) @ w.T for one streaming step, w (G*H, K): :func:`few_rows_nt`
+    up to FEW_ROWS rows, one call per gate block (so that each output is summed exactly as
+    in the unit-split step, whose parts start at multiples of 4 units), BLAS above."""
     if a.shape[0] <= FEW_ROWS:
-        few_rows_nt(a, w, out)
+        hd = w.shape[0] // gates
+        for q in range(gates):
+            few_rows_nt(a, w[q * hd : (q + 1) * hd], out[:, q * hd : (q + 1) * hd])
     else:
         np.dot(a, w.T, out=out)

@@ -258,16 +258,16 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
     scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H)."""
     hd = h.shape[1]
-    step_product(x, w_ih, gx)
+    step_product(x, w_ih, gx, 3)
     if reset_after:
-        step_product(h, w_hh, gh)
+        step_product(h, w_hh, gh, 3)
         for i in range(x.shape[0]):
             gru_cell_forward(gx[i], gh[i], b_ih, b_hh, h[i])
     else:
-        step_product(h, w_hh[: 2 * hd], grz)
+        step_product(h, w_hh[: 2 * hd], grz, 2)
         for i in range(x.shape[0]):
             gru_cell_reset(gx[i], grz[i], b_ih, b_hh, h[i], rh[i])
-        step_product(rh, w_hh[2 * hd :], ghn)
+        step_product(rh, w_hh[2 * hd :], ghn, 1)
         for i in range(x.shape[0]):
             gru_cell_update(gx[i], ghn[i], b_ih, b_hh, h[i])
 

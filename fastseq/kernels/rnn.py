@@ -124,8 +124,8 @@ def rnn_backward(
 def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
     gx, gh (N, H) scratch."""
-    step_product(x, w_ih, gx)
-    step_product(h, w_hh, gh)
+    step_product(x, w_ih, gx, 1)
+    step_product(h, w_hh, gh, 1)
     for i in range(x.shape[0]):
         rnn_cell_forward(gx[i], gh[i], b_ih, b_hh, relu, h[i])
 
