@@ -254,22 +254,22 @@ class Stream:
         # Both results are bitwise the same (_threads.stream_units), so step() may pick either.
         parts = stream_parts(n, w["w_ih"], w["w_hh"])
         self.unit_parts = 0 if cell._cell == "gru" and not cell._opts.reset_after else parts
-        self._kernel, self._args = self._serial_kernel(cell, weights)
+        self._kernel, self._args = self._serial_kernel(cell, weights, spec.gates if self.unit_parts else 1)
         self._split, self._split_args = self._split_kernel(cell, weights) if self.unit_parts else (None, ())
         # What step() returns, copied: the state arrays, or their only row when unbatched.
         self._views = tuple(s[0] if self.unbatched else s for s in self._states)
         self._dtype = dt
 
-    def _serial_kernel(self, cell, weights):
+    def _serial_kernel(self, cell, weights, blocks):
         n, hd, dt, o = self.batch, cell.hidden_size, cell.dtype, cell._opts
         gx = np.empty((n, CELLS[cell._cell].gates * hd), dt)
         gh = np.empty_like(gx)
         if cell._cell == "rnn":
             return rnn_step, (self._states[0], *weights, o.relu, gx, gh)
         if cell._cell == "lstm":
-            return lstm_step, (*self._states, *weights, cell._weights["w_peep"], o.peephole, gx, gh)
+            return lstm_step, (*self._states, *weights, cell._weights["w_peep"], o.peephole, gx, gh, blocks)
         scratch = (np.empty((n, 2 * hd), dt), np.empty((n, hd), dt), np.empty((n, hd), dt))
-        return gru_step, (self._states[0], *weights, o.reset_after, gx, gh, *scratch)
+        return gru_step, (self._states[0], *weights, o.reset_after, gx, gh, *scratch, blocks)
 
     def _split_kernel(self, cell, weights):
         n, hd, dt, o, parts = self.batch, cell.hidden_size, cell.dtype, cell._opts, self.unit_parts

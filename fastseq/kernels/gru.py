@@ -254,17 +254,18 @@ def gru_backward(
 
 
 @jit
-def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn):
+def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, blocks):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
-    scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H)."""
+    scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H); blocks: 1, or 3 to match
+    :func:`gru_step_units` bitwise (``gemm.step_product``)."""
     hd = h.shape[1]
-    step_product(x, w_ih, gx, 3)
+    step_product(x, w_ih, gx, blocks)
     if reset_after:
-        step_product(h, w_hh, gh, 3)
+        step_product(h, w_hh, gh, blocks)
         for i in range(x.shape[0]):
             gru_cell_forward(gx[i], gh[i], b_ih, b_hh, h[i])
     else:
-        step_product(h, w_hh[: 2 * hd], grz, 2)
+        step_product(h, w_hh[: 2 * hd], grz, 1)
         for i in range(x.shape[0]):
             gru_cell_reset(gx[i], grz[i], b_ih, b_hh, h[i], rh[i])
         step_product(rh, w_hh[2 * hd :], ghn, 1)

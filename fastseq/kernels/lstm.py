@@ -322,11 +322,12 @@ def backward_step_units(gates, rows, dh, dout, out_col, dc, cnew, cprev, peep_p,
 
 
 @jit
-def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh):
+def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh, blocks):
     """One inference step for streaming (serial, no workspace). x (N, C); h, c (N, H)
-    in/out; gx, gh (N, 4H) scratch."""
-    step_product(x, w_ih, gx, 4)
-    step_product(h, w_hh, gh, 4)
+    in/out; gx, gh (N, 4H) scratch; blocks: 1, or 4 to match :func:`lstm_step_units`
+    bitwise (``gemm.step_product``)."""
+    step_product(x, w_ih, gx, blocks)
+    step_product(h, w_hh, gh, blocks)
     for i in range(x.shape[0]):
         lstm_cell_forward(gx[i], gh[i], b_ih, b_hh, w_peep, peephole, c[i], h[i])
 
