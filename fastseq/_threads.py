@@ -134,13 +134,14 @@ def stream_units(hd: int, parts: int) -> list:
 #: barrier in every step).
 RUNNING = []
 
-#: The interpreter's main thread. Streaming steps split across threads only on it. libgomp
-#: (numba's ``omp`` layer) keeps a pool of worker threads per OS thread that has started a
-#: parallel region; once two such pools exist there are more OpenMP threads than cores, and
-#: libgomp then lets idle workers sleep almost at once (its throttled spin count), so every
-#: region pays a wake-up. Measured (Zen 3 VM, an empty two-iteration ``prange``): 2.3 us on
-#: the main thread, 46-64 us on a second Python thread once the main thread had run a region
-#: (2.7-3.0 us when it had not). A split step runs one region per step; the serial step none.
+#: The interpreter's main thread. Streaming steps split across threads only on it. With more
+#: OpenMP threads than CPUs, libgomp (numba's ``omp`` layer) lets idle workers spin 100
+#: times instead of 300,000 before sleeping (its GOMP_SPINCOUNT documentation), so every
+#: region pays a wake-up; a second OS thread starting parallel regions seems enough to get
+#: there (each such thread gets its own team). Measured (Zen 3 VM, an empty two-iteration
+#: ``prange``): 2.3 us on the main thread, 46-64 us on a second Python thread once the main
+#: thread had run a region (2.7-3.0 us when it had not). A split step runs one region per
+#: step; the serial step none.
 MAIN_THREAD = threading.main_thread().ident
 
 
