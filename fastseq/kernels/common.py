@@ -307,9 +307,15 @@ def unit_operands(b_ih, b_hh, w_peep, gates, units):
         if nb:
             gather_units(b_ih, gates, u0, b_ih_p[p, : gates * hu])
             gather_units(b_hh, gates, u0, b_hh_p[p, : gates * hu])
-        for q in range(w_peep.shape[0]):
-            copy_units(w_peep[q, u0:], peep_p[p, q], 0, hu)
+        copy_unit_columns(w_peep, u0, hu, peep_p[p])
     return b_ih_p, b_hh_p, peep_p, np.empty((parts, gates * wide), w_peep.dtype)
+
+
+@jit
+def copy_unit_columns(w, u0, hu, out):
+    """out[q, :hu] = w[q, u0:u0+hu] for every row q of w (P, H): a part's peephole weights."""
+    for q in range(w.shape[0]):
+        copy_units(w[q, u0:], out[q], 0, hu)
 
 
 # Unit-split streaming steps (fastseq._threads.stream_parts): a step of a few rows whose

@@ -27,6 +27,7 @@ from fastseq.kernels.common import (
     block_rows,
     chunk_input_grads,
     copy_rows,
+    copy_unit_columns,
     copy_units,
     gather_units,
     gemm_split_rows,
@@ -345,8 +346,7 @@ def lstm_step_units(
         u0, u1 = units[p], units[p + 1]
         hu = u1 - u0
         part_step_operands(x, h_in, w_ih, w_hh, b_ih, b_hh, 4, u0, u1, gx[p], gh[p], b_ih_c[p], b_hh_c[p])
-        for q in range(3):
-            copy_units(w_peep[q, u0:], peep_c[p, q], 0, hu)
+        copy_unit_columns(w_peep, u0, hu, peep_c[p])
         for i in range(x.shape[0]):
             lstm_cell_forward(gx[p, i, : 4 * hu], gh[p, i, : 4 * hu], b_ih_c[p, : 4 * hu], b_hh_c[p, : 4 * hu],
                               peep_c[p], peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
