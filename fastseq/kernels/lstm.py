@@ -53,30 +53,37 @@ from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_for_large, step_pr
 @jit
 def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
     """One sample, one step. g (4H,) in: input projection, out: activations i, f, g, o.
-    gh (4H,) in: recurrent GEMM row. b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out."""
+    gh (4H,) in: recurrent GEMM row; overwritten (scratch: the pre-activations).
+    b_ih, b_hh (4H,), w_peep (3, H). c, h (H,) in/out.
+
+    Written as short loops, each touching few arrays from index 0: one fused loop over the
+    four gates needed a run-time overlap check between every array it writes and every
+    gate block it reads (about 100 pairs), which cost about 200 ns per row. Measured
+    (float32, one thread, Zen 5, ns per unit, fused / these loops): H = 16: 14.2 / 6.8;
+    64: 4.2 / 2.0; 256: 1.6 / 1.2; 1024: 1.0 / 1.0 (1.2 / 1.3 with peepholes). A loop over
+    ``range(2 * hd, 3 * hd)`` did not vectorise (0.86 ns per element against 0.15): the
+    loops below all start at 0 and add the block offset.
+    """
     hd = h.shape[0]
+    for j in range(4 * hd):
+        gh[j] += g[j] + b_ih[j] + b_hh[j]
+    if peephole:
+        for j in range(hd):
+            gh[j] += w_peep[0, j] * c[j]
+            gh[hd + j] += w_peep[1, j] * c[j]
+    for j in range(2 * hd):
+        g[j] = sigmoid(gh[j])
     for j in range(hd):
-        c0 = c[j]
-        ai = g[j] + b_ih[j] + gh[j] + b_hh[j]
-        af = g[hd + j] + b_ih[hd + j] + gh[hd + j] + b_hh[hd + j]
-        ag = g[2 * hd + j] + b_ih[2 * hd + j] + gh[2 * hd + j] + b_hh[2 * hd + j]
-        ao = g[3 * hd + j] + b_ih[3 * hd + j] + gh[3 * hd + j] + b_hh[3 * hd + j]
-        if peephole:
-            ai += w_peep[0, j] * c0
-            af += w_peep[1, j] * c0
-        ig = sigmoid(ai)
-        fg = sigmoid(af)
-        gg = tanh(ag)
-        c1 = fg * c0 + ig * gg
-        if peephole:
-            ao += w_peep[2, j] * c1
-        og = sigmoid(ao)
-        c[j] = c1
-        h[j] = og * tanh(c1)
-        g[j] = ig
-        g[hd + j] = fg
-        g[2 * hd + j] = gg
-        g[3 * hd + j] = og
+        g[2 * hd + j] = tanh(gh[2 * hd + j])
+    for j in range(hd):
+        c[j] = g[hd + j] * c[j] + g[j] * g[2 * hd + j]
+    if peephole:
+        for j in range(hd):
+            gh[3 * hd + j] += w_peep[2, j] * c[j]
+    for j in range(hd):
+        g[3 * hd + j] = sigmoid(gh[3 * hd + j])
+    for j in range(hd):
+        h[j] = g[3 * hd + j] * tanh(c[j])
 
 
 @jit
