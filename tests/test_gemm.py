@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from fastseq.kernels.gemm import (
+    K_BLOCK_PACKED,
     MR,
-    PACK_A_STRIDE_BYTES,
+    PACK_A_COLUMNS,
     few_rows_nt,
     gemm,
     gemm_packed,
@@ -19,12 +20,12 @@ from tests.tolerances import assert_close
 
 # (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
 # panels of columns), K across the K blocks, and the recurrent and weight-gradient shapes.
-# The last two give the transposed views below a stride of at least PACK_A_STRIDE_BYTES
-# (float32 and float64, then float64 only), so that gemm_packed copies them into tiles,
-# with a partial last tile and, for the second, K across two blocks.
+# The transposed views below are copied into tiles (gemm_packed) from PACK_A_COLUMNS
+# columns on: (32, 256, 1024), and the last two, with partial tiles and panels, the last
+# with K across two K_BLOCK_PACKED passes.
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
-          (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (2050, 70, 40),
-          (1030, 1100, 33)]  # fmt: skip
+          (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
+          (5, 4100, 515)]  # fmt: skip
 
 
 def _operands(shape, dtype, rng):
@@ -50,7 +51,7 @@ def test_gemm_matches_numpy(shape, dtype):
     assert_close(out, expected + 1, dtype, "1 + a @ w.T, packed panels")
     assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
     # the chunk-level gemm (BLAS or packed here), a transposed view, accumulating
-    assert PACK_A_STRIDE_BYTES <= 2050 * 4 and 1030 * 8 >= PACK_A_STRIDE_BYTES > 1030 * 4
+    assert PACK_A_COLUMNS <= 512 and K_BLOCK_PACKED < 4100
     b = np.ascontiguousarray(w.T)
     out = np.ones(expected.shape, dtype)
     gemm(np.ascontiguousarray(a.T).T, b, out, True)

@@ -210,13 +210,16 @@ ROW_BLOCK_LONG_K = 256
 #: 63 / 72.
 K_BLOCK_ROWS = 1024
 K_BLOCK_TRANSPOSED = 256
-#: Stride (bytes) between the K values of a row of ``a`` from which :func:`gemm_packed`
-#: copies each block of ``a`` into MR-row tiles (:func:`pack_rows`) and passes over K in
-#: K_BLOCK_ROWS: a transposed dG with G*H >= 2048 float32 columns. Measured (float32, one
-#: thread, Zen 5, dG^T @ x for the weight gradients, 1600-3200 rows of dG, interleaved,
-#: packed / not): G*H = 4096 (16 KB): 0.75-0.77; 3072: 0.81; 2048: 0.99; 1024-1536: 1.02-1.04;
-#: 256-768: 1.0-1.7 (noisy; the copy then costs about as much as it saves or more).
-PACK_A_STRIDE_BYTES = 8192
+#: A transposed ``a`` (a column stride, not 1: dG^T in the weight gradients) is copied into
+#: MR-row tiles (:func:`pack_rows`) when the product has at least PACK_A_COLUMNS columns (so
+#: that each copied block serves at least 16 panels), and K is then passed over up to
+#: K_BLOCK_PACKED deep. Measured (float32, one thread, Zen 5, dG^T @ x, 1600-3200 rows of
+#: dG, interleaved, GFLOP/s, in place / copied with K in one pass): G*H x H = 4096 x 1024:
+#: 197 / 210; 3072 x 1024: 207 / 228; 1024 x 1024: 184 / 220; 2048 x 512: 195 / 206;
+#: 1024 x 256: 211 / 200; 256-768 x 256: 246-251 / 218-223; 256 x 64: 261 / 157. Passes
+#: 1024 deep instead of whole ran 193-216 where whole ran 210-228; 128-512 deep, worse still.
+PACK_A_COLUMNS = 512
+K_BLOCK_PACKED = 4096
 
 
 @jit
@@ -233,8 +236,8 @@ def gemm_packed(a, panels, out, accumulate):
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    pack_a = a_col * isz >= PACK_A_STRIDE_BYTES
-    k_block = K_BLOCK_ROWS if a_col == 1 or pack_a else K_BLOCK_TRANSPOSED
+    pack_a = a_col != 1 and m >= PACK_A_COLUMNS
+    k_block = K_BLOCK_PACKED if pack_a else K_BLOCK_ROWS if a_col == 1 else K_BLOCK_TRANSPOSED
     packed = np.empty(min(rows, n + MR) * min(k_block, k) if pack_a else 0, a.dtype)
     for k0 in range(0, max(k, 1), k_block):
         kc = min(k_block, k - k0)
@@ -259,8 +262,7 @@ def pack_rows(a, b0, b1, k0, kc, packed):
     """Copy a[b0:b1, k0:k0+kc] into ``packed`` as MR-row tiles, each (kc, MR) row-major:
     the ``a`` operand of :func:`_tile` with a_row = 1, a_col = MR. For a transposed ``a``
     (dG^T in the weight gradients) the copy reads rows of dG, and the tiles then read
-    contiguous memory instead of one value per dG row (rows 16 KB apart at 4H = 4096,
-    which share L1 sets)."""
+    contiguous memory instead of one value per dG row (see PACK_A_COLUMNS)."""
     src = a.T
     for i0 in range(b0, b1, MR):
         base = (i0 - b0) * kc
