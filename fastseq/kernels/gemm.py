@@ -58,14 +58,23 @@ def _declare(module, name, ret, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
 
 
-@intrinsic
-def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
+def _tile_intrinsic(rows_max):
+    """The micro-kernel for tiles of up to ``rows_max`` rows (see :func:`_tile_typing`)."""
+
+    @intrinsic
+    def tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
+        return _tile_typing(rows_max, a, b, c)
+
+    return tile
+
+
+def _tile_typing(MR, a, b, c):
     """c[i*c_row + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + k*NR + j], i < mr, j < nr.
 
-    a, b, c: arrays of one float dtype, addressed from their data pointers in elements
-    (strides in elements); b holds panels (rows of NR values, zero-padded). 1 <= mr <= MR,
-    1 <= nr <= NR; rows i >= mr are computed from row 0 and not stored; columns j >= nr of
-    c are neither loaded nor stored.
+    The signature and code of a tile of up to MR rows: a, b, c: arrays of one float dtype,
+    addressed from their data pointers in elements (strides in elements); b holds panels
+    (rows of NR values, zero-padded). 1 <= mr <= MR, 1 <= nr <= NR; rows i >= mr are
+    computed from row 0 and not stored; columns j >= nr of c are neither loaded nor stored.
     """
     if not (isinstance(a.dtype, types.Float) and a.dtype == b.dtype == c.dtype):
         return None
@@ -170,6 +179,15 @@ def _tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
     return sig, codegen
 
 
+#: The micro-kernel: tiles of up to MR rows (see :func:`_tile_typing`).
+_tile = _tile_intrinsic(MR)
+#: Rows up to which the last tile of a block runs as a half-height tile (``_tile_half``): a
+#: full tile computes MR rows whatever ``mr`` is, so a step of a few rows (variable lengths,
+#: chunks whose rows are not a multiple of MR) would pay for MR.
+HALF_MR = MR // 2
+_tile_half = _tile_intrinsic(HALF_MR)
+
+
 @jit
 def panel_width(w):
     """NR: columns per panel for w's dtype (VECTORS vectors of VECTOR_BYTES)."""
@@ -261,11 +279,21 @@ def gemm_packed(a, panels, out, accumulate):
                 j0 = p * nr
                 for i0 in range(b0, b1, MR):
                     if packed.shape[0]:
-                        _tile(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr,
-                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                        tile_rows(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr,
+                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
                     else:
-                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
-                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                        tile_rows(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
+                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+
+
+@jit
+def tile_rows(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
+    """The micro-kernel for ``mr`` rows: a half-height tile up to HALF_MR rows, else a full
+    one (arguments as for :func:`_tile_typing`)."""
+    if mr <= HALF_MR:
+        _tile_half(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
+    else:
+        _tile(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
 
 
 @jit
