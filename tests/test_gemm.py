@@ -14,6 +14,7 @@ from fastseq.kernels.gemm import (
     gemm_packed,
     pack,
     pack_transposed,
+    pack_transposed_parallel,
     step_product,
 )
 from tests.tolerances import assert_close
@@ -79,3 +80,19 @@ def test_gemm_propagates_nan():
     out = np.zeros((3, 5), np.float32)
     gemm(a, np.ones((4, 5), np.float32), out, False)
     assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2]]).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (70, 33), (64, 256), (1000, 70)])
+def test_parallel_packing_matches_serial(shape, dtype):
+    """The weights' panels packed across threads (kernel top level) equal the serial ones,
+    zero padding included, for row-major w and its transposed view."""
+    w = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
+    for view in (w, np.ascontiguousarray(w.T).T):
+        serial = pack_transposed(view)
+        parallel = pack_transposed_parallel(view)
+        assert parallel.shape == serial.shape and np.array_equal(parallel, serial)
+        nr = serial.shape[2]
+        assert np.array_equal(serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, : shape[0]], view.T)
+        assert not serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, shape[0] :].any(), "padding not zero"
+        assert serial.shape[0] == -(-shape[0] // nr)

@@ -6,7 +6,14 @@ import numpy as np
 from numba import prange
 
 from fastseq._jit import jit
-from fastseq.kernels.gemm import few_rows_nt, gemm, gemm_large, gemm_packed, pack, panel_width
+from fastseq.kernels.gemm import (
+    few_rows_nt,
+    gemm,
+    gemm_large,
+    gemm_packed,
+    pack_transposed_parallel,
+    panel_width,
+)
 
 
 @jit
@@ -23,7 +30,7 @@ def chunk_input_grads(dgates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, dw
     """Deferred gradients of one chunk's GEMMs, over all its rows at once.
 
     dgates (Rc, G*H) in: gradients of the gate pre-activations of the chunk's rows.
-    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih)``
+    x (Rc, C), hprev (Rc, H), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_weights(w_ih)``
     (packed once per kernel call, not per chunk).
     dx (Rc, C) out, or += when accumulate_dx.
     dw_ih (G*H, C), dw_hh (G*H, H), db (G*H,) out: this chunk's partial sums (overwritten).
@@ -36,14 +43,15 @@ def chunk_input_grads(dgates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, dw
 
 @jit
 def step_panels(b, chunk_samples):
-    """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)``, or
+    """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)`` (packed
+    across threads: call it at a kernel's top level, not inside a ``prange``), or
     none (empty) when no chunk has more than one sample, as every step then has one row
     and goes to BLAS. chunk_samples (K+1,): the chunks' first state indices."""
     widest = 0
     for ch in range(chunk_samples.shape[0] - 1):
         widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])
     if widest > 1:
-        return pack(b)
+        return pack_transposed_parallel(b.T)
     return np.zeros((0, b.shape[0], panel_width(b)), b.dtype)
 
 
@@ -62,7 +70,7 @@ PROJECTION_BLOCK_ROWS = 512
 def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
     """Project the input rows the chunk needs from step ``s`` on, a block of steps at a time.
 
-    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_for_large(w_ih.T)``. offsets_c (S+1,):
+    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,):
     the chunk's row offsets; lengths_c: its
     lengths (state order). full (R, G*H): when it has rows, everything is projected there
     already (training, or reverse with unequal lengths) and it is returned with base r0.

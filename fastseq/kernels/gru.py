@@ -39,7 +39,7 @@ from fastseq.kernels.gemm import (
     gemm_packed,
     gemm_step,
     pack,
-    pack_for_large,
+    pack_weights,
     step_product,
 )
 
@@ -133,7 +133,7 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
+    w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples)
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples)
@@ -199,7 +199,7 @@ def gru_backward(
     w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples)
     w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples)
     w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples)
-    w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
     part_b_hh = np.empty((n_chunks, 3 * hd), dh.dtype)
     for ch in prange(n_chunks):

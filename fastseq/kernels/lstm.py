@@ -47,7 +47,7 @@ from fastseq.kernels.common import (
     unit_products,
     widest_part,
 )
-from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_for_large, step_product
+from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_weights, step_product
 
 
 @jit
@@ -124,7 +124,7 @@ def lstm_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
-    w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
+    w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
@@ -164,7 +164,7 @@ def lstm_backward(
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
-    w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -220,7 +220,7 @@ def lstm_forward_units(
     projection is split by rows. Same arguments, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = pack_for_large(w_ih.T)
+    w_ih_panels = pack_weights(w_ih.T)
     w_hh_panels = pack_unit_rows(w_hh, 4, units)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
     # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so
@@ -290,7 +290,7 @@ def lstm_backward_units(
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_columns(w_hh, units)  # part p: dG @ W_hh[:, its units]
-    w_ih_panels = pack_for_large(w_ih)
+    w_ih_panels = pack_weights(w_ih)
     part_b = np.empty((parts, 4 * hd), dh.dtype)
     part_peep = np.zeros((1, 3, hd), dh.dtype)
     dg = np.empty((nb, 4 * hd), dh.dtype)

@@ -23,7 +23,7 @@ from fastseq.kernels.common import (
     start_chunk,
     step_panels,
 )
-from fastseq.kernels.gemm import gemm_step, pack_for_large, step_product
+from fastseq.kernels.gemm import gemm_step, pack_weights, step_product
 
 
 @jit
@@ -63,7 +63,7 @@ def rnn_forward(
 ):  # fmt: skip
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
-    w_ih_panels = pack_for_large(w_ih.T)  # B of the input projection x @ W_ih^T
+    w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
@@ -97,7 +97,7 @@ def rnn_backward(
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
-    w_ih_panels = pack_for_large(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b = np.empty((n_chunks, hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
