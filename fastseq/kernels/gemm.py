@@ -14,8 +14,11 @@ broadcasts MR values of ``a``. Vector width, VECTORS and MR follow the CPU numba
 for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with AVX-512;
 32-byte vectors (ymm), 4 x 3 with AVX2. It is written in LLVM IR (a numba intrinsic)
 because numba's loops leave such a block in memory; explicit vector values and
-``llvm.fma`` give one FMA instruction per vector and term. Measured rates against BLAS on
-both kinds of CPU: docs/performance.md.
+``llvm.fma`` give one FMA instruction per vector and term. A block's last rows, when
+MR/2 or fewer, run on a half-height tile (:func:`tile_rows`). A transposed ``a`` (dG^T of
+the weight gradients) is copied into MR-row tiles first when the product is wide
+(:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
+docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
 and do not depend on the number of threads (each call is serial).
