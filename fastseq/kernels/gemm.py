@@ -301,12 +301,12 @@ def gemm_packed(a, panels, out, accumulate):
         add = accumulate or k0 > 0
         for b0 in range(0, n, rows):
             b1 = min(n, b0 + rows)
-            if packed.shape[0]:
+            if pack_a:
                 pack_rows(a, b0, b1, k0, kc, packed)
             for p in range(panels.shape[0]):
                 j0 = p * nr
                 for i0 in range(b0, b1, MR):
-                    if packed.shape[0]:
+                    if pack_a:
                         tile_rows(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr,
                                   out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
                     else:

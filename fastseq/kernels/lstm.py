@@ -59,9 +59,9 @@ def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
     Written as short loops, each touching few arrays from index 0. One fused loop over the
     four gates paid about 200 ns per row (fitted from the times below); LLVM vectorised it
     behind a run-time overlap check between every array it writes and every gate block it
-    reads (about 100 pointer pairs), the likely cause. Measured
-    (float32, one thread, Zen 5, ns per unit, fused / these loops): H = 16: 14.2 / 6.8;
-    64: 4.2 / 2.0; 256: 1.6 / 1.2; 1024: 1.0 / 1.0 (1.2 / 1.3 with peepholes). A loop over
+    reads (about 100 pointer pairs), the likely cause. Measured (float32, one thread,
+    Zen 5, ns per unit, fused / these loops): H = 16: 14.2 / 6.8; 64: 4.2 / 2.0; 256:
+    1.6 / 1.2; 1024: 1.0 / 1.0 (1.2 / 1.3 with peepholes). A loop over
     ``range(2 * hd, 3 * hd)`` did not vectorise (0.86 ns per element against 0.15): the
     loops below all start at 0 and add the block offset.
     """
