@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastseq._threads import partial_weight_grads
 from fastseq.kernels.gru import gru_backward, gru_forward
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_forward
@@ -122,14 +123,16 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     ``dstates``: tuple of (N, H), gradient of the final state(s) in state order,
     overwritten with the gradient of the initial state(s). ``dx`` (R, C): written, or added
     to when ``accumulate_dx``. ``grads``: ``WEIGHT_KEYS`` -> arrays the parameter gradients
-    are added into. ``take(shape, dtype)`` allocates the per-chunk weight-gradient scratch,
+    are added into. ``take(shape, dtype)`` allocates the scratch for per-chunk partial
+    weight gradients (none when :func:`fastseq._threads.partial_weight_grads` says 0),
     handed to ``give`` afterwards (a layer's workspace pool).
     """
     pk = (*packing.kernel_args, reverse)
     w_ih, w_hh = w["w_ih"], w["w_hh"]
+    n_parts = partial_weight_grads(packing)
     parts = (
-        take((packing.n_parts,) + w_ih.shape, w_ih.dtype),
-        take((packing.n_parts,) + w_hh.shape, w_hh.dtype),
+        take((n_parts,) + w_ih.shape, w_ih.dtype),
+        take((n_parts,) + w_hh.shape, w_hh.dtype),
     )
     x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":

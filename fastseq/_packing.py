@@ -38,8 +38,6 @@ class Packing:
         if full:
             lengths = np.full(batch, steps, dtype=np.int64)
         self.n_chunks = n_chunks = max(1, min(chunks, batch))
-        #: Slices of the per-chunk (or per-part) weight-gradient scratch backward fills.
-        self.n_parts = unit_parts or n_chunks
         self.equal_lengths = bool(np.all(lengths == lengths[0]))
         by_length = np.argsort(-lengths, kind="stable")
         per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]

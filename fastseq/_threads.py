@@ -83,6 +83,26 @@ def unit_parts(cell: str, batch: int, w_hh) -> int:
     return 0
 
 
+#: Rows per batch chunk from which backward sums the weight gradients per chunk (partial sums
+#: over the chunk's rows, added in chunk order after) instead of over all rows at once,
+#: split by rows of the gradient (kernels.common.add_weight_grad). Per chunk, each thread
+#: works on rows still in its cache right after the chunk's own recurrence, but writes a
+#: whole partial gradient, which costs most when the chunks are short and the weights large.
+#: Measured (float32, Zen 5, LSTM training step, in process, all rows / per chunk): rows per
+#: chunk 50 (N=2, T=50, H=512): 0.87-0.89; 200: 0.91-0.92; 400: 0.96; 1600 (N=32, T=100,
+#: H=64): 1.15-1.16 (RNN 1.13, GRU 1.04); 1600 at H=1024: 1.00; 3200 (H=256): 1.02-1.04.
+PARTIAL_SUM_ROWS = 1024
+
+
+def partial_weight_grads(packing) -> int:
+    """Chunks whose weight gradients backward sums as per-chunk partials (the slices of the
+    scratch it needs), or 0 to sum over all rows at once: see PARTIAL_SUM_ROWS. A batch
+    split by units has one chunk and always sums over all rows."""
+    if packing.unit_parts or packing.rows < PARTIAL_SUM_ROWS * packing.n_chunks:
+        return 0
+    return packing.n_chunks
+
+
 #: A streaming step (:class:`fastseq.cells.Stream`) splits its gate units across threads when
 #: its weights (W_ih and W_hh) reach STREAM_SPLIT_BYTES and the weights times the rows reach
 #: STREAM_SPLIT_WORK: each core then reads its share of the weights, and a parallel region

@@ -18,8 +18,8 @@ KERNELS = {
     "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
     "rnn_step_units": rnn.rnn_step_units, "lstm_step_units": lstm.lstm_step_units,
     "gru_step_units": gru.gru_step_units,
-    "column_sums": common.column_sums, "chunk_input_grads": common.chunk_input_grads,
-    "add_parts": common.add_parts, "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
+    "add_weight_grad": common.add_weight_grad, "weight_grads": common.weight_grads,
+    "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
 }  # fmt: skip
 
 _LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}

@@ -126,3 +126,23 @@ def test_batch_of_one_matches_its_row_in_a_batch(variant):
     assert_close(dx1[:, 0], dx[:, row], np.float32, "dx, batch of one")
     for name, g in grads.items():
         assert_close(grads1[name], g, np.float32, f"{name}, batch of one")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_weight_gradients_per_chunk_equal_all_rows(variant, monkeypatch):
+    # Backward sums the weight gradients per chunk (partials added in chunk order) when the
+    # chunks have many rows, else over all rows at once split by rows of the gradient; the
+    # reference and torch tests use small batches, so the per-chunk path is forced here.
+    from fastseq import _engine, _threads
+
+    chosen = []
+    policy = _threads.partial_weight_grads
+    monkeypatch.setattr(_engine, "partial_weight_grads", lambda pk: chosen.append(policy(pk)) or chosen[-1])
+    results = []
+    for rows in (10**9, 1):  # all rows at once; per chunk
+        monkeypatch.setattr(_threads, "PARTIAL_SUM_ROWS", rows)
+        case = Case(variant, np.float64, 2, True, True, True, steps=9, batch=7, input_size=5, hidden_size=16)
+        results.append(_run(case))
+    assert chosen and set(chosen[: len(chosen) // 2]) == {0} and 0 not in chosen[len(chosen) // 2 :]
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b, np.float64, f"{variant}: per chunk vs all rows")

@@ -60,8 +60,11 @@ Kernel arguments shared by all cells::
 Backward kernels take the same packing, the forward's workspace, ``dout`` (R, D*H) and
 ``dh`` (N, H) (gradient of the final state in, of the initial state out), write ``dx``
 (R, C) (``accumulate_dx``: add instead of overwrite, for the second direction) and add the
-parameter gradients into ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``. Each chunk's weight
-gradients first go to its own slice of ``part_w_ih`` (K, G*H, C) and ``part_w_hh`` (K, G*H,
-H) (scratch, overwritten), then are added in chunk order: the caller passes them so that a
-training loop reuses them (fresh, they cost page faults every step: 64 MB at H = 1024).
+parameter gradients into ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``. When ``part_w_ih``
+(K, G*H, C) and ``part_w_hh`` (K, G*H, H) have K = one slice per chunk (scratch,
+overwritten), each chunk's weight gradients first go to its own slice and are then added in
+chunk order: the caller passes them so that a training loop reuses them (fresh, they cost
+page faults every step: 64 MB at H = 1024). With K = 0 the weight gradients are summed over
+all rows at once after the recurrence, split across threads by rows of the gradient
+(``common.add_weight_grad``); ``fastseq._threads.partial_weight_grads`` decides.
 """

@@ -202,7 +202,7 @@ def pack_transposed(w):
     """Panels (P, K, NR) of B = w.T, for w (M, K): products ``a @ w.T``."""
     panels = _empty_panels(w)
     for p in range(panels.shape[0]):
-        _pack_panel(w, p, panels)
+        pack_panel(w, p, panels)
     return panels
 
 
@@ -213,7 +213,7 @@ def pack_transposed_parallel(w):
     region would run serially at best)."""
     panels = _empty_panels(w)
     for p in prange(panels.shape[0]):
-        _pack_panel(w, p, panels)
+        pack_panel(w, p, panels)
     return panels
 
 
@@ -226,7 +226,7 @@ def _empty_panels(w):
 
 
 @jit
-def _pack_panel(w, p, panels):
+def pack_panel(w, p, panels):
     """Fill panel p of B = w.T (zero-padded past w's last row)."""
     m, k = w.shape
     nr = panels.shape[2]

@@ -23,7 +23,8 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
-    chunk_input_grads,
+    add_weight_grad,
+    chunk_weight_grads,
     column_sums,
     copy_rows,
     mask_rows,
@@ -36,6 +37,7 @@ from fastseq.kernels.common import (
 )
 from fastseq.kernels.gemm import (
     gemm,
+    gemm_large,
     gemm_packed,
     gemm_step,
     pack,
@@ -200,8 +202,8 @@ def gru_backward(
     w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples)
     w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples)
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
-    part_b_ih = np.empty((n_chunks, 3 * hd), dh.dtype)
-    part_b_hh = np.empty((n_chunks, 3 * hd), dh.dtype)
+    part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
+    part_b_hh = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
@@ -239,22 +241,53 @@ def gru_backward(
             mask_rows(dh, rmask, s0, n)
             for i in range(n):
                 dh[s0 + i] += dh_direct[i]
-        # Input-GEMM gradients; the n rows of W_hh see a different gradient (reset_after:
-        # dn * r, kept in hn) or input (r*h, kept in hn), so that block is recomputed.
-        g_c, hprev_c, hn_c = gates[r0:r1], hprev[r0:r1], hn[r0:r1]
-        chunk_input_grads(g_c, x[r0:r1], hprev_c, w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
-                          part_w_ih[ch], part_w_hh[ch], part_b_ih[ch])  # fmt: skip
-        if reset_after:
-            gemm(hn_c.T, hprev_c, part_w_hh[ch][2 * hd :], False)
-            column_sums(g_c, 0, 2 * hd, part_b_hh[ch][: 2 * hd])
-            column_sums(hn_c, 0, hd, part_b_hh[ch][2 * hd :])
-        else:
-            gemm_packed(g_c[:, 2 * hd :].T, pack(hn_c), part_w_hh[ch][2 * hd :], False)  # a: no BLAS layout
-            part_b_hh[ch][:] = part_b_ih[ch]
-    add_parts(part_w_ih, dw_ih)
-    add_parts(part_w_hh, dw_hh)
-    add_parts(part_b_ih, db_ih)
-    add_parts(part_b_hh, db_hh)
+        gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+        if part_w_ih.shape[0]:
+            gru_chunk_weight_grads(x[r0:r1], reset_after, gates[r0:r1], hprev[r0:r1], hn[r0:r1], part_w_ih[ch],
+                                   part_w_hh[ch], part_b_ih[ch], part_b_hh[ch])  # fmt: skip
+    if part_w_ih.shape[0]:
+        add_parts(part_w_ih, dw_ih)
+        add_parts(part_w_hh, dw_hh)
+        add_parts(part_b_ih, db_ih)
+        add_parts(part_b_hh, db_hh)
+    else:
+        gru_weight_grads(x, reset_after, gates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh)
+
+
+# The weight gradients: dgates (R, 3H), the gradients of the gate pre-activations, are what
+# W_ih and the r, z rows of W_hh see; the n rows of W_hh see another gradient (reset_after:
+# dn * r, kept in hn (R, H)) or another input (r*h, kept in hn). hprev (R, H): the (masked)
+# state the GEMMs read.
+
+
+@jit
+def gru_chunk_weight_grads(x, reset_after, dgates, hprev, hn, part_w_ih, part_w_hh, part_b_ih, part_b_hh):
+    """One chunk's weight gradients as partial sums over its rows (overwritten; see
+    common.chunk_weight_grads)."""
+    hd = hprev.shape[1]
+    chunk_weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b_ih)
+    if reset_after:
+        gemm(hn.T, hprev, part_w_hh[2 * hd :], False)
+        column_sums(dgates, 0, part_b_hh[: 2 * hd])
+        column_sums(hn, 0, part_b_hh[2 * hd :])
+    else:
+        gemm_packed(dgates[:, 2 * hd :].T, pack(hn), part_w_hh[2 * hd :], False)  # a: no BLAS layout
+        part_b_hh[:] = part_b_ih
+
+
+@jit
+def gru_weight_grads(x, reset_after, dgates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh):
+    """The weight gradients over all rows at once (common.add_weight_grad)."""
+    hd = hprev.shape[1]
+    sums = np.empty(3 * hd, dgates.dtype)
+    add_weight_grad(dgates, x, dw_ih, sums)
+    db_ih += sums
+    add_weight_grad(dgates[:, : 2 * hd], hprev, dw_hh[: 2 * hd], sums[:0])
+    if reset_after:
+        add_weight_grad(hn, hprev, dw_hh[2 * hd :], sums[2 * hd :])
+    else:
+        add_weight_grad(dgates[:, 2 * hd :], hn, dw_hh[2 * hd :], sums[:0])
+    db_hh += sums
 
 
 @jit

@@ -23,15 +23,13 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     PROJECTION_BLOCK_ROWS,
-    add_parts,
     block_rows,
-    chunk_input_grads,
+    chunk_weight_grads,
     copy_rows,
     copy_unit_columns,
     copy_units,
     gather_units,
     gemm_split_rows,
-    input_grads_split_rows,
     mask_rows,
     masked_rows,
     pack_unit_columns,
@@ -45,9 +43,10 @@ from fastseq.kernels.common import (
     unit_bounds,
     unit_operands,
     unit_products,
+    weight_grads,
     widest_part,
 )
-from fastseq.kernels.gemm import gemm_packed, gemm_step, pack_weights, step_product
+from fastseq.kernels.gemm import gemm_large, gemm_packed, gemm_step, pack_weights, step_product
 
 
 @jit
@@ -166,7 +165,7 @@ def lstm_backward(
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
-    part_b = np.empty((n_chunks, 4 * hd), dh.dtype)
+    part_b = np.empty((part_w_ih.shape[0], 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
@@ -182,11 +181,15 @@ def lstm_backward(
                 dg[i, :] = gates[r, :]
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
-                          part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
+        gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+        if part_w_ih.shape[0]:
+            chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
         if peephole:
             peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
-    add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep)
+    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
+    if peephole:
+        for ch in range(n_chunks):  # in chunk order (deterministic)
+            dw_peep += part_peep[ch]
 
 
 @jit
@@ -198,17 +201,6 @@ def peephole_sums(dgates, cprev, cnew, out):
             out[0, j] += dgates[r, j] * cprev[r, j]
             out[1, j] += dgates[r, hd + j] * cprev[r, j]
             out[2, j] += dgates[r, 3 * hd + j] * cnew[r, j]
-
-
-@jit
-def add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep):
-    """Add the per-chunk (or per-part) weight gradients in order into the gradients."""
-    add_parts(part_w_ih, dw_ih)
-    add_parts(part_w_hh, dw_hh)
-    add_parts(part_b, db_ih)
-    add_parts(part_b, db_hh)
-    if peephole:
-        add_parts(part_peep, dw_peep)
 
 
 @jit
@@ -232,13 +224,13 @@ def lstm_forward_units(
     full = gates.shape[0] > 0
     block = np.empty((0 if full else max(PROJECTION_BLOCK_ROWS, nb), 4 * hd), h.dtype)
     if full:
-        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, parts)
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
     proj, base, s_next = gates, 0, lengths[0] if full else 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
         if s == s_next:
             a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
-            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], parts)
+            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
             proj, base = block, a
         for i in range(n):  # every part reads all of h: copy it, as the parts overwrite h
             rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
@@ -286,14 +278,12 @@ def lstm_backward_units(
 ):  # fmt: skip
     """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: per step, the gate
     gradients and then dh = dG @ W_hh, each split by hidden units (two parallel regions);
-    the weight gradients split by rows. ``part_w_ih``, ``part_w_hh`` have ``parts``
-    slices."""
+    dx split by rows. ``part_w_ih``, ``part_w_hh`` have no slices (weight gradients over
+    all rows at once)."""
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_columns(w_hh, units)  # part p: dG @ W_hh[:, its units]
     w_ih_panels = pack_weights(w_ih)
-    part_b = np.empty((parts, 4 * hd), dh.dtype)
-    part_peep = np.zeros((1, 3, hd), dh.dtype)
     dg = np.empty((nb, 4 * hd), dh.dtype)
     _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
     rows = np.empty(nb, np.int64)
@@ -305,12 +295,10 @@ def lstm_backward_units(
             gates, rows[:n], dh, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg, units
         )
         unit_products(dg[:n], w_hh_panels, dh[:n], units, rmask)
-    input_grads_split_rows(
-        gates, x, hprev, w_ih, w_ih_panels, dx, accumulate_dx, part_w_ih, part_w_hh, part_b
-    )
+    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, dx[:0], dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
-        peephole_sums(gates, cprev, cnew, part_peep[0])
-    add_weight_parts(part_w_ih, part_w_hh, part_b, part_peep, peephole, dw_ih, dw_hh, db_ih, db_hh, dw_peep)
+        peephole_sums(gates, cprev, cnew, dw_peep)
 
 
 @jit(parallel=True)

@@ -12,8 +12,7 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
-    add_parts,
-    chunk_input_grads,
+    chunk_weight_grads,
     copy_rows,
     mask_rows,
     masked_rows,
@@ -22,8 +21,9 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
     step_panels,
+    weight_grads,
 )
-from fastseq.kernels.gemm import gemm_step, pack_weights, step_product
+from fastseq.kernels.gemm import gemm_large, gemm_step, pack_weights, step_product
 
 
 @jit
@@ -98,7 +98,7 @@ def rnn_backward(
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
-    part_b = np.empty((n_chunks, hd), dh.dtype)
+    part_b = np.empty((part_w_ih.shape[0], hd), dh.dtype)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
@@ -112,12 +112,10 @@ def rnn_backward(
                 dg[i, :] = gates[r, :]
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
-        chunk_input_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx,
-                          part_w_ih[ch], part_w_hh[ch], part_b[ch])  # fmt: skip
-    add_parts(part_w_ih, dw_ih)
-    add_parts(part_w_hh, dw_hh)
-    add_parts(part_b, db_ih)
-    add_parts(part_b, db_hh)
+        gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+        if part_w_ih.shape[0]:
+            chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
+    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
 
 
 @jit
