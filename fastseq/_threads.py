@@ -67,20 +67,29 @@ SPREAD_STEP_BYTES = 1 << 20
 #: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
 #: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
 #: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
-#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=2 (chunks of one row, BLAS gemv)
-#: 0.90-1.06; N=5-8 mixed (0.9-1.14).
-UNIT_SPLIT_BATCHES = (3, 4)
+#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
+UNIT_SPLIT_BATCHES = (2, 3, 4)
+#: A batch of 2 (chunks of one row, each step a BLAS gemv that reads all of W_hh) splits by
+#: units only while W_hh's bytes lie in this range. Measured (float32, Zen 5, in process,
+#: T=50, C=H, split / chunks, eval forward and training step, with the weight gradients over
+#: all rows at once): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81 /
+#: 0.86; H=768: 0.84 / 0.91-0.94; H=1024 (16 MB): 0.87 / 0.91 in one run, 1.19-1.24 /
+#: 1.19-1.24 in the next two. (Zen 3, before the weight-gradient change: 0.90-1.06.)
+PAIR_SPLIT_BYTES = (2 << 20, 12 << 20)
 
 
 def unit_parts(cell: str, batch: int, w_hh) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES with recurrent
-    weights ``w_hh`` of at least SPREAD_STEP_BYTES, as many parts as numba's start-up thread
-    count (so results do not depend on the active thread count)."""
+    weights ``w_hh`` of at least SPREAD_STEP_BYTES (for a batch of 2: in PAIR_SPLIT_BYTES),
+    as many parts as numba's start-up thread count (so results do not depend on the active
+    thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
-    if cell == "lstm" and batch in UNIT_SPLIT_BATCHES and threads >= 2 and w_hh.nbytes >= SPREAD_STEP_BYTES:
-        return min(threads, w_hh.shape[1])
-    return 0
+    if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2 or w_hh.nbytes < SPREAD_STEP_BYTES:
+        return 0
+    if batch == 2 and not PAIR_SPLIT_BYTES[0] <= w_hh.nbytes < PAIR_SPLIT_BYTES[1]:
+        return 0
+    return min(threads, w_hh.shape[1])
 
 
 #: Rows per batch chunk from which backward sums the weight gradients per chunk (partial sums

@@ -1,7 +1,8 @@
-"""The LSTM's unit-split path (a batch of 3-4 samples with large recurrent weights: one chunk,
+"""The LSTM's unit-split path (a batch of 2-4 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
-chunked path. ``SPREAD_STEP_BYTES = 0`` makes any weights count as large, so small layers
-take the path; H is odd so that the parts have unequal widths."""
+chunked path. ``SPREAD_STEP_BYTES = 0`` (and a batch of 2's byte range opened up) makes any
+weights count as large, so small layers take the path; H is odd so that the parts have
+unequal widths."""
 
 import numba
 import numpy as np
@@ -21,6 +22,7 @@ def unit_split(monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
     monkeypatch.setattr(_threads, "SPREAD_STEP_BYTES", 0)
+    monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
     calls = {"forward": 0, "backward": 0}
     for name, kind in (("lstm_forward_units", "forward"), ("lstm_backward_units", "backward")):
         kernel = getattr(_engine, name)
@@ -41,7 +43,9 @@ def test_unit_parts_policy():
     w = np.empty((4 * 512, 512), np.float32)  # 4 MB
     assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
     assert _threads.unit_parts("lstm", 3, w) > 0
-    assert _threads.unit_parts("lstm", 2, w) == 0  # chunks of one row: BLAS gemv
+    lo, hi = _threads.PAIR_SPLIT_BYTES  # a batch of 2: W_hh in a range of sizes
+    for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
+        assert (_threads.unit_parts("lstm", 2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
     assert _threads.unit_parts("lstm", 5, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
@@ -68,7 +72,7 @@ def test_unit_split_finite_differences(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [3, 4])
+@pytest.mark.parametrize("batch", [2, 3, 4])
 def test_unit_split_torch_parity(unit_split, dtype, batch):
     case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
     got = case.run()
