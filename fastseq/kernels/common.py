@@ -292,8 +292,9 @@ def unit_products(a, panels, out, units, mask):
         gemm_packed(a, panels[p, : (u1 - u0 + nr - 1) // nr], out[:, u0:u1], False)
         if mask.shape[0]:
             for i in range(a.shape[0]):
-                for j in range(u0, u1):
-                    out[i, j] *= mask[i, j]
+                out_i, mask_i = out[i, u0:u1], mask[i, u0:u1]
+                for j in range(u1 - u0):
+                    out_i[j] *= mask_i[j]
 
 
 @jit(parallel=True)
@@ -312,11 +313,15 @@ def gather_units(row, gates, u0, out):
     """Compact a gate row for the units u0..u0+hu-1: out[q*hu + u] = row[q*H + u0 + u] for
     each gate q < ``gates``. row (G*H,), out (G*hu,). (Element loops here and in the other
     unit-split helpers: slice assignments compile numba's shape-error path, seconds of
-    first-call compile time.)"""
+    first-call compile time. Each gate's block is sliced first and copied from index 0:
+    indexing ``row[q * H + u0 + u]`` directly did not vectorise, 217 against 29 ns for
+    G*hu = 1024, Zen 5.)"""
     hd, hu = row.shape[0] // gates, out.shape[0] // gates
     for q in range(gates):
+        src = row[q * hd + u0 : q * hd + u0 + hu]
+        dst = out[q * hu : q * hu + hu]
         for u in range(hu):
-            out[q * hu + u] = row[q * hd + u0 + u]
+            dst[u] = src[u]
 
 
 @jit
@@ -324,8 +329,10 @@ def scatter_units(compact, gates, u0, row):
     """The inverse of :func:`gather_units`: row[q*H + u0 + u] = compact[q*hu + u]."""
     hd, hu = row.shape[0] // gates, compact.shape[0] // gates
     for q in range(gates):
+        src = compact[q * hu : q * hu + hu]
+        dst = row[q * hd + u0 : q * hd + u0 + hu]
         for u in range(hu):
-            row[q * hd + u0 + u] = compact[q * hu + u]
+            dst[u] = src[u]
 
 
 @jit
