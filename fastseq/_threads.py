@@ -11,14 +11,14 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-An LSTM batch of 3-4 with such weights runs as one chunk split across the threads by hidden
-units instead (:func:`unit_parts`): numba's team works on every step, BLAS is held at one
-thread.
+An LSTM batch of 3-4 with such weights (of 2 with W_hh of 2-12 MB) runs as one chunk split
+across the threads by hidden units instead (:func:`unit_parts`): numba's team works on every
+step, BLAS is held at one thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
-count is active: the chunks, and the order in which per-chunk gradients are summed, do not
-change with it.
+count is active: the chunks, and the order in which per-chunk gradients are summed (when
+they are), do not change with it.
 """
 
 from __future__ import annotations
