@@ -20,6 +20,7 @@ KERNELS = {
     "gru_step_units": gru.gru_step_units,
     "add_weight_grad": common.add_weight_grad, "weight_grads": common.weight_grads,
     "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
+    "team_thread_ids": _threads.team_thread_ids,
 }  # fmt: skip
 
 _LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}

@@ -10,7 +10,15 @@ from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
-from fastseq._threads import MAIN_THREAD, RUNNING, kernel_threads, num_chunks, stream_parts, stream_units
+from fastseq._threads import (
+    MAIN_THREAD,
+    RUNNING,
+    keep_workers_off_caller,
+    kernel_threads,
+    num_chunks,
+    stream_parts,
+    stream_units,
+)
 from fastseq.kernels.gru import gru_step, gru_step_units
 from fastseq.kernels.lstm import lstm_step, lstm_step_units
 from fastseq.kernels.rnn import rnn_step, rnn_step_units
@@ -331,6 +339,7 @@ class Stream:
         running.append(None)
         try:
             if self._split is not None and len(running) == 1 and get_ident() == MAIN_THREAD:
+                keep_workers_off_caller()  # steps may come after idle time (real-time input)
                 self._split(x, *self._split_args)
             else:
                 self._kernel(x, *self._args)

@@ -146,3 +146,23 @@ def test_weight_gradients_per_chunk_equal_all_rows(variant, monkeypatch):
     assert chosen and set(chosen[: len(chosen) // 2]) == {0} and 0 not in chosen[len(chosen) // 2 :]
     for a, b in zip(*results, strict=True):
         assert_close(a, b, np.float64, f"{variant}: per chunk vs all rows")
+
+
+def test_workers_kept_off_the_calling_threads_cpu(monkeypatch):
+    # After a multi-chunk kernel call, numba's workers for this thread may run on every
+    # allowed CPU but the one the caller was on; the caller's own affinity is untouched.
+    import os
+
+    from fastseq import _threads
+
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2 or numba.get_num_threads() < 2 or _threads._sched_getcpu is None:
+        pytest.skip("needs two CPUs and two numba threads")
+    monkeypatch.setattr(_threads._teams, "tids", None, raising=False)  # collect the team afresh
+    case = Case("lstm", np.float32, 1, False, False, False, steps=4, batch=4, hidden_size=8)
+    case.layer.eval()(case.x)
+    team, cpu = _threads._teams.tids, _threads._teams.cpu
+    assert team and cpu in allowed and threading.get_native_id() not in team
+    for tid in team:
+        assert os.sched_getaffinity(tid) == allowed - {cpu}
+    assert os.sched_getaffinity(0) == allowed
