@@ -235,13 +235,13 @@ def keep_workers_off_caller() -> None:
     if not PIN_WORKERS or _sched_getcpu is None or numba.get_num_threads() < 2:
         return
     cpu = _sched_getcpu()
-    team = getattr(_teams, "tids", None)
-    if team is None or len(team) < numba.get_num_threads():
-        out = np.zeros(numba.get_num_threads(), np.int64)
+    team, threads = getattr(_teams, "tids", None), numba.get_num_threads()
+    if team is None or _teams.size < threads:  # a larger team may have new threads
+        out = np.zeros(threads, np.int64)
         team_thread_ids(out)
         own = threading.get_native_id()
         _teams.tids = team = [int(t) for t in out if t and t != own]
-        _teams.cpu = None
+        _teams.size, _teams.cpu = threads, None
     if cpu == _teams.cpu or cpu < 0:
         return
     allowed = os.sched_getaffinity(0)

@@ -166,3 +166,9 @@ def test_workers_kept_off_the_calling_threads_cpu(monkeypatch):
     for tid in team:
         assert os.sched_getaffinity(tid) == allowed - {cpu}
     assert os.sched_getaffinity(0) == allowed
+    # the team is collected once per calling thread, not on every call
+    collect = _threads.team_thread_ids
+    calls = []
+    monkeypatch.setattr(_threads, "team_thread_ids", lambda out: calls.append(1) or collect(out))
+    case.layer.eval()(case.x)
+    assert not calls and _threads._teams.tids == team
