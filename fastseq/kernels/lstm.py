@@ -23,6 +23,7 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     PROJECTION_BLOCK_ROWS,
+    add_parts,
     block_rows,
     chunk_weight_grads,
     copy_rows,
@@ -188,8 +189,7 @@ def lstm_backward(
             peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
-        for ch in range(n_chunks):  # in chunk order (deterministic)
-            dw_peep += part_peep[ch]
+        add_parts(part_peep, dw_peep)
 
 
 @jit
@@ -296,7 +296,8 @@ def lstm_backward_units(
         )
         unit_products(dg[:n], w_hh_panels, dh[:n], units, rmask)
     gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
-    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, dx[:0], dw_ih, dw_hh, db_ih, db_hh)
+    no_parts = np.empty((0, 4 * hd), dh.dtype)
+    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
         peephole_sums(gates, cprev, cnew, dw_peep)
 
