@@ -11,7 +11,7 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-An LSTM batch of 3-4 with such weights (of 2 with W_hh of 2-12 MB) runs as one chunk split
+An LSTM batch of 3-8 with such weights (of 2 with W_hh of 2-12 MB) runs as one chunk split
 across the threads by hidden units instead (:func:`unit_parts`): numba's team works on every
 step, BLAS is held at one thread.
 
@@ -72,8 +72,11 @@ SPREAD_STEP_BYTES = 1 << 20
 #: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
 #: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
 #: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
-#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
-UNIT_SPLIT_BATCHES = (2, 3, 4)
+#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14). On Zen 5,
+#: once the split step's gate-block copies vectorised, N=5-8 won too (eval forward /
+#: training, H=256-1024, two runs): 0.84-0.99 / 0.91-1.02 (H=256, 1 MB: 0.90-0.99 /
+#: 1.00-1.02); N=12 0.91-0.93 / 0.99-1.02 and N=16 0.87-0.98 / 0.96-1.11 stay with chunks.
+UNIT_SPLIT_BATCHES = (2, 3, 4, 5, 6, 7, 8)
 #: A batch of 2 (chunks of one row, each step a BLAS gemv that reads all of W_hh) splits by
 #: units only while W_hh's bytes lie in this range. Measured (float32, Zen 5, in process,
 #: T=50, C=H, split / chunks, eval forward and training step, with the weight gradients over

@@ -1,4 +1,4 @@
-"""The LSTM's unit-split path (a batch of 2-4 samples with large recurrent weights: one chunk,
+"""The LSTM's unit-split path (a batch of 2-8 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
 chunked path. ``SPREAD_STEP_BYTES = 0`` (and a batch of 2's byte range opened up) makes any
 weights count as large, so small layers take the path; H is odd so that the parts have
@@ -47,7 +47,8 @@ def test_unit_parts_policy():
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts("lstm", 2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
-    assert _threads.unit_parts("lstm", 5, w) == 0
+    assert _threads.unit_parts("lstm", 8, w) > 0
+    assert _threads.unit_parts("lstm", 9, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
 
@@ -72,7 +73,7 @@ def test_unit_split_finite_differences(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [2, 3, 4])
+@pytest.mark.parametrize("batch", [2, 3, 4, 8])
 def test_unit_split_torch_parity(unit_split, dtype, batch):
     case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
     got = case.run()
