@@ -23,6 +23,8 @@ STREAM_HIDDEN = 128
 #: (N, H) of a batched stream whose steps split their hidden units across threads
 #: (fastseq._threads.stream_parts) for every cell.
 STREAM_BATCHED = (8, 256)
+#: Pause before each call of ``track_forward_after_idle``.
+IDLE_SECONDS = 0.05
 
 
 class _CellSuite:
@@ -90,6 +92,21 @@ class _CellSuite:
         return 3 * self.flops / best / 1e9
 
     track_train_gflops.unit = "GFLOP/s"
+
+    def track_forward_after_idle(self, shape, dtype):
+        """Median time of an eval forward made 50 ms after the previous call: a call after
+        idle time paid about 8 ms more for waking numba's worker onto the caller's CPU
+        (fastseq._threads.keep_workers_off_caller)."""
+        self.layer.eval()
+        times = []
+        for _ in range(5):
+            time.sleep(IDLE_SECONDS)
+            start = time.perf_counter()
+            self.layer(self.x)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)) * 1e3
+
+    track_forward_after_idle.unit = "ms"
 
 
 for _name in CELLS:

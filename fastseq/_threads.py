@@ -203,7 +203,8 @@ def kernel_threads(packing, w_hh):
         RUNNING.pop()
 
 
-#: Whether :func:`keep_workers_off_caller` pins numba's workers (a switch for measurements).
+#: Whether :func:`keep_workers_off_caller` pins numba's workers (a switch for measurements;
+#: turning it off later leaves workers already pinned as they are).
 PIN_WORKERS = True
 
 _gettid = types.ExternalFunction("gettid", types.int32())
