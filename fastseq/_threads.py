@@ -11,9 +11,9 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-An LSTM batch of 3-8 with such weights (of 2 with W_hh of 2-12 MB) runs as one chunk split
-across the threads by hidden units instead (:func:`unit_parts`): numba's team works on every
-step, BLAS is held at one thread.
+An LSTM batch of 3-4 with such weights (of 2 with W_hh of 2-12 MB, of 5-8 with W_hh of 4 MB
+or more) runs as one chunk split across the threads by hidden units instead
+(:func:`unit_parts`): numba's team works on every step, BLAS is held at one thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
@@ -72,10 +72,7 @@ SPREAD_STEP_BYTES = 1 << 20
 #: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
 #: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
 #: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
-#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14). On Zen 5,
-#: once the split step's gate-block copies vectorised, N=5-8 won too (eval forward /
-#: training, H=256-1024, two runs): 0.84-0.99 / 0.91-1.02 (H=256, 1 MB: 0.90-0.99 /
-#: 1.00-1.02); N=12 0.91-0.93 / 0.99-1.02 and N=16 0.87-0.98 / 0.96-1.11 stay with chunks.
+#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
 UNIT_SPLIT_BATCHES = (2, 3, 4, 5, 6, 7, 8)
 #: A batch of 2 (chunks of one row, each step a BLAS gemv that reads all of W_hh) splits by
 #: units only while W_hh's bytes lie in this range. Measured (float32, Zen 5, in process,
@@ -84,18 +81,28 @@ UNIT_SPLIT_BATCHES = (2, 3, 4, 5, 6, 7, 8)
 #: 0.86; H=768: 0.84 / 0.91-0.94; H=1024 (16 MB): 0.87 / 0.91 in one run, 1.19-1.24 /
 #: 1.19-1.24 in the next two. (Zen 3, before the weight-gradient change: 0.90-1.06.)
 PAIR_SPLIT_BYTES = (2 << 20, 12 << 20)
+#: Batches of 5-8 split from this size of W_hh. Measured (Zen 5, same method), in two runs
+#: one hour apart: H=256 (1 MB) 0.90-0.99 / 1.00-1.02, then 1.07-1.10 / 1.21-1.25; H=384
+#: 0.89 / 0.99, then 0.98 / 1.13; H=512 0.84-0.90 / 0.93-0.98, then 0.95-0.99 / 1.00-1.08;
+#: H=768-1024 0.89-0.94 / 0.90-0.99 in both. N=12-16 (0.87-0.98 / 0.96-1.11) keep the
+#: chunks. The split step has two barriers per step in backward, one per chunk call in
+#: the chunks, and where W_hh fits a core's L2 (2 MB here) the chunks lose little by each
+#: reading all of it.
+WIDE_SPLIT_BYTES = 4 << 20
 
 
 def unit_parts(cell: str, batch: int, w_hh) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES with recurrent
-    weights ``w_hh`` of at least SPREAD_STEP_BYTES (for a batch of 2: in PAIR_SPLIT_BYTES),
-    as many parts as numba's start-up thread count (so results do not depend on the active
-    thread count)."""
+    weights ``w_hh`` of at least SPREAD_STEP_BYTES (for a batch of 2: in PAIR_SPLIT_BYTES;
+    of 5 or more: at least WIDE_SPLIT_BYTES), as many parts as numba's start-up thread count
+    (so results do not depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
     if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2 or w_hh.nbytes < SPREAD_STEP_BYTES:
         return 0
     if batch == 2 and not PAIR_SPLIT_BYTES[0] <= w_hh.nbytes < PAIR_SPLIT_BYTES[1]:
+        return 0
+    if batch >= 5 and w_hh.nbytes < WIDE_SPLIT_BYTES:
         return 0
     return min(threads, w_hh.shape[1])
 

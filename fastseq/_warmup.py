@@ -54,7 +54,7 @@ def _exercise(layer_cls, cell_cls, dtype):
     h = cell(x[0])
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
     cell.stream(batch=2).step(x[0])
-    # LSTM batches of 3-8 with large recurrent weights split each step by hidden units: the
+    # LSTM batches of 3-4 with large recurrent weights split each step by hidden units: the
     # smallest H whose W_hh (4H, H) reaches the threshold
     hidden = math.isqrt(_threads.SPREAD_STEP_BYTES // (4 * dtype.itemsize)) + 1
     if _threads.unit_parts(layer_cls._cell, 3, np.empty((4 * hidden, hidden), dtype)):
