@@ -243,10 +243,11 @@ def keep_workers_off_caller() -> None:
     OMP_PROC_BIND=true cures it too, but it pins the caller (and every thread it starts
     later) to one CPU. No-op with fewer than two allowed CPUs or without ``sched_getcpu``.
     """
-    if not PIN_WORKERS or _sched_getcpu is None or numba.get_num_threads() < 2:
+    threads = numba.get_num_threads()
+    if not PIN_WORKERS or _sched_getcpu is None or threads < 2:
         return
     cpu = _sched_getcpu()
-    team, threads = getattr(_teams, "tids", None), numba.get_num_threads()
+    team = getattr(_teams, "tids", None)
     if team is None or _teams.size < threads:  # a larger team may have new threads
         out = np.zeros(threads, np.int64)
         team_thread_ids(out)

@@ -386,9 +386,10 @@ def pack_for_large(b):
 
 @jit
 def pack_weights(b):
-    """:func:`pack_for_large` for a weight matrix packed once per kernel call, at the
-    kernel's top level: the panels are shared among numba's threads
-    (:func:`pack_transposed_parallel`)."""
+    """:func:`pack_for_large` for a b packed once per kernel call at the kernel's top level
+    (a weight matrix, or the x / h_prev of the weight gradients over all rows): the panels
+    are packed across numba's threads (:func:`pack_transposed_parallel`) and shared by
+    them."""
     return pack_transposed_parallel((b[:0] if BLAS_FOR_LARGE else b).T)
 
 
