@@ -33,6 +33,7 @@ import numpy as np
 from numba import prange, types
 
 from fastseq._jit import jit
+from fastseq.kernels.common import SPREAD_STEP_BYTES
 from fastseq.kernels.gemm import FEW_ROWS
 
 _lock = threading.Lock()
@@ -57,15 +58,6 @@ def _blas_controller():
         scipy_blas = [lib for lib in blas.lib_controllers if "scipy.libs" in (lib.filepath or "")]
         _controller = scipy_blas or blas.lib_controllers
     return _controller
-
-
-#: Bytes of recurrent weights (G*H x H) from which a single chunk lets BLAS spread its
-#: per-step products over every core: about one core's L2 (Zen 3: 512 KB). Below it BLAS stays at
-#: one thread: a product that fits in L2 gains little from a second core, and every step
-#: would hand work to a thread that another thread pool may be holding.
-#: Measured (float32, Zen 3, a 1 x H @ H x 4H product): H = 128 (256 KB): 4.1 us on one
-#: thread, 4.8 on two; H = 512 (4 MB): 65 vs 47 us; H = 1024: 369 vs 212 us.
-SPREAD_STEP_BYTES = 1 << 20
 
 
 #: Batches whose steps are split across threads by hidden units instead of by samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fastseq.kernels.common import ONE_ROW_PANEL_STEPS, SPREAD_STEP_BYTES, step_panels
 from fastseq.kernels.gemm import (
     K_BLOCK_PACKED,
     MR,
@@ -26,7 +27,7 @@ from tests.tolerances import assert_close
 # with K across two K_BLOCK_PACKED passes.
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
           (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
-          (5, 4100, 515)]  # fmt: skip
+          (5, 4100, 515), (2, 64, 300), (10, 70, 200), (4, 33, 100), (19, 40, 130)]  # fmt: skip
 
 
 def _operands(shape, dtype, rng):
@@ -96,3 +97,35 @@ def test_parallel_packing_matches_serial(shape, dtype):
         assert np.array_equal(serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, : shape[0]], view.T)
         assert not serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, shape[0] :].any(), "padding not zero"
         assert serial.shape[0] == -(-shape[0] // nr)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_tiles_sum_as_full_tiles(dtype):
+    """A block's last few rows run on tiles of 2 or 4 panels (gemm.few_rows): each row is
+    summed exactly as in a full tile, whatever the row count or the panels left over."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2 * MR, 37)).astype(dtype)
+    for m in (150, 64, 7):
+        panels = pack_transposed(rng.standard_normal((m, 37)).astype(dtype))
+        full = np.empty((2 * MR, m), dtype)
+        gemm_packed(a, panels, full, False)
+        for n in (1, 2, 3, MR // 2, MR + 1, MR + MR // 2):
+            out = np.full((n, m), np.nan, dtype)
+            gemm_packed(a[:n], panels, out, False)
+            assert np.array_equal(out, full[:n]), f"{n} rows, {m} columns"
+
+
+def test_step_panels_for_one_row_chunks():
+    """Per-step panels: any chunk of several samples; one sample per chunk only for long
+    sequences, and not when one chunk hands its products to BLAS on every core."""
+    w = np.ones((16, 64), np.float32)
+    big = np.ones((SPREAD_STEP_BYTES // 4 // 64, 64), np.float32)
+    long, short = np.array([ONE_ROW_PANEL_STEPS] * 2), np.array([ONE_ROW_PANEL_STEPS - 1] * 2)
+    one, two_chunks, one_chunk_of_two = np.array([0, 1]), np.array([0, 1, 2]), np.array([0, 2])
+    assert step_panels(w, one_chunk_of_two, short).shape[0] > 0
+    assert step_panels(w, one, long[:1]).shape[0] > 0
+    assert step_panels(w, two_chunks, long).shape[0] > 0
+    assert step_panels(w, one, short[:1]).shape[0] == 0
+    assert step_panels(w, two_chunks, short).shape[0] == 0
+    assert step_panels(big, one, long[:1]).shape[0] == 0
+    assert step_panels(big, two_chunks, long).shape[0] > 0

@@ -44,7 +44,9 @@ def test_layer_matches_naive(variant, num_layers, bidirectional, use_lengths, dt
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (9, 5, 2, 7), (3, 7, 6, 3)])
+# (T, N, C, H); the last two: one sample per chunk over enough steps to pack W_hh for
+# one-row per-step products (kernels.common.ONE_ROW_PANEL_STEPS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (9, 5, 2, 7), (3, 7, 6, 3), (70, 1, 3, 5), (70, 2, 4, 9)])
 def test_shapes_match_naive(variant, shape):
     steps, batch, c, h = shape
     case = Case(variant, np.float64, 2, True, batch > 1, True, True, steps, batch, c, h, seed=7)

@@ -103,16 +103,40 @@ def weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, d
     db_hh += sums
 
 
+#: Bytes of recurrent weights (G*H x H) from which a single chunk lets BLAS spread its
+#: per-step products over every core: about one core's L2 (Zen 3: 512 KB). Below it BLAS stays at
+#: one thread: a product that fits in L2 gains little from a second core, and every step
+#: would hand work to a thread that another thread pool may be holding.
+#: Measured (float32, Zen 3, a 1 x H @ H x 4H product): H = 128 (256 KB): 4.1 us on one
+#: thread, 4.8 on two; H = 512 (4 MB): 65 vs 47 us; H = 1024: 369 vs 212 us.
+SPREAD_STEP_BYTES = 1 << 20
+#: Steps from which a layout of one sample per chunk (a batch of one, or of two in two
+#: chunks) packs W_hh for its one-row per-step products (:func:`step_panels`), unless BLAS
+#: spreads them over the cores (one chunk, SPREAD_STEP_BYTES). Packing costs about as much as
+#: 40-60 such steps save. Measured (float32, Zen 5, in process, packed / BLAS on W_hh^T,
+#: eval forward / training step): LSTM N=1, H=128: T=200 0.83 / 0.90, T=50 1.02 / 0.92,
+#: T=20 1.08 / 0.98; H=64, T=200 0.87 / 0.89; N=2, T=100: LSTM H=128 0.93 / 0.76, H=256
+#: 0.82 / 0.90; GRU H=256 0.76 / 0.84; RNN H=256 0.87 / 0.78; N=1, T=200, H=128: GRU
+#: 0.90 / 0.82, RNN 0.85 / 0.83. (Packed with one thread instead of BLAS on two at N=1:
+#: LSTM H=256, T=200 1.17 / 0.84; H=512, T=100 1.56 / 1.31.)
+ONE_ROW_PANEL_STEPS = 64
+
+
 @jit
-def step_panels(b, chunk_samples):
+def step_panels(b, chunk_samples, lengths):
     """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)`` (packed
-    across threads: call it at a kernel's top level, not inside a ``prange``), or
-    none (empty) when no chunk has more than one sample, as every step then has one row
-    and goes to BLAS. chunk_samples (K+1,): the chunks' first state indices."""
+    across threads: call it at a kernel's top level, not inside a ``prange``), or none
+    (empty: every step goes to BLAS) when no chunk has more than one sample and either the
+    sequences are shorter than ONE_ROW_PANEL_STEPS or one chunk lets BLAS use every core
+    (b of SPREAD_STEP_BYTES or more). chunk_samples (K+1,): the chunks' first state indices;
+    lengths (N,): the samples' lengths."""
     widest = 0
     for ch in range(chunk_samples.shape[0] - 1):
         widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])
-    if widest > 1:
+    one_row = lengths.max() >= ONE_ROW_PANEL_STEPS and not (
+        chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
+    )
+    if widest > 1 or one_row:
         return pack_transposed_parallel(b.T)
     return np.zeros((0, b.shape[0], panel_width(b)), b.dtype)
 

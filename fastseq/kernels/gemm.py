@@ -15,7 +15,7 @@ for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with
 32-byte vectors (ymm), 4 x 3 with AVX2. It is written in LLVM IR (a numba intrinsic)
 because numba's loops leave such a block in memory; explicit vector values and
 ``llvm.fma`` give one FMA instruction per vector and term. A block's last rows, when
-MR/2 or fewer, run on a half-height tile (:func:`tile_rows`). A transposed ``a`` (dG^T of
+MR/2 or fewer, run on shorter tiles over 2 or 4 panels (:func:`few_rows`). A transposed ``a`` (dG^T of
 the weight gradients) is copied into MR-row tiles first when the product is wide
 (:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
 docs/performance.md.
@@ -61,31 +61,35 @@ def _declare(module, name, ret, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
 
 
-def _tile_intrinsic(rows_max):
-    """The micro-kernel for tiles of up to ``rows_max`` rows (see :func:`_tile_typing`)."""
+def _tile_intrinsic(rows_max, panels):
+    """The micro-kernel for tiles of up to ``rows_max`` rows and ``panels`` panels (see
+    :func:`_tile_typing`)."""
 
     @intrinsic
-    def tile(typingctx, k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
-        return _tile_typing(rows_max, a, b, c)
+    def tile(typingctx, k, a, a_row, a_col, b, b_off, b_step, c, c_row, mr, nr, accumulate):
+        return _tile_typing(rows_max, panels, a, b, c)
 
     return tile
 
 
-def _tile_typing(MR, a, b, c):
-    """c[i*c_row + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + k*NR + j], i < mr, j < nr.
+def _tile_typing(MR, PANELS, a, b, c):
+    """c[i*c_row + q*NR + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + q*b_step + k*NR + j],
+    i < mr, q*NR + j < nr, q < PANELS, j < NR.
 
-    The signature and code of a tile of up to MR rows: a, b, c: arrays of one float dtype,
-    addressed from their data pointers in elements (strides in elements); b holds panels
-    (rows of NR values, zero-padded). 1 <= mr <= MR, 1 <= nr <= NR; rows i >= mr are
-    computed from row 0 and not stored; columns j >= nr of c are neither loaded nor stored.
+    The signature and code of a tile of up to MR rows by PANELS panels: a, b, c: arrays of
+    one float dtype, addressed from their data pointers in elements (strides in elements); b
+    holds panels (rows of NR values, zero-padded) b_step apart. 1 <= mr <= MR, 1 <= nr <=
+    PANELS*NR, and all PANELS panels exist; rows i >= mr are computed from row 0 and not
+    stored; columns >= nr of c are neither loaded nor stored.
     """
     if not (isinstance(a.dtype, types.Float) and a.dtype == b.dtype == c.dtype):
         return None
     intp = types.intp
-    sig = types.void(intp, a, intp, intp, b, intp, c, intp, intp, intp, types.boolean)
+    sig = types.void(intp, a, intp, intp, b, intp, intp, c, intp, intp, intp, types.boolean)
+    VECS = VECTORS * PANELS  # accumulators per row
 
     def codegen(context, builder, signature, args):
-        k, av, a_row, a_col, bv, b_off, cv, c_row, mr, nr, acc_flag = args
+        k, av, a_row, a_col, bv, b_off, b_step, cv, c_row, mr, nr, acc_flag = args
         dtype = signature.args[1].dtype
         fty = context.get_value_type(dtype)
         width = VECTOR_BYTES // (dtype.bitwidth // 8)
@@ -102,7 +106,7 @@ def _tile_typing(MR, a, b, c):
         def data(index, value):
             return cgutils.create_struct_proxy(signature.args[index])(context, builder, value=value).data
 
-        a_ptr, b_ptr, c_ptr = data(1, av), data(4, bv), data(6, cv)
+        a_ptr, b_ptr, c_ptr = data(1, av), data(4, bv), data(7, cv)
 
         def const(v):
             return ir.Constant(i64, v)
@@ -121,7 +125,7 @@ def _tile_typing(MR, a, b, c):
             builder.icmp_signed(
                 "<", ir.Constant(ir.VectorType(i64, width), [v * width + j for j in range(width)]), nr_vec
             )
-            for v in range(VECTORS)
+            for v in range(VECS)
         ]
         align = ir.Constant(i32, dtype.bitwidth // 8)
         row_start = []
@@ -135,26 +139,28 @@ def _tile_typing(MR, a, b, c):
 
         builder.position_at_end(loop)
         kk = builder.phi(i64)
-        acc = [[builder.phi(vty) for _ in range(VECTORS)] for _ in range(MR)]
+        acc = [[builder.phi(vty) for _ in range(VECS)] for _ in range(MR)]
         b_k = builder.add(b_off, builder.mul(kk, const(VECTORS * width)))
+        b_q = [builder.add(b_k, builder.mul(b_step, const(q))) for q in range(PANELS)]
         panel = [  # zero-padded panels: full vectors are always in bounds
             builder.load(
-                builder.bitcast(builder.gep(b_ptr, [builder.add(b_k, const(v * width))]), pty),
+                builder.bitcast(builder.gep(b_ptr, [builder.add(b_q[q], const(v * width))]), pty),
                 align=dtype.bitwidth // 8,
             )
+            for q in range(PANELS)
             for v in range(VECTORS)
         ]
         k_col = builder.mul(kk, a_col)
         new = []
         for i in range(MR):
             a_ik = splat(builder.load(builder.gep(a_ptr, [builder.add(row_start[i], k_col)])), vty)
-            new.append([builder.call(fma, [a_ik, panel[v], acc[i][v]]) for v in range(VECTORS)])
+            new.append([builder.call(fma, [a_ik, panel[v], acc[i][v]]) for v in range(VECS)])
         k_next = builder.add(kk, const(1))
         body_end = builder.basic_block
         kk.add_incoming(const(0), entry)
         kk.add_incoming(k_next, body_end)
         for i in range(MR):
-            for v in range(VECTORS):
+            for v in range(VECS):
                 acc[i][v].add_incoming(zero, entry)
                 acc[i][v].add_incoming(new[i][v], body_end)
         builder.cbranch(builder.icmp_signed("<", k_next, k), loop, done)
@@ -163,7 +169,7 @@ def _tile_typing(MR, a, b, c):
         total = []
         for i in range(MR):
             row = []
-            for v in range(VECTORS):
+            for v in range(VECS):
                 phi = builder.phi(vty)
                 phi.add_incoming(zero, entry)
                 phi.add_incoming(new[i][v], body_end)
@@ -172,7 +178,7 @@ def _tile_typing(MR, a, b, c):
         for i in range(MR):
             with cgutils.if_likely(builder, builder.icmp_signed("<", const(i), mr)):
                 row = builder.mul(const(i), c_row)
-                for v in range(VECTORS):
+                for v in range(VECS):
                     ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(row, const(v * width))]), pty)
                     old = builder.call(masked_load, [ptr, align, masks[v], zero])
                     value = builder.select(acc_flag, builder.fadd(total[i][v], old), total[i][v])
@@ -183,12 +189,17 @@ def _tile_typing(MR, a, b, c):
 
 
 #: The micro-kernel: tiles of up to MR rows (see :func:`_tile_typing`).
-_tile = _tile_intrinsic(MR)
-#: Rows up to which the last tile of a block runs as a half-height tile (``_tile_half``): a
-#: full tile computes MR rows whatever ``mr`` is, so a step of a few rows (variable lengths,
-#: chunks whose rows are not a multiple of MR) would pay for MR.
+_tile = _tile_intrinsic(MR, 1)
+#: Rows up to which the last tile of a block runs as a half-height tile: a full tile computes
+#: MR rows whatever ``mr`` is, so a step of a few rows (variable lengths, chunks whose rows
+#: are not a multiple of MR, a batch of one) would pay for MR. The short tiles span 2 or 4
+#: panels, so that they keep MR * VECTORS accumulators: fewer would leave the FMA units
+#: waiting on each other's latency (see :func:`few_rows`).
 HALF_MR = MR // 2
-_tile_half = _tile_intrinsic(HALF_MR)
+QUARTER_MR = max(1, MR // 4)
+_tile_half = _tile_intrinsic(HALF_MR, 1)
+_tile_half_wide = _tile_intrinsic(HALF_MR, 2)
+_tile_quarter_wide = _tile_intrinsic(QUARTER_MR, 4)
 
 
 @jit
@@ -303,25 +314,56 @@ def gemm_packed(a, panels, out, accumulate):
             b1 = min(n, b0 + rows)
             if pack_a:
                 pack_rows(a, b0, b1, k0, kc, packed)
+            last = (b1 - b0) % MR
+            body = b1 - last if 0 < last <= HALF_MR else b1  # full tiles end here
             for p in range(panels.shape[0]):
                 j0 = p * nr
-                for i0 in range(b0, b1, MR):
+                for i0 in range(b0, body, MR):
                     if pack_a:
-                        tile_rows(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr,
-                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                        _tile(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr, 0,
+                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
                     else:
-                        tile_rows(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
-                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
+                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+            last_rows = out[body:b1]
+            if body < b1 and pack_a:
+                few_rows(kc, packed[(body - b0) * kc :], 1, MR, panels, k, k0, last_rows, c_row, add)
+            elif body < b1:
+                few_rows(kc, a[body:, k0:], a_row, a_col, panels, k, k0, last_rows, c_row, add)
 
 
 @jit
-def tile_rows(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate):
-    """The micro-kernel for ``mr`` rows: a half-height tile up to HALF_MR rows, else a full
-    one (arguments as for :func:`_tile_typing`)."""
-    if mr <= HALF_MR:
-        _tile_half(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
-    else:
-        _tile(k, a, a_row, a_col, b, b_off, c, c_row, mr, nr, accumulate)
+def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
+    """The last ``mr`` <= HALF_MR rows of a block of :func:`gemm_packed` over all panels, on
+    tiles of HALF_MR rows by 2 panels or, up to QUARTER_MR rows, QUARTER_MR rows by 4 (the
+    panels left over run one at a time). a: the rows' first element, strides as in
+    :func:`_tile_typing`; panels (P, K, NR) with K = ``k``, read from depth ``k0`` for
+    ``kc``; c (mr, M): the rows' output.
+
+    A tile of one panel with few rows keeps few accumulators: at one row and 2 vectors,
+    each FMA waits for the previous one. Rows are summed as in a full tile (bitwise the
+    same results). Measured (float32, one thread, Zen 5, B = W_hh^T (H, 4H) packed, us per
+    product, a tile of one panel / these): H = 256, 2 rows 10.3 / 7.0-7.4, 3 rows 10.3 /
+    9.0, 4 rows 10.1 / 8.5-8.9; H = 128, 1 row 2.58 / 2.12. At one to four rows these run
+    at about 32 bytes of panel per cycle from L2, the limit here.
+    """
+    mr, m = c.shape
+    nr = panels.shape[2]
+    step = k * nr
+    n_panels = panels.shape[0]
+    group = 4 if mr <= QUARTER_MR else 2
+    grouped = n_panels - n_panels % group
+    for p in range(0, grouped, group):
+        off = (p * k + k0) * nr
+        width = min(group * nr, m - p * nr)
+        c_p = c[:, p * nr :]
+        if group == 4:
+            _tile_quarter_wide(kc, a, a_row, a_col, panels, off, step, c_p, c_row, mr, width, accumulate)
+        else:
+            _tile_half_wide(kc, a, a_row, a_col, panels, off, step, c_p, c_row, mr, width, accumulate)
+    for p in range(grouped, n_panels):
+        _tile_half(kc, a, a_row, a_col, panels, (p * k + k0) * nr, 0, c[:, p * nr :], c_row, mr,
+                   min(nr, m - p * nr), accumulate)  # fmt: skip
 
 
 @jit
@@ -347,16 +389,16 @@ def pack_rows(a, b0, b1, k0, kc, packed):
 @jit
 def gemm_step(a, b, b_panels, out):
     """out (n, M) = a (n, K) @ b (K, M) for a per-step recurrent product, with
-    ``b_panels = pack(b)`` (may be empty when ``a`` never has more than one row).
+    ``b_panels = pack(b)``, or empty to call BLAS (``common.step_panels`` decides).
 
-    Rows of a, out contiguous. One row (a batch of one, or the last sample of a chunk
-    with variable lengths) goes to BLAS: its matrix-vector product reads b once in place,
-    and OpenBLAS runs it on every thread when the layer has one chunk. Measured (float32,
-    Zen 3, b (H, 4H)): at H = 128 / 512 / 1024, 3.5 / 52 / 212 us against the micro-kernel's
-    6.8 / 96 / 673 (BLAS on 2 threads); on one thread 3.4 / 65 / 369. More rows go to the
-    micro-kernel over the panels.
+    Rows of a, out contiguous. The panels serve any row count: a few rows run on tiles
+    over 2 or 4 panels (:func:`few_rows`). Measured (float32, one thread, Zen 5, b (H, 4H),
+    us per product, panels / BLAS on b given as W_hh^T / BLAS on a C-contiguous b): one
+    row, H = 128: 2.12 / 2.55 / 2.18; H = 256: 6.6 / 10.7 / 9.8; H = 512 (b beyond L2):
+    42 / 23 / 25 (BLAS on two threads). BLAS still takes a batch of one with big weights
+    (on every core) and short sequences of one row per chunk (packing would not pay).
     """
-    if a.shape[0] == 1:
+    if b_panels.shape[0] == 0:
         np.dot(a, b, out=out)
     else:
         gemm_packed(a, b_panels, out, False)

@@ -136,9 +136,9 @@ def gru_forward(
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
     w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
-    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples)
-    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples)
-    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples)
+    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths)
+    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths)
+    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
@@ -198,9 +198,9 @@ def gru_backward(
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
     empty = w_hh[:0]  # B operands of the per-step products, packed once (only the variant's)
-    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples)
-    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples)
-    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples)
+    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples, lengths)
+    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples, lengths)
+    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples, lengths)
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     part_b_hh = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)

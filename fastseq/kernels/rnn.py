@@ -64,7 +64,7 @@ def rnn_forward(
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
     w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
-    w_hh_panels = step_panels(w_hh.T, chunk_samples)  # read by every chunk at every step
+    w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
         proj, base, s_next = gates, 0, 0
@@ -96,7 +96,7 @@ def rnn_backward(
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
-    w_hh_panels = step_panels(w_hh, chunk_samples)  # B = W_hh of the per-step dh = dG @ W_hh
+    w_hh_panels = step_panels(w_hh, chunk_samples, lengths)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     part_b = np.empty((part_w_ih.shape[0], hd), dh.dtype)
     for ch in prange(n_chunks):
