@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastseq._threads import partial_weight_grads
+from fastseq._threads import partial_weight_grads, project_whole_input
 from fastseq.kernels.gru import gru_backward, gru_forward
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_forward
@@ -84,9 +84,15 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     rows, hd, dt = x.shape[0], states[0].shape[1], x.dtype
     # The inference path projects the input a block of steps at a time inside the kernel and
     # keeps no (R, G*H) array; training keeps it for backward. Reverse passes over unequal
-    # lengths need every row's projection at once.
-    full_projection = training or (reverse and not packing.equal_lengths)
-    gates = take((rows if full_projection else 0, CELLS[cell].gates * hd), dt)
+    # lengths need every row's projection at once; so does a batch in one chunk that splits
+    # its projection across threads (bounded by _threads.ONE_CHUNK_PROJECTION_BYTES).
+    width = CELLS[cell].gates * hd
+    full_projection = (
+        training
+        or (reverse and not packing.equal_lengths)
+        or project_whole_input(packing, w["w_hh"], rows, width * dt.itemsize)
+    )
+    gates = take((rows if full_projection else 0, width), dt)
     ws_rows = rows if training else 0
     hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)

@@ -181,6 +181,32 @@ RUNNING = []
 MAIN_THREAD = threading.main_thread().ident
 
 
+def blas_spreads_steps(packing, w_hh) -> bool:
+    """Whether the kernels of ``packing`` hand their per-step products to BLAS on every core
+    (one chunk, not split by units, ``w_hh`` of SPREAD_STEP_BYTES or more), numba's team
+    then being one thread (:func:`kernel_threads`)."""
+    return packing.n_chunks == 1 and not packing.unit_parts and w_hh.nbytes >= SPREAD_STEP_BYTES
+
+
+#: Bytes of input projection (rows x G*H) up to which an inference pass over one chunk that
+#: numba's team runs (a batch of one with W_hh below SPREAD_STEP_BYTES) projects its whole
+#: input at once across the threads (kernels.common.project_one_chunk) instead of a block at
+#: a time on the chunk's thread; above it, memory stays bounded by blocks.
+ONE_CHUNK_PROJECTION_BYTES = 8 << 20
+
+
+def project_whole_input(packing, w_hh, rows: int, row_bytes: int) -> bool:
+    """Whether an inference pass of ``rows`` rows projects all of them at once (see
+    ONE_CHUNK_PROJECTION_BYTES); ``row_bytes``: bytes of one row's projection."""
+    return (
+        packing.n_chunks == 1
+        and not packing.unit_parts
+        and numba.config.NUMBA_NUM_THREADS > 1
+        and not blas_spreads_steps(packing, w_hh)
+        and rows * row_bytes <= ONE_CHUNK_PROJECTION_BYTES
+    )
+
+
 @contextmanager
 def kernel_threads(packing, w_hh):
     """Context for the kernels of a ``packing`` (fastseq._packing.Packing) whose per-step
@@ -191,7 +217,7 @@ def kernel_threads(packing, w_hh):
     lasts."""
     RUNNING.append(None)
     try:
-        if packing.n_chunks == 1 and not packing.unit_parts and w_hh.nbytes >= SPREAD_STEP_BYTES:
+        if blas_spreads_steps(packing, w_hh):
             with _numba_threads(1):
                 yield
         else:

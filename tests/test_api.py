@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 import fastseq
+from fastseq import _engine, _threads
+from fastseq.kernels.common import PROJECTION_BLOCK_ROWS
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
 
@@ -109,6 +111,29 @@ def test_eval_mode_keeps_no_workspace_and_matches_training(variant):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="backward\\(\\) needs a preceding forward\\(\\) in training mode"):
         case.layer.backward(case.grad_out)
+
+
+@pytest.mark.parametrize("whole_input", [True, False])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batch_of_one_inference_matches_training(variant, whole_input, monkeypatch):
+    """A batch of one (one chunk) projects its whole input across threads in inference while
+    it fits ONE_CHUNK_PROJECTION_BYTES, else a block of steps at a time (several blocks
+    here); either way bitwise what training computes, both directions."""
+    if not whole_input:
+        monkeypatch.setattr(_threads, "ONE_CHUNK_PROJECTION_BYTES", 0)
+    decided = []
+    decide = _engine.project_whole_input
+    monkeypatch.setattr(
+        _engine, "project_whole_input", lambda *args: decided.append(decide(*args)) or decided[-1]
+    )
+    case = Case(variant, np.float32, 1, True, use_hx=True, steps=PROJECTION_BLOCK_ROWS + 90, batch=1)
+    train_out, train_h = case.layer(case.x, case.hx())
+    case.layer.eval()
+    eval_out, eval_h = case.layer(case.x, case.hx())
+    assert decided == [whole_input] * 2, "one decision per direction, in inference only"
+    np.testing.assert_array_equal(train_out, eval_out)
+    for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_backward_twice_raises():

@@ -187,18 +187,47 @@ def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
     return chunk_row0 + offsets_c[t] + i
 
 
+#: Rows per piece when the chunk-level products of a layout with one chunk (a batch of one)
+#: are split across threads (:func:`one_chunk_pieces`): the chunk's recurrence is serial,
+#: but its input projection and dx need not be. Pieces of a fixed size, so that the split
+#: does not depend on the thread count (each row's sums do not depend on it either way).
+ONE_CHUNK_PIECE_ROWS = 64
+
+
 @jit
-def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch):
+def one_chunk_pieces(chunk_samples, rows):
+    """Pieces of ONE_CHUNK_PIECE_ROWS over which a one-chunk layout of ``rows`` rows splits
+    its chunk-level products (:func:`gemm_split_rows`), or 0 with several chunks (each
+    chunk's thread runs its own)."""
+    if chunk_samples.shape[0] != 2:
+        return 0
+    return (rows + ONE_CHUNK_PIECE_ROWS - 1) // ONE_CHUNK_PIECE_ROWS
+
+
+@jit
+def project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples):
+    """Call at a kernel's top level: for one chunk and ``gates`` with rows, gates = x @ W_ih^T
+    across threads (:func:`one_chunk_pieces`). Returns whether it did (then
+    :func:`start_chunk` does not)."""
+    pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
+    if pieces and gates.shape[0]:
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, pieces)
+    return pieces > 0 and gates.shape[0] > 0
+
+
+@jit
+def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected):
     """Bounds of chunk ``ch`` and its projection set-up.
 
     Returns (r0, r1, s0, nc, block): rows r0..r1-1 and state indices s0..s0+nc-1. When
-    ``gates`` has rows (training), the chunk's whole input projection is computed into it
+    ``gates`` has rows (training, and see :func:`projection_block`), the chunk's whole input
+    projection is computed into it (unless already ``projected``: :func:`project_one_chunk`)
     and ``block`` is empty; otherwise ``block`` is the chunk's buffer for
     :func:`projection_block`.
     """
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
-    if gates.shape[0] > 0:
+    if gates.shape[0] > 0 and not projected:
         gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], False)
     block = np.empty(
         (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype

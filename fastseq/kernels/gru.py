@@ -27,10 +27,13 @@ from fastseq.kernels.common import (
     chunk_weight_grads,
     column_sums,
     copy_rows,
+    gemm_split_rows,
     mask_rows,
     masked_rows,
+    one_chunk_pieces,
     packed_row,
     part_step_operands,
+    project_one_chunk,
     projection_block,
     start_chunk,
     step_panels,
@@ -139,8 +142,11 @@ def gru_forward(
     w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths)
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths)
+    projected = project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(
+            x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
+        )
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
@@ -202,6 +208,7 @@ def gru_backward(
     w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples, lengths)
     w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples, lengths)
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     part_b_hh = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -241,10 +248,13 @@ def gru_backward(
             mask_rows(dh, rmask, s0, n)
             for i in range(n):
                 dh[s0 + i] += dh_direct[i]
-        gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+        if not pieces:  # else after the loop, split across threads
+            gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             gru_chunk_weight_grads(x[r0:r1], reset_after, gates[r0:r1], hprev[r0:r1], hn[r0:r1], part_w_ih[ch],
                                    part_w_hh[ch], part_b_ih[ch], part_b_hh[ch])  # fmt: skip
+    if pieces:
+        gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
     if part_w_ih.shape[0]:
         add_parts(part_w_ih, dw_ih)
         add_parts(part_w_hh, dw_hh)

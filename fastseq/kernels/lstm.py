@@ -33,10 +33,12 @@ from fastseq.kernels.common import (
     gemm_split_rows,
     mask_rows,
     masked_rows,
+    one_chunk_pieces,
     pack_unit_columns,
     pack_unit_rows,
     packed_row,
     part_step_operands,
+    project_one_chunk,
     projection_block,
     scatter_units,
     start_chunk,
@@ -127,8 +129,11 @@ def lstm_forward(
     hd = h.shape[1]
     w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
+    projected = project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
-        r0, r1, s0, nc, block = start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch)
+        r0, r1, s0, nc, block = start_chunk(
+            x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
+        )
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
@@ -166,6 +171,7 @@ def lstm_backward(
     n_chunks = chunk_samples.shape[0] - 1
     w_hh_panels = step_panels(w_hh, chunk_samples, lengths)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
     for ch in prange(n_chunks):
@@ -182,11 +188,14 @@ def lstm_backward(
                 dg[i, :] = gates[r, :]
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
-        gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+        if not pieces:  # else after the loop, split across threads
+            gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
         if peephole:
             peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
+    if pieces:
+        gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
         add_parts(part_peep, dw_peep)
