@@ -60,19 +60,34 @@ def _blas_controller():
     return _controller
 
 
+#: Bytes of W_hh from which batches of 3-4 split by units. Measured (float32, Zen 5, in
+#: process, T=100, C=H, split / chunks, eval forward / training step): H=224: N=3 0.82 /
+#: 0.91, N=4 0.90 / 1.00; H=192, N=4: 1.02 / 1.05; H=256: N=3 0.78 / 0.87, N=4 0.83 / 0.95;
+#: H=512-1024, N=4: 0.72-0.79 / 0.84-0.88. (Zen 3, T=50, see UNIT_SPLIT_BATCHES.)
+UNIT_SPLIT_MIN_BYTES = 1 << 20
 #: Batches whose steps are split across threads by hidden units instead of by samples
 #: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
 #: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
 #: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
 #: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
-UNIT_SPLIT_BATCHES = (2, 3, 4, 5, 6, 7, 8)
-#: A batch of 2 (chunks of one row, each step a BLAS gemv that reads all of W_hh) splits by
-#: units only while W_hh's bytes lie in this range. Measured (float32, Zen 5, in process,
-#: T=50, C=H, split / chunks, eval forward and training step, with the weight gradients over
-#: all rows at once): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81 /
-#: 0.86; H=768: 0.84 / 0.91-0.94; H=1024 (16 MB): 0.87 / 0.91 in one run, 1.19-1.24 /
-#: 1.19-1.24 in the next two. (Zen 3, before the weight-gradient change: 0.90-1.06.)
-PAIR_SPLIT_BYTES = (2 << 20, 12 << 20)
+UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
+#: A batch of one splits by units while W_hh's bytes lie in this range: above it BLAS takes
+#: both cores (kernels.common.SPREAD_STEP_BYTES); below it the step is too short for a
+#: parallel region each step. Measured (float32, Zen 5, in process, T=100, C=H, split /
+#: one chunk on the micro-kernel, eval forward / training step): H=160 0.94 / 1.23; H=192
+#: 0.82-0.89 / 1.02-1.08; H=208 0.87 / 0.93; H=224 0.84 / 0.86; H=256 0.74-0.96 /
+#: 0.76-0.83; H=288 0.67 / 0.75; H=320 0.61 / 0.67-0.69; against BLAS on both cores:
+#: H=362 1.10 / 1.12, H=400-512 0.98-1.13 / 1.23-1.30.
+SINGLE_SPLIT_BYTES = (3 << 18, SPREAD_STEP_BYTES)
+#: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
+#: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
+#: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81
+#: / 0.86; H=768: 0.84 / 0.91-0.94; H=1024 (16 MB): 0.87 / 0.91 in one run, 1.19-1.24 /
+#: 1.19-1.24 in the next two. Against the chunks on the micro-kernel's one-row tiles
+#: (T=100): H=128 1.05 / 1.34; H=192 0.81 / 1.06; H=224 0.80 / 0.88; H=256 0.81-0.83 /
+#: 0.84-0.87; H=320 0.62 / 0.75; H=384-768 0.65-0.72 / 0.75-0.78; H=1024 0.84-0.85 /
+#: 0.85-0.87 (left out, as above).
+PAIR_SPLIT_BYTES = (3 << 18, 12 << 20)
 #: Batches of 5-8 split from this size of W_hh. Measured (Zen 5, same method), in two runs
 #: one hour apart: H=256 (1 MB) 0.90-0.99 / 1.00-1.02, then 1.07-1.10 / 1.21-1.25; H=384
 #: 0.89 / 0.99, then 0.98 / 1.13; H=512 0.84-0.90 / 0.93-0.98, then 0.95-0.99 / 1.00-1.08;
@@ -85,16 +100,21 @@ WIDE_SPLIT_BYTES = 4 << 20
 
 def unit_parts(cell: str, batch: int, w_hh) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
-    chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES with recurrent
-    weights ``w_hh`` of at least SPREAD_STEP_BYTES (for a batch of 2: in PAIR_SPLIT_BYTES;
-    of 5 or more: at least WIDE_SPLIT_BYTES), as many parts as numba's start-up thread count
-    (so results do not depend on the active thread count)."""
+    chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES whose recurrent
+    weights ``w_hh`` have bytes in the batch's range (1: SINGLE_SPLIT_BYTES, 2:
+    PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5-8: from WIDE_SPLIT_BYTES), as many
+    parts as numba's start-up thread count (so results do not depend on the active thread
+    count)."""
     threads = numba.config.NUMBA_NUM_THREADS
-    if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2 or w_hh.nbytes < SPREAD_STEP_BYTES:
+    if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2:
         return 0
-    if batch == 2 and not PAIR_SPLIT_BYTES[0] <= w_hh.nbytes < PAIR_SPLIT_BYTES[1]:
-        return 0
-    if batch >= 5 and w_hh.nbytes < WIDE_SPLIT_BYTES:
+    if batch == 1:
+        lo, hi = SINGLE_SPLIT_BYTES
+    elif batch == 2:
+        lo, hi = PAIR_SPLIT_BYTES
+    else:
+        lo, hi = UNIT_SPLIT_MIN_BYTES if batch <= 4 else WIDE_SPLIT_BYTES, float("inf")
+    if not lo <= w_hh.nbytes < hi:
         return 0
     return min(threads, w_hh.shape[1])
 

@@ -56,7 +56,7 @@ def _exercise(layer_cls, cell_cls, dtype):
     cell.stream(batch=2).step(x[0])
     # LSTM batches of 3-4 with large recurrent weights split each step by hidden units: the
     # smallest H whose W_hh (4H, H) reaches the threshold
-    hidden = math.isqrt(_threads.SPREAD_STEP_BYTES // (4 * dtype.itemsize)) + 1
+    hidden = math.isqrt(_threads.UNIT_SPLIT_MIN_BYTES // (4 * dtype.itemsize)) + 1
     if _threads.unit_parts(layer_cls._cell, 3, np.empty((4 * hidden, hidden), dtype)):
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((3, 3, 2), dtype), lengths=[3, 2, 1])

@@ -1,6 +1,6 @@
 """The LSTM's unit-split path (a batch of 2-8 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
-chunked path. ``SPREAD_STEP_BYTES = 0`` (and a batch of 2's byte range opened up) makes any
+chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and a batch of 2's byte range opened up) makes any
 weights count as large, so small layers take the path; H is odd so that the parts have
 unequal widths."""
 
@@ -10,6 +10,7 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads, layers
+from fastseq.kernels.common import SPREAD_STEP_BYTES
 from tests.cases import Case, assert_matches, run_in_threads
 from tests.test_gradcheck import check_gradients
 from tests.test_torch_parity import torch_run
@@ -21,8 +22,9 @@ def unit_split(monkeypatch):
     """Force the unit-split path and count its kernel calls: {"forward": n, "backward": n}."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
-    monkeypatch.setattr(_threads, "SPREAD_STEP_BYTES", 0)
+    monkeypatch.setattr(_threads, "UNIT_SPLIT_MIN_BYTES", 0)
     monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
+    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
     monkeypatch.setattr(_threads, "WIDE_SPLIT_BYTES", 0)
     calls = {"forward": 0, "backward": 0}
     for name, kind in (("lstm_forward_units", "forward"), ("lstm_backward_units", "backward")):
@@ -48,6 +50,10 @@ def test_unit_parts_policy():
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts("lstm", 2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
+    lo, hi = _threads.SINGLE_SPLIT_BYTES  # below that, a batch of one splits in a range
+    assert hi == SPREAD_STEP_BYTES
+    for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
+        assert (_threads.unit_parts("lstm", 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 8, w) > 0  # 4 MB: batches of 5-8 from WIDE_SPLIT_BYTES
     assert _threads.unit_parts("lstm", 5, w[:, :-1]) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :-1]) > 0
@@ -76,7 +82,7 @@ def test_unit_split_finite_differences(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [2, 3, 4, 8])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 8])
 def test_unit_split_torch_parity(unit_split, dtype, batch):
     case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
     got = case.run()

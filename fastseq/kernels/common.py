@@ -109,7 +109,7 @@ def weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, d
 #: would hand work to a thread that another thread pool may be holding.
 #: Measured (float32, Zen 3, a 1 x H @ H x 4H product): H = 128 (256 KB): 4.1 us on one
 #: thread, 4.8 on two; H = 512 (4 MB): 65 vs 47 us; H = 1024: 369 vs 212 us.
-SPREAD_STEP_BYTES = 1 << 20
+SPREAD_STEP_BYTES = 7 << 18
 #: Steps from which a layout of one sample per chunk (a batch of one, or of two in two
 #: chunks) packs W_hh for its one-row per-step products (:func:`step_panels`), unless BLAS
 #: spreads them over the cores (one chunk, SPREAD_STEP_BYTES). Packing costs about as much as
@@ -229,10 +229,17 @@ def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, proj
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0 and not projected:
         gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], False)
-    block = np.empty(
-        (max(PROJECTION_BLOCK_ROWS, nc) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype
-    )
+    block = np.empty((block_capacity(nc, r1 - r0) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype)
     return r0, r1, s0, nc, block
+
+
+@jit
+def block_capacity(samples, rows):
+    """Rows of the inference projection buffer for a chunk of ``samples`` samples and
+    ``rows`` rows: PROJECTION_BLOCK_ROWS, at least one step of every sample, at most all
+    the rows (short sequences: a buffer of 512 x 4H for 100 rows cost page faults at
+    every call)."""
+    return min(max(PROJECTION_BLOCK_ROWS, samples), rows)
 
 
 @jit

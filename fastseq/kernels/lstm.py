@@ -22,8 +22,8 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
-    PROJECTION_BLOCK_ROWS,
     add_parts,
+    block_capacity,
     block_rows,
     chunk_weight_grads,
     copy_rows,
@@ -231,7 +231,7 @@ def lstm_forward_units(
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
     full = gates.shape[0] > 0
-    block = np.empty((0 if full else max(PROJECTION_BLOCK_ROWS, nb), 4 * hd), h.dtype)
+    block = np.empty((0 if full else block_capacity(nb, x.shape[0]), 4 * hd), h.dtype)
     if full:
         gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
     proj, base, s_next = gates, 0, lengths[0] if full else 0
