@@ -251,9 +251,21 @@ def pack_panel(w, p, panels):
     if cols < nr:
         panels[p].fill(0)
     if rows_contiguous:
-        for jj in range(cols):
-            for kk in range(k):
-                panels[p, kk, jj] = w[p * nr + jj, kk]
+        # 8 x 8 blocks with constant trip counts (LLVM unrolls them): float32, one thread,
+        # Zen 5, ns per element, whole rows of w / these blocks: K = 256 0.27 / 0.28-0.30,
+        # K = 512 0.52 / 0.28, K = 1024 0.82 / 0.33 (a panel of K rows left L1 column by
+        # column); blocks with loop bounds in variables ran 0.47-0.62.
+        for j0 in range(0, cols, 8):
+            for k0 in range(0, k, 8):
+                if j0 + 8 <= cols and k0 + 8 <= k:
+                    for jj in range(8):
+                        row = w[p * nr + j0 + jj, k0 : k0 + 8]
+                        for kk in range(8):
+                            panels[p, k0 + kk, j0 + jj] = row[kk]
+                else:
+                    for jj in range(j0, min(cols, j0 + 8)):
+                        for kk in range(k0, min(k, k0 + 8)):
+                            panels[p, kk, jj] = w[p * nr + jj, kk]
     elif cols == nr:
         for kk in range(k):
             src = b[kk, p * nr : p * nr + nr]
