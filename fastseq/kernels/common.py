@@ -112,14 +112,18 @@ def weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, d
 SPREAD_STEP_BYTES = 7 << 18
 #: Steps from which a layout of one sample per chunk (a batch of one, or of two in two
 #: chunks) packs W_hh for its one-row per-step products (:func:`step_panels`), unless BLAS
-#: spreads them over the cores (one chunk, SPREAD_STEP_BYTES). Packing costs about as much as
-#: 40-60 such steps save. Measured (float32, Zen 5, in process, packed / BLAS on W_hh^T,
-#: eval forward / training step): LSTM N=1, H=128: T=200 0.83 / 0.90, T=50 1.02 / 0.92,
-#: T=20 1.08 / 0.98; H=64, T=200 0.87 / 0.89; N=2, T=100: LSTM H=128 0.93 / 0.76, H=256
-#: 0.82 / 0.90; GRU H=256 0.76 / 0.84; RNN H=256 0.87 / 0.78; N=1, T=200, H=128: GRU
-#: 0.90 / 0.82, RNN 0.85 / 0.83. (Packed with one thread instead of BLAS on two at N=1:
-#: LSTM H=256, T=200 1.17 / 0.84; H=512, T=100 1.56 / 1.31.)
-ONE_ROW_PANEL_STEPS = 64
+#: spreads them over the cores (one chunk, SPREAD_STEP_BYTES). Training pays for the packing
+#: sooner than inference (twice the one-row products). Measured (float32, Zen 5, in
+#: process, packed / BLAS on W_hh^T, eval forward / training step): LSTM N=1, H=128: T=200
+#: 0.83 / 0.90, T=50 1.02-1.05 / 0.92-0.94, T=20 1.00-1.08 / 0.94-0.98; H=64, T=200 0.87 /
+#: 0.89; N=2, T=100: LSTM H=128 0.93 / 0.76, H=256 0.82 / 0.90; GRU H=256 0.76 / 0.84; RNN
+#: H=256 0.87 / 0.78; N=1, T=200, H=128: GRU 0.90 / 0.82, RNN 0.85 / 0.83; N=1, RNN H=512:
+#: T=50 0.98 / 0.99, T=20 1.03 / 0.98, T=10 1.11 / 1.08; RNN H=256, T=50 0.85 / 0.93; GRU
+#: H=256, T=20 1.02 / 0.93. From 32 steps on, against 64 (with the pieces below): RNN H=512,
+#: T=50 0.87 / 0.93; GRU H=256, T=50 0.88 / 0.74; LSTM H=128, T=50 0.99 / 0.93. (Packed
+#: with one thread instead of BLAS on two at N=1: LSTM H=256, T=200 1.17 / 0.84; H=512,
+#: T=100 1.56 / 1.31.)
+ONE_ROW_PANEL_STEPS = 32
 
 
 @jit
@@ -191,7 +195,8 @@ def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
 #: are split across threads (:func:`one_chunk_pieces`): the chunk's recurrence is serial,
 #: but its input projection and dx need not be. Pieces of a fixed size, so that the split
 #: does not depend on the thread count (each row's sums do not depend on it either way).
-ONE_CHUNK_PIECE_ROWS = 64
+#: 16 rows (two full tiles) rather than 64: T=50 made one piece of 64, on one thread.
+ONE_CHUNK_PIECE_ROWS = 16
 
 
 @jit
