@@ -104,11 +104,13 @@ def weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, d
 
 
 #: Bytes of recurrent weights (G*H x H) from which a single chunk lets BLAS spread its
-#: per-step products over every core: about one core's L2 (Zen 3: 512 KB). Below it BLAS stays at
-#: one thread: a product that fits in L2 gains little from a second core, and every step
-#: would hand work to a thread that another thread pool may be holding.
-#: Measured (float32, Zen 3, a 1 x H @ H x 4H product): H = 128 (256 KB): 4.1 us on one
-#: thread, 4.8 on two; H = 512 (4 MB): 65 vs 47 us; H = 1024: 369 vs 212 us.
+#: per-step products over every core (numba's team then one thread). Below it the chunk's
+#: one-row products run on the panels on one thread: OpenBLAS threads its gemv only from
+#: about 2 MB, and every step would hand work to a thread that another thread pool may be
+#: holding. Measured (float32, a 1 x H @ H x 4H product, us), Zen 5, panels on one thread /
+#: BLAS on one / on two: 1 MB 8.5 / 11.0 / 10.9; 1.56 MB 14.2 / 15.4 / 15.9; 2 MB 19.0 /
+#: 22.5 / 10.2; 4 MB 40.8 / 40.2 / 21.7. (Zen 3, BLAS on one / two: 256 KB 4.1 / 4.8;
+#: 4 MB 65 / 47; 16 MB 369 / 212.)
 SPREAD_STEP_BYTES = 7 << 18
 #: Steps from which a layout of one sample per chunk (a batch of one, or of two in two
 #: chunks) packs W_hh for its one-row per-step products (:func:`step_panels`), unless BLAS
