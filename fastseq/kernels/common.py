@@ -316,13 +316,21 @@ def widest_part(units):
     return widest
 
 
+@jit
+def gather_unit_rows(w, gates, u0, hu, out):
+    """out[q*hu + j] = w[q*H + u0 + j] for gates q < ``gates`` and j < hu: the rows of w
+    (G*H, K) for the units u0..u0+hu-1, gate-major. out (>= G*hu, K)."""
+    hd = w.shape[0] // gates
+    for q in range(gates):
+        copy_rows(w[q * hd + u0 : q * hd + u0 + hu], out[q * hu : (q + 1) * hu])
+
+
 @jit(parallel=True)
 def pack_unit_rows(w, gates, units):
     """Panels (parts, P, K, NR) of each part's rows of w (G*H, K), for products
     ``a @ w_p.T``: part p's w_p stacks rows ``q*H + j`` for gates q = 0..G-1 and its units j
     (gate-major, so the product's row holds gate q of unit j at ``q * hu + j - units[p]``).
     Use ``panels[p, :ceil(G * hu / NR)]``."""
-    hd = w.shape[0] // gates
     parts, k, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
     panels = np.empty((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
     for p in prange(parts):
@@ -331,41 +339,47 @@ def pack_unit_rows(w, gates, units):
         # 1.73 -> 0.95)
         u0, hu = units[p], units[p + 1] - units[p]
         rows = np.empty((gates * hu, k), w.dtype)
-        for q in range(gates):
-            copy_rows(w[q * hd + u0 : q * hd + u0 + hu], rows[q * hu : (q + 1) * hu])
+        gather_unit_rows(w, gates, u0, hu, rows)
         for q in range((gates * hu + nr - 1) // nr):
             pack_panel(rows, q, panels[p])
     return panels
 
 
 @jit(parallel=True)
-def pack_unit_columns(w, units):
-    """Panels (parts, P, K, NR) of each part's columns of w (K, H), for products
-    ``a @ w[:, units[p]:units[p+1]]``. Use ``panels[p, :ceil(hu / NR)]`` (a narrower part's
-    panels past those are not initialised)."""
-    parts, k, nr = units.shape[0] - 1, w.shape[0], panel_width(w)
-    panels = np.empty((parts, (widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
+def pack_unit_gate_rows(w, gates, units):
+    """Panels (parts, P, G*widest, NR) of each part's rows of w (G*H, M) as B, for products
+    ``a_p @ w_p`` whose ``a_p`` (n, G*widest) holds the part's compact gate columns (gate q of
+    its unit j at q * hu + j, zero past G*hu): w_p stacks rows ``q*H + j`` gate-major, then
+    zero rows up to G*widest. Each part's rows are copied together, then packed
+    (:func:`pack_panel`)."""
+    parts, m, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
+    wide = widest_part(units)
+    panels = np.empty((parts, (m + nr - 1) // nr, gates * wide, nr), w.dtype)
     for p in prange(parts):
-        u0, u1 = units[p], units[p + 1]
-        for q in range((u1 - u0 + nr - 1) // nr):
-            pack_panel(w[:, u0:u1].T, q, panels[p])
+        u0, hu = units[p], units[p + 1] - units[p]
+        rows = np.zeros((gates * wide, m), w.dtype)
+        gather_unit_rows(w, gates, u0, hu, rows)
+        for q in range((m + nr - 1) // nr):
+            pack_panel(rows.T, q, panels[p])
     return panels
 
 
-@jit(parallel=True)
-def unit_products(a, panels, out, units, mask):
-    """out[:, units[p]:units[p+1]] = a @ B_p for every part p across threads, B_p given as
-    ``panels[p]`` (:func:`pack_unit_columns`); then out *= mask[:n] (recurrent dropout;
-    mask with 0 rows: none). a (n, K), out (n, H) with contiguous rows."""
-    nr = panels.shape[3]
-    for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        gemm_packed(a, panels[p, : (u1 - u0 + nr - 1) // nr], out[:, u0:u1], False)
-        if mask.shape[0]:
-            for i in range(a.shape[0]):
-                out_i, mask_i = out[i, u0:u1], mask[i, u0:u1]
-                for j in range(u1 - u0):
-                    out_i[j] *= mask_i[j]
+@jit
+def sum_unit_parts(partial, mask, i, u0, u1, out):
+    """out[u0:u1] = (sum over parts q of partial[q, i, u0:u1]) * mask[i, u0:u1] (mask with 0
+    rows: none), summed in part order. partial (parts, N, H), out (H,)."""
+    dst = out[u0:u1]
+    first = partial[0, i, u0:u1]
+    for j in range(u1 - u0):
+        dst[j] = first[j]
+    for q in range(1, partial.shape[0]):
+        src = partial[q, i, u0:u1]
+        for j in range(u1 - u0):
+            dst[j] += src[j]
+    if mask.shape[0]:
+        m = mask[i, u0:u1]
+        for j in range(u1 - u0):
+            dst[j] *= m[j]
 
 
 @jit(parallel=True)

@@ -34,7 +34,7 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
-    pack_unit_columns,
+    pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
     part_step_operands,
@@ -43,9 +43,9 @@ from fastseq.kernels.common import (
     scatter_units,
     start_chunk,
     step_panels,
+    sum_unit_parts,
     unit_bounds,
     unit_operands,
-    unit_products,
     weight_grads,
     widest_part,
 )
@@ -285,25 +285,30 @@ def lstm_backward_units(
     reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
     db_ih, db_hh, dw_peep, rmask, part_w_ih, part_w_hh, parts,
 ):  # fmt: skip
-    """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: per step, the gate
-    gradients and then dh = dG @ W_hh, each split by hidden units (two parallel regions);
-    dx split by rows. ``part_w_ih``, ``part_w_hh`` have no slices (weight gradients over
-    all rows at once)."""
+    """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: one parallel region per
+    step (:func:`backward_step_units`), in which each part takes its units' gate gradients
+    and its share of dh = dG @ W_hh (its gate rows of W_hh, every unit of dh: partial sums
+    added in part order at the next step); dx split by rows. ``part_w_ih``, ``part_w_hh``
+    have no slices (weight gradients over all rows at once)."""
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
-    w_hh_panels = pack_unit_columns(w_hh, units)  # part p: dG @ W_hh[:, its units]
+    w_hh_panels = pack_unit_gate_rows(w_hh, 4, units)  # part p: dG_p @ (its gate rows of W_hh)
     w_ih_panels = pack_weights(w_ih)
-    dg = np.empty((nb, 4 * hd), dh.dtype)
     _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
+    dg_p = np.zeros((parts, nb, 4 * widest_part(units)), dh.dtype)  # zero past a part's 4*hu
+    partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
     rows = np.empty(nb, np.int64)
+    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
     for s in range(lengths[0] - 1, -1, -1):
         n = batch_sizes[0, s]
         for i in range(n):
             rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-        backward_step_units(
-            gates, rows[:n], dh, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg, units
-        )
-        unit_products(dg[:n], w_hh_panels, dh[:n], units, rmask)
+        backward_step_units(gates, rows[:n], dh, partial[t % 2], done, partial[(t + 1) % 2], rmask, dout,
+                            out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p, w_hh_panels, units)  # fmt: skip
+        done, t = n, t + 1
+    for i in range(done):  # the gradient of the initial state
+        for p in range(parts):
+            sum_unit_parts(partial[t % 2], rmask, i, units[p], units[p + 1], dh[i])
     gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, 4 * hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
@@ -312,20 +317,29 @@ def lstm_backward_units(
 
 
 @jit(parallel=True)
-def backward_step_units(gates, rows, dh, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg, units):
-    """The gate gradients of one step of :func:`lstm_backward_units`, its parts across
-    threads: rows (n,) the step's packed rows; gates rows in: activations, out: gradients of
-    the pre-activations, copied to dg[:n] for the product that follows."""
+def backward_step_units(gates, rows, dh, partial_in, done, partial_out, rmask, dout, out_col, dc, cnew, cprev,
+                        peep_p, peephole, g_p, dg_p, panels, units):  # fmt: skip
+    """One step of :func:`lstm_backward_units`, its parts across threads. Part p: dh[:done]
+    (rows the previous step's products reached; later rows still hold their incoming
+    gradient) = partial_in (parts, N, H) summed over the parts, times the recurrent dropout
+    mask, for its units; then its units' gate gradients for the step's rows (n,) (gates rows
+    in: activations, out: gradients of the pre-activations, compact in dg_p[p]); then
+    partial_out[p, :n] = dg_p[p, :n] @ its gate rows of W_hh (panels[p])."""
+    n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
         u0, u1 = units[p], units[p + 1]
-        g = g_p[p, : 4 * (u1 - u0)]
-        for i in range(rows.shape[0]):
+        hu = u1 - u0
+        for i in range(done):
+            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+        g = g_p[p, : 4 * hu]
+        for i in range(n):
             r = rows[i]
             gather_units(gates[r], 4, u0, g)
             lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
                                cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
             scatter_units(g, 4, u0, gates[r])
-            scatter_units(g, 4, u0, dg[i])
+            copy_units(g, dg_p[p, i], 0, 4 * hu)
+        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], False)
 
 
 @jit
