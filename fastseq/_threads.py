@@ -92,9 +92,9 @@ PAIR_SPLIT_BYTES = (3 << 18, 12 << 20)
 #: one hour apart: H=256 (1 MB) 0.90-0.99 / 1.00-1.02, then 1.07-1.10 / 1.21-1.25; H=384
 #: 0.89 / 0.99, then 0.98 / 1.13; H=512 0.84-0.90 / 0.93-0.98, then 0.95-0.99 / 1.00-1.08;
 #: H=768-1024 0.89-0.94 / 0.90-0.99 in both. N=12-16 (0.87-0.98 / 0.96-1.11) keep the
-#: chunks. The split step has two barriers per step in backward, one per chunk call in
-#: the chunks, and where W_hh fits a core's L2 (2 MB here) the chunks lose little by each
-#: reading all of it.
+#: chunks. The split step had two barriers per step in backward then (one since), one per
+#: chunk call in the chunks, and where W_hh fits a core's L2 (2 MB here) the chunks lose
+#: little by each reading all of it.
 WIDE_SPLIT_BYTES = 4 << 20
 
 
