@@ -197,8 +197,14 @@ _tile = _tile_intrinsic(MR, 1)
 #: waiting on each other's latency (see :func:`few_rows`).
 HALF_MR = MR // 2
 QUARTER_MR = max(1, MR // 4)
+#: Panels of the half-height tile: 2 with AVX-512 (16 accumulators, 4 panel vectors and a
+#: broadcast in 32 registers); 1 with AVX2, whose 16 registers do not hold 2 rows x 2
+#: panels x 3 vectors and their operands: compiled for Haswell on Zen 5, one thread,
+#: (H, 4H) packed, 2 rows: H=128 2.83 us on one panel, 4.26 on two; H=256 11.3 / 16.7.
+#: (One row over 4 panels still won there: 2.95 -> 2.08 and 11.1 -> 7.4 us.)
+HALF_PANELS = 2 if VECTOR_BYTES == 64 else 1
 _tile_half = _tile_intrinsic(HALF_MR, 1)
-_tile_half_wide = _tile_intrinsic(HALF_MR, 2)
+_tile_half_wide = _tile_intrinsic(HALF_MR, HALF_PANELS)
 _tile_quarter_wide = _tile_intrinsic(QUARTER_MR, 4)
 
 
@@ -347,8 +353,8 @@ def gemm_packed(a, panels, out, accumulate):
 @jit
 def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     """The last ``mr`` <= HALF_MR rows of a block of :func:`gemm_packed` over all panels, on
-    tiles of HALF_MR rows by 2 panels or, up to QUARTER_MR rows, QUARTER_MR rows by 4 (the
-    panels left over run one at a time). a: the rows' first element, strides as in
+    tiles of HALF_MR rows by HALF_PANELS panels or, up to QUARTER_MR rows, QUARTER_MR rows
+    by 4 (the panels left over run one at a time). a: the rows' first element, strides as in
     :func:`_tile_typing`; panels (P, K, NR) with K = ``k``, read from depth ``k0`` for
     ``kc``; c (mr, M): the rows' output.
 
@@ -363,7 +369,7 @@ def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     nr = panels.shape[2]
     step = k * nr
     n_panels = panels.shape[0]
-    group = 4 if mr <= QUARTER_MR else 2
+    group = 4 if mr <= QUARTER_MR else HALF_PANELS
     grouped = n_panels - n_panels % group
     for p in range(0, grouped, group):
         off = (p * k + k0) * nr
