@@ -1,0 +1,43 @@
+"""The kernels compiled for an AVX2 CPU on a host with AVX-512.
+
+The GEMM micro-kernel's tile shapes, its few-row tiles and the choice of BLAS for the
+chunk-level products follow the vector width numba compiles for (fastseq.kernels.gemm). On
+an AVX-512 host those AVX2 paths never run in the main suite, so this test runs the GEMM
+tests and the layers against the NumPy reference in a fresh interpreter with numba's target
+set to Haswell (and an empty kernel cache of its own).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastseq.kernels.gemm import _target_features
+
+ROOT = Path(__file__).resolve().parent.parent
+HASWELL_FEATURES = ",".join(
+    "+" + f
+    for f in ("64bit", "avx", "avx2", "bmi", "bmi2", "cmov", "cx16", "f16c", "fma", "fsgsbase", "lzcnt",
+              "mmx", "movbe", "popcnt", "sse", "sse2", "sse3", "sse4.1", "sse4.2", "ssse3", "xsave")
+)  # fmt: skip
+
+
+@pytest.mark.skipif("avx512f" not in _target_features(), reason="the main suite already runs the AVX2 paths")
+def test_kernels_compiled_for_avx2(tmp_path):
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(tmp_path),
+        NUMBA_CPU_NAME="haswell",
+        NUMBA_CPU_FEATURES=HASWELL_FEATURES,
+    )
+    check = "from fastseq.kernels import gemm; assert gemm.VECTOR_BYTES == 32 and gemm.BLAS_FOR_LARGE, gemm.VECTOR_BYTES"
+    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
+    tests = ["tests/test_gemm.py", "tests/test_reference.py::test_shapes_match_naive"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        env=env, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
