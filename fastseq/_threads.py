@@ -96,13 +96,21 @@ PAIR_SPLIT_BYTES = (3 << 18, 12 << 20)
 #: chunk call in the chunks, and where W_hh fits a core's L2 (2 MB here) the chunks lose
 #: little by each reading all of it.
 WIDE_SPLIT_BYTES = 4 << 20
+#: A batch of 5 (chunks of 3 and 2 rows, each reading all of W_hh every step) splits from
+#: this size. Measured after the split backward went to one region per step (float32, Zen 5,
+#: in process, T=100, C=H, split / chunks, eval forward / training step), three runs over
+#: 40 minutes: H=320 (1.6 MB) 0.87-0.90 / 0.96-0.97; H=384 0.84-0.97 / 0.94-0.95; H=448
+#: 0.83 / 0.93; H=256 (1 MB) 1.10-1.19 / 0.99-1.18. (N=6-8 at H=384: 0.88-0.95 / 0.99-1.08,
+#: kept at WIDE_SPLIT_BYTES.)
+FIVE_SPLIT_BYTES = 3 << 19
 
 
 def unit_parts(cell: str, batch: int, w_hh) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES whose recurrent
     weights ``w_hh`` have bytes in the batch's range (1: SINGLE_SPLIT_BYTES, 2:
-    PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5-8: from WIDE_SPLIT_BYTES), as many
+    PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from
+    WIDE_SPLIT_BYTES), as many
     parts as numba's start-up thread count (so results do not depend on the active thread
     count)."""
     threads = numba.config.NUMBA_NUM_THREADS
@@ -113,7 +121,8 @@ def unit_parts(cell: str, batch: int, w_hh) -> int:
     elif batch == 2:
         lo, hi = PAIR_SPLIT_BYTES
     else:
-        lo, hi = UNIT_SPLIT_MIN_BYTES if batch <= 4 else WIDE_SPLIT_BYTES, float("inf")
+        lo = UNIT_SPLIT_MIN_BYTES if batch <= 4 else FIVE_SPLIT_BYTES if batch == 5 else WIDE_SPLIT_BYTES
+        hi = float("inf")
     if not lo <= w_hh.nbytes < hi:
         return 0
     return min(threads, w_hh.shape[1])

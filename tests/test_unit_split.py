@@ -26,6 +26,7 @@ def unit_split(monkeypatch):
     monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
     monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
     monkeypatch.setattr(_threads, "WIDE_SPLIT_BYTES", 0)
+    monkeypatch.setattr(_threads, "FIVE_SPLIT_BYTES", 0)
     calls = {"forward": 0, "backward": 0}
     for name, kind in (("lstm_forward_units", "forward"), ("lstm_backward_units", "backward")):
         kernel = getattr(_engine, name)
@@ -54,8 +55,12 @@ def test_unit_parts_policy():
     assert hi == SPREAD_STEP_BYTES
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts("lstm", 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert _threads.unit_parts("lstm", 8, w) > 0  # 4 MB: batches of 5-8 from WIDE_SPLIT_BYTES
-    assert _threads.unit_parts("lstm", 5, w[:, :-1]) == 0
+    assert _threads.unit_parts("lstm", 8, w) > 0  # 4 MB: batches of 6-8 from WIDE_SPLIT_BYTES
+    assert _threads.unit_parts("lstm", 5, w[:, :-1]) > 0  # a batch of 5 from FIVE_SPLIT_BYTES
+    assert _threads.unit_parts("lstm", 6, w[:, :-1]) == 0
+    five = _threads.FIVE_SPLIT_BYTES
+    for nbytes, split in ((five - 4, False), (five, True)):
+        assert (_threads.unit_parts("lstm", 5, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 4, w[:, :-1]) > 0
     assert _threads.unit_parts("lstm", 9, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
