@@ -11,9 +11,9 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-An LSTM batch of 3-4 with such weights (of 2 with W_hh of 2-12 MB, of 5-8 with W_hh of 4 MB
-or more) runs as one chunk split across the threads by hidden units instead
-(:func:`unit_parts`): numba's team works on every step, BLAS is held at one thread.
+An LSTM batch of 1-8 with W_hh in a size range that depends on the batch (:func:`unit_parts`)
+runs as one chunk split across the threads by hidden units instead: numba's team works on
+every step, BLAS is held at one thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
@@ -110,9 +110,8 @@ def unit_parts(cell: str, batch: int, w_hh) -> int:
     chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES whose recurrent
     weights ``w_hh`` have bytes in the batch's range (1: SINGLE_SPLIT_BYTES, 2:
     PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from
-    WIDE_SPLIT_BYTES), as many
-    parts as numba's start-up thread count (so results do not depend on the active thread
-    count)."""
+    WIDE_SPLIT_BYTES), as many parts as numba's start-up thread count (so results do not
+    depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
     if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2:
         return 0

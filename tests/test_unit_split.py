@@ -1,6 +1,6 @@
-"""The LSTM's unit-split path (a batch of 2-8 samples with large recurrent weights: one chunk,
+"""The LSTM's unit-split path (a batch of 1-8 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
-chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and a batch of 2's byte range opened up) makes any
+chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and every batch's byte range opened up) makes any
 weights count as large, so small layers take the path; H is odd so that the parts have
 unequal widths."""
 

@@ -216,10 +216,10 @@ def project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples):
     """Call at a kernel's top level: for one chunk and ``gates`` with rows, gates = x @ W_ih^T
     across threads (:func:`one_chunk_pieces`). Returns whether it did (then
     :func:`start_chunk` does not)."""
-    pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
-    if pieces and gates.shape[0]:
+    pieces = one_chunk_pieces(chunk_samples, gates.shape[0])  # 0 when gates has no rows
+    if pieces:
         gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, pieces)
-    return pieces > 0 and gates.shape[0] > 0
+    return pieces > 0
 
 
 @jit

@@ -204,7 +204,7 @@ QUARTER_MR = max(1, MR // 4)
 #: (One row over 4 panels still won there: 2.95 -> 2.08 and 11.1 -> 7.4 us.)
 HALF_PANELS = 2 if VECTOR_BYTES == 64 else 1
 _tile_half = _tile_intrinsic(HALF_MR, 1)
-_tile_half_wide = _tile_intrinsic(HALF_MR, HALF_PANELS)
+_tile_half_wide = _tile_intrinsic(HALF_MR, HALF_PANELS) if HALF_PANELS > 1 else _tile_half
 _tile_quarter_wide = _tile_intrinsic(QUARTER_MR, 4)
 
 

@@ -278,7 +278,7 @@ def gru_chunk_weight_grads(x, reset_after, dgates, hprev, hn, part_w_ih, part_w_
     chunk_weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b_ih)
     if reset_after:
         gemm(hn.T, hprev, part_w_hh[2 * hd :], False)
-        column_sums(dgates, 0, part_b_hh[: 2 * hd])
+        part_b_hh[: 2 * hd] = part_b_ih[: 2 * hd]  # the r, z column sums of dgates, computed above
         column_sums(hn, 0, part_b_hh[2 * hd :])
     else:
         gemm_packed(dgates[:, 2 * hd :].T, pack(hn), part_w_hh[2 * hd :], False)  # a: no BLAS layout
