@@ -24,7 +24,6 @@ from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
     add_weight_grad,
-    chunk_weight_grads,
     column_sums,
     copy_rows,
     gemm_split_rows,
@@ -273,9 +272,12 @@ def gru_backward(
 @jit
 def gru_chunk_weight_grads(x, reset_after, dgates, hprev, hn, part_w_ih, part_w_hh, part_b_ih, part_b_hh):
     """One chunk's weight gradients as partial sums over its rows (overwritten; see
-    common.chunk_weight_grads)."""
+    common.chunk_weight_grads). The r, z rows of part_w_hh only: the n rows are computed
+    from hn below."""
     hd = hprev.shape[1]
-    chunk_weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b_ih)
+    gemm(dgates.T, x, part_w_ih, False)
+    gemm_packed(dgates[:, : 2 * hd].T, pack(hprev), part_w_hh[: 2 * hd], False)  # a: no BLAS layout
+    column_sums(dgates, 0, part_b_ih)
     if reset_after:
         gemm(hn.T, hprev, part_w_hh[2 * hd :], False)
         part_b_hh[: 2 * hd] = part_b_ih[: 2 * hd]  # the r, z column sums of dgates, computed above
