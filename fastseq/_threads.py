@@ -72,13 +72,16 @@ UNIT_SPLIT_MIN_BYTES = 1 << 20
 #: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
 UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: A batch of one splits by units while W_hh's bytes lie in this range: above it BLAS takes
-#: both cores (kernels.common.SPREAD_STEP_BYTES); below it the step is too short for a
-#: parallel region each step. Measured (float32, Zen 5, in process, T=100, C=H, split /
-#: one chunk on the micro-kernel, eval forward / training step): H=160 0.94 / 1.23; H=192
-#: 0.82-0.89 / 1.02-1.08; H=208 0.87 / 0.93; H=224 0.84 / 0.86; H=256 0.74-0.96 /
-#: 0.76-0.83; H=288 0.67 / 0.75; H=320 0.61 / 0.67-0.69; against BLAS on both cores:
-#: H=362 1.10 / 1.12, H=400-512 0.98-1.13 / 1.23-1.30.
-SINGLE_SPLIT_BYTES = (3 << 18, SPREAD_STEP_BYTES)
+#: both cores for each step's product; below it the step is too short for a parallel region
+#: each step. Measured (float32, Zen 5, in process, T=100, C=H, split / one chunk on the
+#: micro-kernel, eval forward / training step): H=160 0.94 / 1.23; H=192 0.82-0.89 /
+#: 1.02-1.08; H=208 0.87 / 0.93; H=224 0.84 / 0.86; H=256 0.74-0.96 / 0.76-0.83; H=288 0.67
+#: / 0.75; H=320 0.61 / 0.67-0.69. Against BLAS on both cores (one process per policy, 30
+#: calls alone): H=384 0.72 / 0.71, H=512 0.78 / 0.67, H=640 0.85 / 0.73, H=704 0.96 /
+#: 0.74, H=768 0.96 / 0.74, H=896 (12.8 MB) 0.89 / 0.75; H=1024 (16 MB) 1.37-1.42 / 1.12.
+#: OpenBLAS's threads also keep spinning after each call, against torch's OpenMP workers: in
+#: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
+SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
 #: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
 #: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
 #: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81

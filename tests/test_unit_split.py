@@ -10,7 +10,6 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads, layers
-from fastseq.kernels.common import SPREAD_STEP_BYTES
 from tests.cases import Case, assert_matches, run_in_threads
 from tests.test_gradcheck import check_gradients
 from tests.test_torch_parity import torch_run
@@ -50,9 +49,9 @@ def test_unit_parts_policy():
     lo, hi = _threads.PAIR_SPLIT_BYTES  # a batch of 2: W_hh in a range of sizes
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts("lstm", 2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert _threads.unit_parts("lstm", 1, w) == 0  # a batch of one: BLAS on every thread
-    lo, hi = _threads.SINGLE_SPLIT_BYTES  # below that, a batch of one splits in a range
-    assert hi == SPREAD_STEP_BYTES
+    assert _threads.unit_parts("lstm", 1, w) > 0
+    assert _threads.unit_parts("lstm", 1, np.empty((4 * 1024, 1024), np.float32)) == 0  # BLAS
+    lo, hi = _threads.SINGLE_SPLIT_BYTES  # a batch of one splits in a range
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts("lstm", 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
     assert _threads.unit_parts("lstm", 8, w) > 0  # 4 MB: batches of 6-8 from WIDE_SPLIT_BYTES
