@@ -12,9 +12,9 @@ from typing import NamedTuple
 import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
-from fastseq.kernels.gru import gru_backward, gru_forward
+from fastseq.kernels.gru import gru_backward, gru_forward, gru_forward_units
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
-from fastseq.kernels.rnn import rnn_backward, rnn_forward
+from fastseq.kernels.rnn import rnn_backward, rnn_forward, rnn_forward_units
 from fastseq.registry import CELLS
 
 #: Internal names of one direction's parameters, in the kernels' argument order.
@@ -98,7 +98,12 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     pk = (*packing.kernel_args, reverse)
     rmask = no_mask(hd, dt) if rmask is None else rmask
     ws = {"x": x, "gates": gates, "hprev": hprev, "rmask": rmask}
-    if cell == "rnn":
+    if cell != "lstm" and packing.unit_parts:  # inference only (_threads.unit_parts)
+        split = rnn_forward_units if cell == "rnn" else gru_forward_units
+        variant = (opts.relu,) if cell == "rnn" else ()
+        split(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *variant, *pk, out, out_col, states[0],
+              packing.unit_parts)  # fmt: skip
+    elif cell == "rnn":
         rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
                     out, out_col, states[0], gates, hprev, training, rmask)  # fmt: skip
     elif cell == "lstm":

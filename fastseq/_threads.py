@@ -82,6 +82,11 @@ UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: OpenBLAS's threads also keep spinning after each call, against torch's OpenMP workers: in
 #: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
 SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
+#: A GRU or RNN batch of one in inference splits by units (``gru_forward_units``,
+#: ``rnn_forward_units``) while W_hh's bytes lie in this range, where it would otherwise
+#: hand each step's product to BLAS on every core. Training keeps that path (its backward
+#: has no split).
+INFERENCE_SPLIT_BYTES = (SPREAD_STEP_BYTES, 13 << 20)
 #: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
 #: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
 #: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81
@@ -108,14 +113,19 @@ WIDE_SPLIT_BYTES = 4 << 20
 FIVE_SPLIT_BYTES = 3 << 19
 
 
-def unit_parts(cell: str, batch: int, w_hh) -> int:
+def unit_parts(cell: str, batch: int, w_hh, inference: bool = False) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES whose recurrent
     weights ``w_hh`` have bytes in the batch's range (1: SINGLE_SPLIT_BYTES, 2:
     PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from
-    WIDE_SPLIT_BYTES), as many parts as numba's start-up thread count (so results do not
-    depend on the active thread count)."""
+    WIDE_SPLIT_BYTES), and, when ``inference`` (an eval-mode pass with no variant the
+    split lacks: GRU reset_after=True), for a GRU or RNN batch of one with W_hh in
+    INFERENCE_SPLIT_BYTES. As many parts as numba's start-up thread count (so results do
+    not depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
+    if cell != "lstm" and inference and batch == 1 and threads >= 2:
+        lo, hi = INFERENCE_SPLIT_BYTES
+        return min(threads, w_hh.shape[1]) if lo <= w_hh.nbytes < hi else 0
     if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2:
         return 0
     if batch == 1:

@@ -1,6 +1,7 @@
 """The LSTM's unit-split path (a batch of 1-8 samples with large recurrent weights: one chunk,
 each step split across threads by hidden units) against finite differences, torch and the
-chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and every batch's byte range opened up) makes any
+chunked path; the GRU's and RNN's inference split (a batch of one) against the NumPy
+reference, torch and the chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and every batch's byte range opened up) makes any
 weights count as large, so small layers take the path; H is odd so that the parts have
 unequal widths."""
 
@@ -11,7 +12,9 @@ import pytest
 import fastseq
 from fastseq import _engine, _threads, layers
 from tests.cases import Case, assert_matches, run_in_threads
+from tests.conftest import make_layer
 from tests.test_gradcheck import check_gradients
+from tests.test_reference import _naive
 from tests.test_torch_parity import torch_run
 from tests.tolerances import assert_close
 
@@ -39,7 +42,7 @@ def unit_split(monkeypatch):
 
 
 def _chunked(monkeypatch):
-    monkeypatch.setattr(layers, "unit_parts", lambda *args: 0)
+    monkeypatch.setattr(layers, "unit_parts", lambda *args, **kwargs: 0)
 
 
 def test_unit_parts_policy():
@@ -63,6 +66,13 @@ def test_unit_parts_policy():
     assert _threads.unit_parts("lstm", 4, w[:, :-1]) > 0
     assert _threads.unit_parts("lstm", 9, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
+    lo, hi = _threads.INFERENCE_SPLIT_BYTES  # GRU and RNN: a batch of one, in inference
+    for cell in ("gru", "rnn"):
+        for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
+            w_hh = np.empty((1, nbytes // 4), np.float32)
+            assert (_threads.unit_parts(cell, 1, w_hh, inference=True) > 0) == split, (cell, nbytes)
+        assert _threads.unit_parts(cell, 1, w, inference=False) == 0  # training: no split
+        assert _threads.unit_parts(cell, 2, w, inference=True) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
 
 
@@ -167,7 +177,7 @@ def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
     # (uninitialised pool scratch) must count as zero.
     results = []
     for parts in (8, 0):
-        monkeypatch.setattr(layers, "unit_parts", lambda *args, parts=parts: parts)
+        monkeypatch.setattr(layers, "unit_parts", lambda *args, parts=parts, **kwargs: parts)
         case = Case("lstm-peephole", np.float64, 1, False, False, True, steps=steps, batch=3, hidden_size=11)
         for _ in range(2):  # the second step reuses the layer's scratch
             out, finals, dx, dinit = case.run()
@@ -176,3 +186,58 @@ def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
     for split_first, split_second, chunks, _ in zip(*results, strict=True):
         assert_close(split_first, chunks, np.float64, "8 parts vs chunks")
         assert_close(split_second, chunks, np.float64, "8 parts vs chunks, second step")
+
+
+@pytest.fixture
+def inference_split(monkeypatch):
+    """Force the GRU/RNN inference split (any W_hh) and count its kernel calls."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
+    monkeypatch.setattr(_threads, "INFERENCE_SPLIT_BYTES", (0, 1 << 62))
+    calls = {"forward": 0}
+    for name in ("gru_forward_units", "rnn_forward_units"):
+        kernel = getattr(_engine, name)
+
+        def counted(*args, kernel=kernel):
+            calls["forward"] += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(_engine, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ["gru", "rnn-tanh", "rnn-relu"])
+def test_inference_split_matches_naive_and_torch(inference_split, variant, dtype):
+    # a batch of one, two layers, both directions, H odd (parts of unequal widths)
+    case = Case(variant, dtype, 2, True, False, True, steps=7, batch=1, input_size=6, hidden_size=9)
+    case.layer.eval()
+    out, h_n = case.layer(case.x, case.hx())
+    assert inference_split["forward"] == 4
+    ref_out, ref_final, *_ = _naive(case)
+    assert_close(out, ref_out, dtype, "inference split vs naive")
+    assert_close(h_n, ref_final[0], dtype, "inference split vs naive")
+    torch_out, torch_final, *_ = torch_run(case)
+    assert_close(out, torch_out, dtype, "inference split vs torch")
+    assert_close(h_n, torch_final[0], dtype, "inference split vs torch")
+
+
+@pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
+def test_inference_split_over_several_projection_blocks(inference_split, variant):
+    # 600 steps of one sample: the input is projected a block of 512 rows at a time,
+    # forwards and in reverse
+    layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
+    x = np.random.default_rng(3).standard_normal((600, 1, 3))
+    out, h = layer(x)
+    assert inference_split["forward"] == 2
+    layer.train()  # training never splits: the chunked path
+    ref_out, ref_h = layer(x)
+    assert inference_split["forward"] == 2
+    assert_close(out, ref_out, np.float64, "inference split vs chunks")
+    assert_close(h, ref_h, np.float64, "inference split vs chunks")
+
+
+def test_inference_split_not_for_gru_reset_before(inference_split):
+    layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2).eval()
+    layer(np.zeros((4, 1, 3)))
+    assert inference_split["forward"] == 0

@@ -382,6 +382,18 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
             dst[j] *= m[j]
 
 
+@jit
+def unit_step_rows(h, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows):
+    """Step s of a one-chunk pass split by units: rows[i] = sample i's packed row,
+    proj_rows[i] = rows[i] - base (its row of the projection block starting at ``base``)
+    and h_in[i] = h[i] (the parts read all of h and overwrite their units), for i < n.
+    h, h_in (N, H); rows, proj_rows (N,) out."""
+    for i in range(n):
+        rows[i] = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        proj_rows[i] = rows[i] - base
+        copy_units(h[i], h_in[i], 0, h.shape[1])
+
+
 @jit(parallel=True)
 def gemm_split_rows(a, b, b_panels, out, accumulate, parts):
     """:func:`gemm.gemm_large` (a @ b -> out, or += when ``accumulate``) with a's rows split

@@ -24,18 +24,27 @@ from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
     add_weight_grad,
+    block_capacity,
+    block_rows,
     column_sums,
     copy_rows,
+    copy_units,
+    gather_units,
     gemm_split_rows,
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
     projection_block,
     start_chunk,
     step_panels,
+    unit_bounds,
+    unit_operands,
+    unit_step_rows,
+    widest_part,
 )
 from fastseq.kernels.gemm import (
     gemm,
@@ -320,6 +329,56 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, bl
         step_product(rh, w_hh[2 * hd :], ghn, 1)
         for i in range(x.shape[0]):
             gru_cell_update(gx[i], ghn[i], b_ih, b_hh, h[i])
+
+
+@jit
+def gru_forward_units(
+    x, w_ih, w_hh, b_ih, b_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
+    reverse, out, out_col, h, parts,
+):  # fmt: skip
+    """Inference-only :func:`gru_forward` (reset_after=True, no recurrent dropout) for a
+    batch in one chunk, each step's recurrent product and gate math split across ``parts``
+    threads by hidden units, like :func:`fastseq.kernels.lstm.lstm_forward_units` (same
+    arguments as gru_forward where they exist). The input is projected a block of rows at a
+    time, split by rows."""
+    hd, nb = h.shape[1], h.shape[0]
+    units = unit_bounds(hd, parts)
+    w_ih_panels = pack_weights(w_ih.T)
+    w_hh_panels = pack_unit_rows(w_hh, 3, units)  # part p: h @ (its rows of W_hh)^T
+    gh = np.empty((parts, nb, 3 * widest_part(units)), h.dtype)
+    b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
+    h_in = np.empty((nb, hd), h.dtype)
+    rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
+    block = np.empty((block_capacity(nb, x.shape[0]), 3 * hd), h.dtype)
+    proj, base, s_next = block, 0, 0
+    for s in range(lengths[0]):
+        n = batch_sizes[0, s]
+        if s == s_next:
+            a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
+            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
+            proj, base = block, a
+        unit_step_rows(h, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        gru_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
+                               out_col, rows[:n], units)  # fmt: skip
+
+
+@jit(parallel=True)
+def gru_forward_step_units(
+    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, rows, units
+):
+    """One step of :func:`gru_forward_units`, its parts across threads (see
+    lstm.forward_step_units)."""
+    nr = panels.shape[3]
+    n = rows.shape[0]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        gemm_packed(h_in, panels[p, : (3 * hu + nr - 1) // nr], gh[p, :n, : 3 * hu], False)
+        g = g_p[p, : 3 * hu]
+        for i in range(n):
+            gather_units(proj[proj_rows[i]], 3, u0, g)
+            gru_cell_forward(g, gh[p, i, : 3 * hu], b_ih_p[p, : 3 * hu], b_hh_p[p, : 3 * hu], h[i, u0:u1])
+            copy_units(h[i], out[rows[i], out_col:], u0, u1)
 
 
 @jit(parallel=True)

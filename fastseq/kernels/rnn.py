@@ -12,21 +12,30 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
+    block_capacity,
+    block_rows,
     chunk_weight_grads,
     copy_rows,
+    copy_units,
+    gather_units,
     gemm_split_rows,
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
     projection_block,
     start_chunk,
     step_panels,
+    unit_bounds,
+    unit_operands,
+    unit_step_rows,
     weight_grads,
+    widest_part,
 )
-from fastseq.kernels.gemm import gemm_large, gemm_step, pack_weights, step_product
+from fastseq.kernels.gemm import gemm_large, gemm_packed, gemm_step, pack_weights, step_product
 
 
 @jit
@@ -136,6 +145,55 @@ def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
     step_product(h, w_hh, gh, 1)
     for i in range(x.shape[0]):
         rnn_cell_forward(gx[i], gh[i], b_ih, b_hh, relu, h[i])
+
+
+@jit
+def rnn_forward_units(
+    x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
+    reverse, out, out_col, h, parts,
+):  # fmt: skip
+    """Inference-only :func:`rnn_forward` (no recurrent dropout) for a batch in one chunk,
+    each step's recurrent product and activation split across ``parts`` threads by hidden
+    units, like :func:`fastseq.kernels.lstm.lstm_forward_units` (same arguments as
+    rnn_forward where they exist). The input is projected a block of rows at a time, split
+    by rows."""
+    hd, nb = h.shape[1], h.shape[0]
+    units = unit_bounds(hd, parts)
+    w_ih_panels = pack_weights(w_ih.T)
+    w_hh_panels = pack_unit_rows(w_hh, 1, units)  # part p: h @ (its rows of W_hh)^T
+    gh = np.empty((parts, nb, widest_part(units)), h.dtype)
+    b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 1, units)
+    h_in = np.empty((nb, hd), h.dtype)
+    rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
+    block = np.empty((block_capacity(nb, x.shape[0]), hd), h.dtype)
+    proj, base, s_next = block, 0, 0
+    for s in range(lengths[0]):
+        n = batch_sizes[0, s]
+        if s == s_next:
+            a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
+            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
+            proj, base = block, a
+        unit_step_rows(h, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        rnn_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, relu, h,
+                               out, out_col, rows[:n], units)  # fmt: skip
+
+
+@jit(parallel=True)
+def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, rows,
+                           units):  # fmt: skip
+    """One step of :func:`rnn_forward_units`, its parts across threads (see
+    lstm.forward_step_units)."""
+    nr = panels.shape[3]
+    n = rows.shape[0]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        gemm_packed(h_in, panels[p, : (hu + nr - 1) // nr], gh[p, :n, :hu], False)
+        g = g_p[p, :hu]
+        for i in range(n):
+            gather_units(proj[proj_rows[i]], 1, u0, g)
+            rnn_cell_forward(g, gh[p, i, :hu], b_ih_p[p, :hu], b_hh_p[p, :hu], relu, h[i, u0:u1])
+            copy_units(h[i], out[rows[i], out_col:], u0, u1)
 
 
 @jit(parallel=True)
