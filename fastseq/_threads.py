@@ -83,10 +83,17 @@ UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
 SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
 #: A GRU or RNN batch of one in inference splits by units (``gru_forward_units``,
-#: ``rnn_forward_units``) while W_hh's bytes lie in this range, where it would otherwise
-#: hand each step's product to BLAS on every core. Training keeps that path (its backward
-#: has no split).
-INFERENCE_SPLIT_BYTES = (SPREAD_STEP_BYTES, 13 << 20)
+#: ``rnn_forward_units``) while W_hh's bytes lie in this range; training keeps the one
+#: chunk (its backward has no split). Measured (float32, Zen 5, T=100, C=H, eval forward,
+#: one process per policy, alone, one chunk / split, ms): against the chunk on the
+#: micro-kernel, GRU H=224 (588 KB) 0.60-0.72 / 0.59-0.68, H=256 (768 KB) 0.81-0.99 /
+#: 0.65-1.11, H=288 1.06-1.19 / 0.78-0.88, H=384 2.09-2.17 / 1.27-1.33; RNN H=384 0.63-0.70 /
+#: 0.62-0.64, H=448 (784 KB) 0.80-0.97 / 0.69-0.94, H=512 1.02-1.15 / 0.73-0.79, H=640
+#: 1.95-2.00 / 1.20-1.26. Against BLAS on both cores: GRU H=512 3.42 / 2.53, H=1024 (12 MB)
+#: 11.96-12.39 / 10.96-11.91; RNN H=768 2.36 / 2.07, H=1024 3.78 / 3.82, H=1536 8.75-9.10 /
+#: 9.15-9.54, H=1792 (12.8 MB) 11.75-12.13 / 12.05-12.17, and torch alternating with it
+#: ran 1.1-2.3x faster after the split than after BLAS's spinning threads.
+INFERENCE_SPLIT_BYTES = (3 << 18, 13 << 20)
 #: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
 #: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
 #: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81
