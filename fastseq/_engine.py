@@ -12,9 +12,9 @@ from typing import NamedTuple
 import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
-from fastseq.kernels.gru import gru_backward, gru_forward, gru_forward_units
+from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
-from fastseq.kernels.rnn import rnn_backward, rnn_forward, rnn_forward_units
+from fastseq.kernels.rnn import rnn_backward, rnn_backward_units, rnn_forward, rnn_forward_units
 from fastseq.registry import CELLS
 
 #: Internal names of one direction's parameters, in the kernels' argument order.
@@ -98,14 +98,13 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     pk = (*packing.kernel_args, reverse)
     rmask = no_mask(hd, dt) if rmask is None else rmask
     ws = {"x": x, "gates": gates, "hprev": hprev, "rmask": rmask}
-    if cell != "lstm" and packing.unit_parts:  # inference only (_threads.unit_parts)
-        split = rnn_forward_units if cell == "rnn" else gru_forward_units
-        variant = (opts.relu,) if cell == "rnn" else ()
-        split(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *variant, *pk, out, out_col, states[0],
-              packing.unit_parts)  # fmt: skip
-    elif cell == "rnn":
-        rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
-                    out, out_col, states[0], gates, hprev, training, rmask)  # fmt: skip
+    if cell == "rnn":
+        args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
+                out, out_col, states[0], gates, hprev, training, rmask)  # fmt: skip
+        if packing.unit_parts:
+            rnn_forward_units(*args, packing.unit_parts)
+        else:
+            rnn_forward(*args)
     elif cell == "lstm":
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
@@ -117,8 +116,12 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
             lstm_forward(*args)
     else:
         ws["hn"] = take((ws_rows, hd), dt)
-        gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.reset_after, *pk,
-                    out, out_col, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
+        args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *pk,
+                out, out_col, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
+        if packing.unit_parts:  # reset_after only (_threads.unit_parts)
+            gru_forward_units(*args, packing.unit_parts)
+        else:
+            gru_forward(*args[:5], opts.reset_after, *args[5:])
     return ws if training else None
 
 
@@ -147,9 +150,12 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     )
     x, gates, hprev, rmask = ws["x"], ws["gates"], ws["hprev"], ws["rmask"]
     if cell == "rnn":
-        rnn_backward(x, w_ih, w_hh, opts.relu, *pk, dout, out_col, dstates[0],
-                     gates, hprev, dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
-                     grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
+        args = (x, w_ih, w_hh, opts.relu, *pk, dout, out_col, dstates[0], gates, hprev, dx, accumulate_dx,
+                grads["w_ih"], grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
+        if packing.unit_parts:
+            rnn_backward_units(*args, packing.unit_parts)
+        else:
+            rnn_backward(*args)
     elif cell == "lstm":
         args = (x, w_ih, w_hh, w["w_peep"], opts.peephole, *pk, dout, out_col, dstates[0], dstates[1],
                 gates, hprev, ws["cprev"], ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
@@ -159,9 +165,12 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
         else:
             lstm_backward(*args)
     else:
-        gru_backward(x, w_ih, w_hh, opts.reset_after, *pk, dout, out_col,
-                     dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx, grads["w_ih"],
-                     grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
+        args = (x, w_ih, w_hh, *pk, dout, out_col, dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx,
+                grads["w_ih"], grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
+        if packing.unit_parts:  # reset_after only
+            gru_backward_units(*args, packing.unit_parts)
+        else:
+            gru_backward(*args[:3], opts.reset_after, *args[3:])
     if give is not None:
         for part in parts:
             give(part)

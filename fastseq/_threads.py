@@ -82,18 +82,19 @@ UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: OpenBLAS's threads also keep spinning after each call, against torch's OpenMP workers: in
 #: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
 SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
-#: A GRU or RNN batch of one in inference splits by units (``gru_forward_units``,
-#: ``rnn_forward_units``) while W_hh's bytes lie in this range; training keeps the one
-#: chunk (its backward has no split). Measured (float32, Zen 5, T=100, C=H, eval forward,
-#: one process per policy, alone, one chunk / split, ms): against the chunk on the
-#: micro-kernel, GRU H=224 (588 KB) 0.60-0.72 / 0.59-0.68, H=256 (768 KB) 0.81-0.99 /
-#: 0.65-1.11, H=288 1.06-1.19 / 0.78-0.88, H=384 2.09-2.17 / 1.27-1.33; RNN H=384 0.63-0.70 /
-#: 0.62-0.64, H=448 (784 KB) 0.80-0.97 / 0.69-0.94, H=512 1.02-1.15 / 0.73-0.79, H=640
-#: 1.95-2.00 / 1.20-1.26. Against BLAS on both cores: GRU H=512 3.42 / 2.53, H=1024 (12 MB)
-#: 11.96-12.39 / 10.96-11.91; RNN H=768 2.36 / 2.07, H=1024 3.78 / 3.82, H=1536 8.75-9.10 /
-#: 9.15-9.54, H=1792 (12.8 MB) 11.75-12.13 / 12.05-12.17, and torch alternating with it
-#: ran 1.1-2.3x faster after the split than after BLAS's spinning threads.
-INFERENCE_SPLIT_BYTES = (3 << 18, 13 << 20)
+#: GRU and RNN batches of one use the same range (``gru_forward_units`` etc.). Measured in
+#: inference (float32, Zen 5, T=100, C=H, one process per policy, alone, one chunk / split,
+#: ms): against the chunk on the micro-kernel, GRU H=224 (588 KB) 0.60-0.72 / 0.59-0.68,
+#: H=256 (768 KB) 0.81-0.99 / 0.65-1.11, H=288 1.06-1.19 / 0.78-0.88, H=384 2.09-2.17 /
+#: 1.27-1.33; RNN H=384 0.63-0.70 / 0.62-0.64, H=448 (784 KB) 0.80-0.97 / 0.69-0.94, H=512
+#: 1.02-1.15 / 0.73-0.79, H=640 1.95-2.00 / 1.20-1.26. Against BLAS on both cores: GRU
+#: H=512 3.42 / 2.53, H=1024 (12 MB) 11.96-12.39 / 10.96-11.91; RNN H=768 2.36 / 2.07,
+#: H=1024 3.78 / 3.82, H=1536 8.75-9.10 / 9.15-9.54, H=1792 (12.8 MB) 11.75-12.13 /
+#: 12.05-12.17, and torch alternating with it ran 1.1-2.3x faster after the split than
+#: after BLAS's spinning threads. Training step (forward + backward, the same way, one chunk
+#: / split): GRU H=256 1.63-2.07 / 1.42-1.98, H=320 3.72-3.81 / 2.36-2.94, H=512 10.0-12.2 /
+#: 7.2-8.3, H=1024 40.1-44.9 / 32.1-36.4; RNN H=448 1.87-2.22 / 1.59-1.89, H=768 7.4-8.5 /
+#: 5.1-6.1, H=1024 13.2-15.1 / 9.7-18.7, H=1792 41.2-42.3 / 30.9-34.6.
 #: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
 #: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
 #: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81
@@ -120,20 +121,16 @@ WIDE_SPLIT_BYTES = 4 << 20
 FIVE_SPLIT_BYTES = 3 << 19
 
 
-def unit_parts(cell: str, batch: int, w_hh, inference: bool = False) -> int:
+def unit_parts(cell: str, batch: int, w_hh, splits: bool = True) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
-    chunks (:func:`num_chunks`): for an LSTM batch in UNIT_SPLIT_BATCHES whose recurrent
-    weights ``w_hh`` have bytes in the batch's range (1: SINGLE_SPLIT_BYTES, 2:
-    PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from
-    WIDE_SPLIT_BYTES), and, when ``inference`` (an eval-mode pass with no variant the
-    split lacks: GRU reset_after=True), for a GRU or RNN batch of one with W_hh in
-    INFERENCE_SPLIT_BYTES. As many parts as numba's start-up thread count (so results do
-    not depend on the active thread count)."""
+    chunks (:func:`num_chunks`): for a batch of one of any cell whose recurrent weights
+    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES, and an LSTM batch in UNIT_SPLIT_BATCHES with
+    W_hh in the batch's range (2: PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from
+    FIVE_SPLIT_BYTES, 6-8: from WIDE_SPLIT_BYTES). ``splits``: False for a variant without
+    a split (GRU reset_after=False). As many parts as numba's start-up thread count (so
+    results do not depend on the active thread count)."""
     threads = numba.config.NUMBA_NUM_THREADS
-    if cell != "lstm" and inference and batch == 1 and threads >= 2:
-        lo, hi = INFERENCE_SPLIT_BYTES
-        return min(threads, w_hh.shape[1]) if lo <= w_hh.nbytes < hi else 0
-    if cell != "lstm" or batch not in UNIT_SPLIT_BATCHES or threads < 2:
+    if not splits or threads < 2 or batch not in UNIT_SPLIT_BATCHES or (cell != "lstm" and batch != 1):
         return 0
     if batch == 1:
         lo, hi = SINGLE_SPLIT_BYTES

@@ -16,7 +16,8 @@ KERNELS = {
     "lstm_forward_units": lstm.lstm_forward_units, "lstm_backward_units": lstm.lstm_backward_units,
     "gru_forward": gru.gru_forward, "gru_backward": gru.gru_backward,
     "rnn_step": rnn.rnn_step, "lstm_step": lstm.lstm_step, "gru_step": gru.gru_step,
-    "rnn_forward_units": rnn.rnn_forward_units, "gru_forward_units": gru.gru_forward_units,
+    "rnn_forward_units": rnn.rnn_forward_units, "rnn_backward_units": rnn.rnn_backward_units,
+    "gru_forward_units": gru.gru_forward_units, "gru_backward_units": gru.gru_backward_units,
     "rnn_step_units": rnn.rnn_step_units, "lstm_step_units": lstm.lstm_step_units,
     "gru_step_units": gru.gru_step_units,
     "add_weight_grad": common.add_weight_grad, "weight_grads": common.weight_grads,
@@ -63,12 +64,14 @@ def _exercise(layer_cls, cell_cls, dtype):
         out, _ = layer(np.zeros((3, 3, 2), dtype), lengths=[3, 2, 1])
         layer.backward(np.ones_like(out))
     gates = CELLS[layer_cls._cell].gates
-    # GRU and RNN batches of one split their inference steps by hidden units: the smallest H
-    # whose W_hh (G*H, H) reaches the range
-    hidden = math.isqrt(_threads.INFERENCE_SPLIT_BYTES[0] // (gates * dtype.itemsize)) + 1
+    # GRU and RNN batches of one split their steps by hidden units: the smallest H whose
+    # W_hh (G*H, H) reaches the range
+    hidden = math.isqrt(_threads.SINGLE_SPLIT_BYTES[0] // (gates * dtype.itemsize)) + 1
     w_hh = np.empty((gates * hidden, hidden), dtype)
-    if layer_cls._cell != "lstm" and _threads.unit_parts(layer_cls._cell, 1, w_hh, inference=True):
-        layer_cls(2, hidden, dtype=dtype, seed=0).eval()(np.zeros((2, 1, 2), dtype))
+    if layer_cls._cell != "lstm" and _threads.unit_parts(layer_cls._cell, 1, w_hh):
+        layer = layer_cls(2, hidden, dtype=dtype, seed=0)
+        out, _ = layer(np.zeros((2, 1, 2), dtype))
+        layer.backward(np.ones_like(out))
     # Streams with large weights and enough rows split each step by hidden units: the
     # smallest C = H and N that reach the thresholds
     hidden = math.isqrt(_threads.STREAM_SPLIT_BYTES // (2 * gates * dtype.itemsize)) + 1

@@ -194,8 +194,7 @@ class _RecurrentLayer(Module):
             lengths = v.lengths_array(lengths, steps, batch)
 
         w_hh = self._recurrent_weights
-        split_inference = not self.training and self._opts.reset_after  # GRU: the split's variant
-        parts = unit_parts(self._cell, batch, w_hh, inference=split_inference)
+        parts = unit_parts(self._cell, batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
         packing = Packing(lengths, steps, batch, 1 if parts else num_chunks(batch), parts)
         if self.check_finite:
             for k, s in enumerate(states0):

@@ -66,13 +66,13 @@ def test_unit_parts_policy():
     assert _threads.unit_parts("lstm", 4, w[:, :-1]) > 0
     assert _threads.unit_parts("lstm", 9, w) == 0
     assert _threads.unit_parts("gru", 4, w) == 0
-    lo, hi = _threads.INFERENCE_SPLIT_BYTES  # GRU and RNN: a batch of one, in inference
+    lo, hi = _threads.SINGLE_SPLIT_BYTES  # GRU and RNN: a batch of one only
     for cell in ("gru", "rnn"):
         for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
             w_hh = np.empty((1, nbytes // 4), np.float32)
-            assert (_threads.unit_parts(cell, 1, w_hh, inference=True) > 0) == split, (cell, nbytes)
-        assert _threads.unit_parts(cell, 1, w, inference=False) == 0  # training: no split
-        assert _threads.unit_parts(cell, 2, w, inference=True) == 0
+            assert (_threads.unit_parts(cell, 1, w_hh) > 0) == split, (cell, nbytes)
+        assert _threads.unit_parts(cell, 1, w, splits=False) == 0  # GRU reset_after=False
+        assert _threads.unit_parts(cell, 2, w) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
 
 
@@ -189,55 +189,114 @@ def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
 
 
 @pytest.fixture
-def inference_split(monkeypatch):
-    """Force the GRU/RNN inference split (any W_hh) and count its kernel calls."""
+def one_sample_split(monkeypatch):
+    """Force the GRU/RNN split of a batch of one (any W_hh) and count its kernel calls."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
-    monkeypatch.setattr(_threads, "INFERENCE_SPLIT_BYTES", (0, 1 << 62))
-    calls = {"forward": 0}
-    for name in ("gru_forward_units", "rnn_forward_units"):
+    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
+    calls = {"forward": 0, "backward": 0}
+    for name in ("gru_forward_units", "rnn_forward_units", "gru_backward_units", "rnn_backward_units"):
         kernel = getattr(_engine, name)
+        kind = name.split("_")[1]
 
-        def counted(*args, kernel=kernel):
-            calls["forward"] += 1
+        def counted(*args, kernel=kernel, kind=kind):
+            calls[kind] += 1
             return kernel(*args)
 
         monkeypatch.setattr(_engine, name, counted)
     return calls
 
 
+ONE_SAMPLE_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("variant", ["gru", "rnn-tanh", "rnn-relu"])
-def test_inference_split_matches_naive_and_torch(inference_split, variant, dtype):
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_one_sample_split_inference_matches_naive_and_torch(one_sample_split, variant, dtype):
     # a batch of one, two layers, both directions, H odd (parts of unequal widths)
     case = Case(variant, dtype, 2, True, False, True, steps=7, batch=1, input_size=6, hidden_size=9)
     case.layer.eval()
     out, h_n = case.layer(case.x, case.hx())
-    assert inference_split["forward"] == 4
+    assert one_sample_split["forward"] == 4
     ref_out, ref_final, *_ = _naive(case)
-    assert_close(out, ref_out, dtype, "inference split vs naive")
-    assert_close(h_n, ref_final[0], dtype, "inference split vs naive")
+    assert_close(out, ref_out, dtype, "one-sample split vs naive")
+    assert_close(h_n, ref_final[0], dtype, "one-sample split vs naive")
     torch_out, torch_final, *_ = torch_run(case)
-    assert_close(out, torch_out, dtype, "inference split vs torch")
-    assert_close(h_n, torch_final[0], dtype, "inference split vs torch")
+    assert_close(out, torch_out, dtype, "one-sample split vs torch")
+    assert_close(h_n, torch_final[0], dtype, "one-sample split vs torch")
+
+
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize(("num_layers", "bidirectional", "bias"), [(1, False, True), (2, True, False)])
+def test_one_sample_split_finite_differences(one_sample_split, variant, num_layers, bidirectional, bias):
+    case = Case(
+        variant, np.float64, num_layers, bidirectional, False, True, bias, steps=4, batch=1, hidden_size=5
+    )
+    _, _, dx, dinit = case.run()
+    assert one_sample_split["forward"] > 0 and one_sample_split["backward"] > 0
+    check_gradients(case, dx, dinit, np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_one_sample_split_training_torch_parity(one_sample_split, variant, dtype):
+    case = Case(variant, dtype, 2, True, False, True, steps=7, batch=1, input_size=6, hidden_size=9)
+    got = case.run()
+    assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4
+    assert_matches(case, got, torch_run(case), "torch parity")
+
+
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_one_sample_split_matches_chunks_with_dropout(one_sample_split, monkeypatch, variant):
+    results = []
+    for split in (True, False):
+        case = Case(variant, np.float64, 2, True, False, True, steps=6, batch=1, hidden_size=7,
+                    extra={"recurrent_dropout": 0.3, "dropout": 0.2})  # fmt: skip
+        case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
+        if not split:
+            _chunked(monkeypatch)
+        out, finals, dx, dinit = case.run()
+        results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4  # the first run only
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b, np.float64, "one-sample split vs chunks")
 
 
 @pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
-def test_inference_split_over_several_projection_blocks(inference_split, variant):
-    # 600 steps of one sample: the input is projected a block of 512 rows at a time,
+def test_one_sample_split_over_several_projection_blocks(one_sample_split, monkeypatch, variant):
+    # 600 steps of one sample: inference projects the input a block of 512 rows at a time,
     # forwards and in reverse
     layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
     x = np.random.default_rng(3).standard_normal((600, 1, 3))
     out, h = layer(x)
-    assert inference_split["forward"] == 2
-    layer.train()  # training never splits: the chunked path
+    assert one_sample_split["forward"] == 2
+    _chunked(monkeypatch)
     ref_out, ref_h = layer(x)
-    assert inference_split["forward"] == 2
-    assert_close(out, ref_out, np.float64, "inference split vs chunks")
-    assert_close(h, ref_h, np.float64, "inference split vs chunks")
+    assert_close(out, ref_out, np.float64, "one-sample split vs chunks")
+    assert_close(h, ref_h, np.float64, "one-sample split vs chunks")
 
 
-def test_inference_split_not_for_gru_reset_before(inference_split):
-    layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2).eval()
-    layer(np.zeros((4, 1, 3)))
-    assert inference_split["forward"] == 0
+def test_one_sample_split_bitwise_identical_across_thread_counts(one_sample_split):
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            numba.set_num_threads(threads)
+            case = Case(
+                "gru", np.float32, 2, True, False, True, steps=9, batch=1, input_size=5, hidden_size=17
+            )
+            out, finals, dx, dinit = case.run()
+            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    finally:
+        numba.set_num_threads(before)
+    assert one_sample_split["forward"] == 3 * 4
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_one_sample_split_not_for_gru_reset_before(one_sample_split):
+    layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2)
+    out, _ = layer(np.zeros((4, 1, 3)))
+    layer.backward(np.ones_like(out))
+    assert one_sample_split["forward"] == one_sample_split["backward"] == 0

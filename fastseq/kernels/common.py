@@ -383,15 +383,24 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
 
 
 @jit
-def unit_step_rows(h, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows):
+def unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows):
     """Step s of a one-chunk pass split by units: rows[i] = sample i's packed row,
     proj_rows[i] = rows[i] - base (its row of the projection block starting at ``base``)
-    and h_in[i] = h[i] (the parts read all of h and overwrite their units), for i < n.
-    h, h_in (N, H); rows, proj_rows (N,) out."""
+    and h_in[i] = h[i] times the recurrent dropout mask rmask[i] (rmask with 0 rows: none):
+    the parts read all of h_in and overwrite their units of h. For i < n. h, h_in (N, H);
+    rows, proj_rows (N,) out."""
     for i in range(n):
         rows[i] = packed_row(0, offsets_c, lengths[i], i, s, reverse)
         proj_rows[i] = rows[i] - base
-        copy_units(h[i], h_in[i], 0, h.shape[1])
+        for j in range(h.shape[1]):
+            h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
+
+
+@jit
+def add_units(src, dst, u0, u1):
+    """dst[u0:u1] += src[u0:u1] (1-D)."""
+    for u in range(u0, u1):
+        dst[u] += src[u]
 
 
 @jit(parallel=True)

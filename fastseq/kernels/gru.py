@@ -23,6 +23,7 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
+    add_units,
     add_weight_grad,
     block_capacity,
     block_rows,
@@ -34,13 +35,16 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
     projection_block,
+    scatter_units,
     start_chunk,
     step_panels,
+    sum_unit_parts,
     unit_bounds,
     unit_operands,
     unit_step_rows,
@@ -334,13 +338,12 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, bl
 @jit
 def gru_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, parts,
+    reverse, out, out_col, h, gates, hprev, hn, training, rmask, parts,
 ):  # fmt: skip
-    """Inference-only :func:`gru_forward` (reset_after=True, no recurrent dropout) for a
-    batch in one chunk, each step's recurrent product and gate math split across ``parts``
-    threads by hidden units, like :func:`fastseq.kernels.lstm.lstm_forward_units` (same
-    arguments as gru_forward where they exist). The input is projected a block of rows at a
-    time, split by rows."""
+    """:func:`gru_forward` (reset_after=True) for a batch in one chunk, each step's recurrent
+    product and gate math split across ``parts`` threads by hidden units, like
+    :func:`fastseq.kernels.lstm.lstm_forward_units`; the input projection is split by rows.
+    Same arguments as gru_forward (without ``reset_after``), plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
     w_ih_panels = pack_weights(w_ih.T)
@@ -349,25 +352,32 @@ def gru_forward_units(
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
-    block = np.empty((block_capacity(nb, x.shape[0]), 3 * hd), h.dtype)
-    proj, base, s_next = block, 0, 0
+    full = gates.shape[0] > 0
+    block = np.empty((0 if full else block_capacity(nb, x.shape[0]), 3 * hd), h.dtype)
+    if full:
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
+    proj, base, s_next = gates, 0, lengths[0] if full else 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
         if s == s_next:
             a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
             gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
             proj, base = block, a
-        unit_step_rows(h, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        unit_step_rows(h, rmask, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        if training:
+            for i in range(n):
+                copy_units(h[i], hprev[rows[i]], 0, hd)  # unmasked: the z*h term reads it
         gru_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
-                               out_col, rows[:n], units)  # fmt: skip
+                               out_col, hn, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
 def gru_forward_step_units(
-    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, rows, units
+    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, hn, rows, training, units
 ):
     """One step of :func:`gru_forward_units`, its parts across threads (see
-    lstm.forward_step_units)."""
+    lstm.forward_step_units). Training: the gates go back to ``proj``'s rows, W_hn h + b_hn
+    to ``hn``'s."""
     nr = panels.shape[3]
     n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
@@ -379,6 +389,76 @@ def gru_forward_step_units(
             gather_units(proj[proj_rows[i]], 3, u0, g)
             gru_cell_forward(g, gh[p, i, : 3 * hu], b_ih_p[p, : 3 * hu], b_hh_p[p, : 3 * hu], h[i, u0:u1])
             copy_units(h[i], out[rows[i], out_col:], u0, u1)
+            if training:
+                scatter_units(g, 3, u0, proj[proj_rows[i]])
+                copy_units(gh[p, i, 2 * hu : 3 * hu], hn[rows[i], u0:u1], 0, hu)
+
+
+@jit
+def gru_backward_units(
+    x, w_ih, w_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse, dout,
+    out_col, dh, gates, hprev, hn, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
+    part_w_ih, part_w_hh, parts,
+):  # fmt: skip
+    """:func:`gru_backward` (reset_after=True) for :func:`gru_forward_units`' layout: one
+    parallel region per step (:func:`gru_backward_step_units`), as in
+    :func:`fastseq.kernels.lstm.lstm_backward_units`; dx split by rows, the weight gradients
+    over all rows at once (``part_w_ih``, ``part_w_hh`` have no slices)."""
+    hd, nb = dh.shape[1], dh.shape[0]
+    units = unit_bounds(hd, parts)
+    w_hh_panels = pack_unit_gate_rows(w_hh, 3, units)  # part p: dG_p @ (its gate rows of W_hh)
+    w_ih_panels = pack_weights(w_ih)
+    g_p = np.empty((parts, 3 * widest_part(units)), dh.dtype)
+    dg_p = np.zeros((parts, nb, 3 * widest_part(units)), dh.dtype)  # zero past a part's 3*hu
+    partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
+    dh_direct = np.empty((nb, hd), dh.dtype)  # the gradient reaching h through z*h
+    rows = np.empty(nb, np.int64)
+    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
+    for s in range(lengths[0] - 1, -1, -1):
+        n = batch_sizes[0, s]
+        for i in range(n):
+            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+        gru_backward_step_units(gates, hn, hprev, rows[:n], dh, dh_direct, partial[t % 2], done,
+                                partial[(t + 1) % 2], rmask, dout, out_col, g_p, dg_p, w_hh_panels,
+                                units)  # fmt: skip
+        done, t = n, t + 1
+    for i in range(done):  # the gradient of the initial state
+        for p in range(parts):
+            sum_unit_parts(partial[t % 2], rmask, i, units[p], units[p + 1], dh[i])
+            add_units(dh_direct[i], dh[i], units[p], units[p + 1])
+    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    gru_weight_grads(x, True, gates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh)
+
+
+@jit(parallel=True)
+def gru_backward_step_units(gates, hn, hprev, rows, dh, dh_direct, partial_in, done, partial_out, rmask, dout,
+                            out_col, g_p, dg_p, panels, units):  # fmt: skip
+    """One step of :func:`gru_backward_units`, its parts across threads. Part p: dh[:done]
+    = partial_in (parts, N, H) summed over the parts, times the recurrent dropout mask, plus
+    dh_direct, for its units; then its units' gradients for the step's rows (n,) (gates
+    rows in: r, z, n, out: gradients of the pre-activations; hn rows in: W_hn h + b_hn, out:
+    dn * r; hprev rows masked once read, as in gru_backward); then partial_out[p, :n] =
+    (dr, dz, dn * r of its units, compact in dg_p[p]) @ its gate rows of W_hh (panels[p])."""
+    n = rows.shape[0]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        for i in range(done):
+            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+            add_units(dh_direct[i], dh[i], u0, u1)
+        g = g_p[p, : 3 * hu]
+        for i in range(n):
+            r = rows[i]
+            gather_units(gates[r], 3, u0, g)
+            gru_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], hprev[r, u0:u1],
+                              hn[r, u0:u1], dh_direct[i, u0:u1], True)  # fmt: skip
+            if rmask.shape[0]:
+                for j in range(u0, u1):
+                    hprev[r, j] *= rmask[i, j]
+            scatter_units(g, 3, u0, gates[r])
+            copy_units(g, dg_p[p, i], 0, 2 * hu)
+            copy_units(hn[r, u0:u1], dg_p[p, i, 2 * hu :], 0, hu)
+        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], False)
 
 
 @jit(parallel=True)

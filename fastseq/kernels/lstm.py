@@ -46,6 +46,7 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_operands,
+    unit_step_rows,
     weight_grads,
     widest_part,
 )
@@ -241,12 +242,9 @@ def lstm_forward_units(
             a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
             gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
             proj, base = block, a
-        for i in range(n):  # every part reads all of h: copy it, as the parts overwrite h
-            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
-            proj_rows[i] = rows[i] - base
-            for j in range(hd):
-                h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
-            if training:
+        unit_step_rows(h, rmask, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        if training:
+            for i in range(n):
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
                 copy_units(c[i], cprev[rows[i]], 0, hd)
         forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,

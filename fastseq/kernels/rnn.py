@@ -22,6 +22,7 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
     part_step_operands,
@@ -29,6 +30,7 @@ from fastseq.kernels.common import (
     projection_block,
     start_chunk,
     step_panels,
+    sum_unit_parts,
     unit_bounds,
     unit_operands,
     unit_step_rows,
@@ -150,13 +152,12 @@ def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
 @jit
 def rnn_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, parts,
+    reverse, out, out_col, h, gates, hprev, training, rmask, parts,
 ):  # fmt: skip
-    """Inference-only :func:`rnn_forward` (no recurrent dropout) for a batch in one chunk,
-    each step's recurrent product and activation split across ``parts`` threads by hidden
-    units, like :func:`fastseq.kernels.lstm.lstm_forward_units` (same arguments as
-    rnn_forward where they exist). The input is projected a block of rows at a time, split
-    by rows."""
+    """:func:`rnn_forward` for a batch in one chunk, each step's recurrent product and
+    activation split across ``parts`` threads by hidden units, like
+    :func:`fastseq.kernels.lstm.lstm_forward_units`; the input projection is split by rows.
+    Same arguments as rnn_forward, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
     w_ih_panels = pack_weights(w_ih.T)
@@ -165,24 +166,30 @@ def rnn_forward_units(
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 1, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
-    block = np.empty((block_capacity(nb, x.shape[0]), hd), h.dtype)
-    proj, base, s_next = block, 0, 0
+    full = gates.shape[0] > 0
+    block = np.empty((0 if full else block_capacity(nb, x.shape[0]), hd), h.dtype)
+    if full:
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
+    proj, base, s_next = gates, 0, lengths[0] if full else 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
         if s == s_next:
             a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
             gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
             proj, base = block, a
-        unit_step_rows(h, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        unit_step_rows(h, rmask, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        if training:
+            for i in range(n):
+                copy_units(h_in[i], hprev[rows[i]], 0, hd)
         rnn_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, relu, h,
-                               out, out_col, rows[:n], units)  # fmt: skip
+                               out, out_col, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
 def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, rows,
-                           units):  # fmt: skip
+                           training, units):  # fmt: skip
     """One step of :func:`rnn_forward_units`, its parts across threads (see
-    lstm.forward_step_units)."""
+    lstm.forward_step_units). Training: h' goes back to ``proj``'s rows."""
     nr = panels.shape[3]
     n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
@@ -194,6 +201,62 @@ def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_
             gather_units(proj[proj_rows[i]], 1, u0, g)
             rnn_cell_forward(g, gh[p, i, :hu], b_ih_p[p, :hu], b_hh_p[p, :hu], relu, h[i, u0:u1])
             copy_units(h[i], out[rows[i], out_col:], u0, u1)
+            if training:
+                copy_units(h[i], proj[proj_rows[i]], u0, u1)
+
+
+@jit
+def rnn_backward_units(
+    x, w_ih, w_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
+    dout, out_col, dh, gates, hprev, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
+    part_w_ih, part_w_hh, parts,
+):  # fmt: skip
+    """:func:`rnn_backward` for :func:`rnn_forward_units`' layout: one parallel region per
+    step (:func:`rnn_backward_step_units`), as in
+    :func:`fastseq.kernels.lstm.lstm_backward_units`; dx split by rows, the weight gradients
+    over all rows at once (``part_w_ih``, ``part_w_hh`` have no slices)."""
+    hd, nb = dh.shape[1], dh.shape[0]
+    units = unit_bounds(hd, parts)
+    w_hh_panels = pack_unit_gate_rows(w_hh, 1, units)  # part p: dG_p @ (its rows of W_hh)
+    w_ih_panels = pack_weights(w_ih)
+    dg_p = np.zeros((parts, nb, widest_part(units)), dh.dtype)  # zero past a part's hu
+    partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
+    rows = np.empty(nb, np.int64)
+    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
+    for s in range(lengths[0] - 1, -1, -1):
+        n = batch_sizes[0, s]
+        for i in range(n):
+            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+        rnn_backward_step_units(gates, rows[:n], dh, partial[t % 2], done, partial[(t + 1) % 2], rmask, dout,
+                                out_col, relu, dg_p, w_hh_panels, units)  # fmt: skip
+        done, t = n, t + 1
+    for i in range(done):  # the gradient of the initial state
+        for p in range(parts):
+            sum_unit_parts(partial[t % 2], rmask, i, units[p], units[p + 1], dh[i])
+    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    no_parts = np.empty((0, hd), dh.dtype)
+    weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
+
+
+@jit(parallel=True)
+def rnn_backward_step_units(gates, rows, dh, partial_in, done, partial_out, rmask, dout, out_col, relu, dg_p,
+                            panels, units):  # fmt: skip
+    """One step of :func:`rnn_backward_units`, its parts across threads. Part p: dh[:done]
+    = partial_in (parts, N, H) summed over the parts, times the recurrent dropout mask, for
+    its units; then its units' gradients of the pre-activation for the step's rows (n,)
+    (gates rows in: h', out: the gradients); then partial_out[p, :n] = (those, in dg_p[p])
+    @ its rows of W_hh (panels[p])."""
+    n = rows.shape[0]
+    for p in prange(units.shape[0] - 1):
+        u0, u1 = units[p], units[p + 1]
+        hu = u1 - u0
+        for i in range(done):
+            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+        for i in range(n):
+            r = rows[i]
+            rnn_cell_backward(gates[r, u0:u1], dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], relu)
+            copy_units(gates[r, u0:u1], dg_p[p, i], 0, hu)
+        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], False)
 
 
 @jit(parallel=True)
