@@ -382,6 +382,40 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
             dst[j] *= m[j]
 
 
+# One-chunk passes split by units (``*_forward_units`` / ``*_backward_units`` of every cell):
+# the pieces their serial drivers share.
+
+
+@jit
+def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
+    """Start a one-chunk split forward's input projection: into ``gates`` (R, G*H) at once,
+    split by rows, when it has rows (training); else return a buffer for
+    :func:`unit_projection_block`. Returns (block, the first step that needs a block)."""
+    full = gates.shape[0] > 0
+    block = np.empty(
+        (0 if full else block_capacity(lengths.shape[0], x.shape[0]), gates.shape[1]), gates.dtype
+    )
+    if full:
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
+    return block, lengths[0] if full else 0
+
+
+@jit
+def unit_projection_block(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts):
+    """Project the block of steps from step s into ``block``, split by rows. Returns (the
+    block's first packed row, the step after the block)."""
+    a, b, s_next = block_rows(offsets_c, lengths, s, reverse, block.shape[0])
+    gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
+    return a, s_next
+
+
+@jit
+def unit_packed_rows(offsets_c, lengths, s, reverse, n, rows):
+    """rows[i] = the packed row of sample i at step s of a one-chunk pass, for i < n."""
+    for i in range(n):
+        rows[i] = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+
+
 @jit
 def unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows):
     """Step s of a one-chunk pass split by units: rows[i] = sample i's packed row,
@@ -389,11 +423,20 @@ def unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows
     and h_in[i] = h[i] times the recurrent dropout mask rmask[i] (rmask with 0 rows: none):
     the parts read all of h_in and overwrite their units of h. For i < n. h, h_in (N, H);
     rows, proj_rows (N,) out."""
+    unit_packed_rows(offsets_c, lengths, s, reverse, n, rows)
     for i in range(n):
-        rows[i] = packed_row(0, offsets_c, lengths[i], i, s, reverse)
         proj_rows[i] = rows[i] - base
         for j in range(h.shape[1]):
             h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
+
+
+@jit
+def unit_initial_dh(partial, mask, done, dh):
+    """After a split backward's last step: dh[i] = partial (parts, N, H) summed over the
+    parts, times the recurrent dropout mask, for i < done (the gradient of the initial
+    state; every unit, summed in part order as the steps do)."""
+    for i in range(done):
+        sum_unit_parts(partial, mask, i, 0, dh.shape[1], dh[i])
 
 
 @jit

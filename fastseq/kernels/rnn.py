@@ -12,8 +12,6 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
-    block_capacity,
-    block_rows,
     chunk_weight_grads,
     copy_rows,
     copy_units,
@@ -32,7 +30,11 @@ from fastseq.kernels.common import (
     step_panels,
     sum_unit_parts,
     unit_bounds,
+    unit_initial_dh,
     unit_operands,
+    unit_packed_rows,
+    unit_projection_block,
+    unit_projection_start,
     unit_step_rows,
     weight_grads,
     widest_part,
@@ -166,17 +168,15 @@ def rnn_forward_units(
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 1, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
-    full = gates.shape[0] > 0
-    block = np.empty((0 if full else block_capacity(nb, x.shape[0]), hd), h.dtype)
-    if full:
-        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
-    proj, base, s_next = gates, 0, lengths[0] if full else 0
+    block, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
+    proj, base = gates, 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
         if s == s_next:
-            a, b, s_next = block_rows(offsets[0], lengths, s, reverse, block.shape[0])
-            gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
-            proj, base = block, a
+            base, s_next = unit_projection_block(
+                x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts
+            )
+            proj = block
         unit_step_rows(h, rmask, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
         if training:
             for i in range(n):
@@ -225,14 +225,11 @@ def rnn_backward_units(
     done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
     for s in range(lengths[0] - 1, -1, -1):
         n = batch_sizes[0, s]
-        for i in range(n):
-            rows[i] = packed_row(0, offsets[0], lengths[i], i, s, reverse)
+        unit_packed_rows(offsets[0], lengths, s, reverse, n, rows)
         rnn_backward_step_units(gates, rows[:n], dh, partial[t % 2], done, partial[(t + 1) % 2], rmask, dout,
                                 out_col, relu, dg_p, w_hh_panels, units)  # fmt: skip
         done, t = n, t + 1
-    for i in range(done):  # the gradient of the initial state
-        for p in range(parts):
-            sum_unit_parts(partial[t % 2], rmask, i, units[p], units[p + 1], dh[i])
+    unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
     gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
