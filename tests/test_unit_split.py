@@ -45,6 +45,39 @@ def _chunked(monkeypatch):
     monkeypatch.setattr(layers, "unit_parts", lambda *args, **kwargs: 0)
 
 
+def _step_results(case):
+    """One training step of ``case``: output, final states, dx, gradients of the initial
+    states and of the parameters."""
+    out, finals, dx, dinit = case.run()
+    return [out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())]
+
+
+def _split_then_chunked(monkeypatch, make_case):
+    """:func:`_step_results` of ``make_case()`` on the split path, then on the chunked path,
+    with the same dropout masks."""
+    results = []
+    for split in (True, False):
+        case = make_case()
+        case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
+        if not split:
+            _chunked(monkeypatch)
+        results.append(_step_results(case))
+    return results
+
+
+def _at_thread_counts(make_case, counts=(1, 2, 1)):
+    """:func:`_step_results` of ``make_case()`` with each active numba thread count."""
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in counts:
+            numba.set_num_threads(threads)
+            results.append(_step_results(make_case()))
+    finally:
+        numba.set_num_threads(before)
+    return results
+
+
 def test_unit_parts_policy():
     w = np.empty((4 * 512, 512), np.float32)  # 4 MB
     assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
@@ -106,15 +139,9 @@ def test_unit_split_torch_parity(unit_split, dtype, batch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_unit_split_matches_chunks_with_dropout(unit_split, monkeypatch, dtype):
-    results = []
-    for split in (True, False):
-        case = Case("lstm-peephole", dtype, 2, True, True, True, steps=6, batch=4, hidden_size=7,
-                    extra={"recurrent_dropout": 0.3, "dropout": 0.2})  # fmt: skip
-        case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
-        if not split:
-            _chunked(monkeypatch)
-        out, finals, dx, dinit = case.run()
-        results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    results = _split_then_chunked(monkeypatch, lambda: Case(
+        "lstm-peephole", dtype, 2, True, True, True, steps=6, batch=4, hidden_size=7,
+        extra={"recurrent_dropout": 0.3, "dropout": 0.2}))  # fmt: skip
     assert unit_split["forward"] == 4  # the first run only
     for a, b in zip(*results, strict=True):
         assert_close(a, b, dtype, "unit split vs chunks")
@@ -136,17 +163,8 @@ def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeyp
 
 
 def test_unit_split_bitwise_identical_across_thread_counts(unit_split):
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 1):
-            numba.set_num_threads(threads)
-            case = Case("lstm-peephole", np.float32, 2, True, True, True, steps=9, batch=4, input_size=5,
-                        hidden_size=17)  # fmt: skip
-            out, finals, dx, dinit = case.run()
-            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
-    finally:
-        numba.set_num_threads(before)
+    results = _at_thread_counts(lambda: Case("lstm-peephole", np.float32, 2, True, True, True, steps=9, batch=4,
+                                             input_size=5, hidden_size=17))  # fmt: skip
     assert unit_split["forward"] == 3 * 4
     for a, b, c in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -180,8 +198,7 @@ def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
         monkeypatch.setattr(layers, "unit_parts", lambda *args, parts=parts, **kwargs: parts)
         case = Case("lstm-peephole", np.float64, 1, False, False, True, steps=steps, batch=3, hidden_size=11)
         for _ in range(2):  # the second step reuses the layer's scratch
-            out, finals, dx, dinit = case.run()
-            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+            results.append(_step_results(case))
     assert unit_split["forward"] == 2 and unit_split["backward"] == 2
     for split_first, split_second, chunks, _ in zip(*results, strict=True):
         assert_close(split_first, chunks, np.float64, "8 parts vs chunks")
@@ -248,15 +265,9 @@ def test_one_sample_split_training_torch_parity(one_sample_split, variant, dtype
 
 @pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
 def test_one_sample_split_matches_chunks_with_dropout(one_sample_split, monkeypatch, variant):
-    results = []
-    for split in (True, False):
-        case = Case(variant, np.float64, 2, True, False, True, steps=6, batch=1, hidden_size=7,
-                    extra={"recurrent_dropout": 0.3, "dropout": 0.2})  # fmt: skip
-        case.layer._rng = np.random.default_rng(11)  # the same masks on both paths
-        if not split:
-            _chunked(monkeypatch)
-        out, finals, dx, dinit = case.run()
-        results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
+    results = _split_then_chunked(monkeypatch, lambda: Case(
+        variant, np.float64, 2, True, False, True, steps=6, batch=1, hidden_size=7,
+        extra={"recurrent_dropout": 0.3, "dropout": 0.2}))  # fmt: skip
     assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4  # the first run only
     for a, b in zip(*results, strict=True):
         assert_close(a, b, np.float64, "one-sample split vs chunks")
@@ -277,18 +288,9 @@ def test_one_sample_split_over_several_projection_blocks(one_sample_split, monke
 
 
 def test_one_sample_split_bitwise_identical_across_thread_counts(one_sample_split):
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 1):
-            numba.set_num_threads(threads)
-            case = Case(
-                "gru", np.float32, 2, True, False, True, steps=9, batch=1, input_size=5, hidden_size=17
-            )
-            out, finals, dx, dinit = case.run()
-            results.append([out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())])
-    finally:
-        numba.set_num_threads(before)
+    results = _at_thread_counts(
+        lambda: Case("gru", np.float32, 2, True, False, True, steps=9, batch=1, input_size=5, hidden_size=17)
+    )
     assert one_sample_split["forward"] == 3 * 4
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
