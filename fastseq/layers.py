@@ -7,7 +7,7 @@ import numpy as np
 from fastseq import _engine
 from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
-from fastseq._packing import Packing
+from fastseq._packing import reuse_packing
 from fastseq._pool import WorkspacePool
 from fastseq._threads import kernel_threads, num_chunks, unit_parts
 from fastseq.registry import CELLS
@@ -96,6 +96,7 @@ class _RecurrentLayer(Module):
         self._absent_grads = _engine.absent_arrays(gh, hd, self.dtype)
         self._cache = None
         self._pool = WorkspacePool()
+        self._packing = None  # the last forward's row layout (_packing.reuse_packing)
 
     def train(self, mode: bool = True):
         """Switch training mode on (default) or off; eval mode also frees pooled workspaces."""
@@ -195,7 +196,10 @@ class _RecurrentLayer(Module):
 
         w_hh = self._recurrent_weights
         parts = unit_parts(self._cell, batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
-        packing = Packing(lengths, steps, batch, 1 if parts else num_chunks(batch), parts)
+        packing = reuse_packing(
+            self._packing, lengths, steps, batch, 1 if parts else num_chunks(batch), parts
+        )
+        self._packing = packing
         if self.check_finite:
             for k, s in enumerate(states0):
                 if s is not None:

@@ -163,6 +163,27 @@ def test_lengths_any_order_and_integer_types():
         np.testing.assert_array_equal(out, ref)
 
 
+def test_row_layout_reused_only_for_the_same_lengths():
+    case = Case("lstm", np.float64, 1, True, True)
+    layer, steps = case.layer, case.x.shape[0]
+    full, _ = layer(case.x)
+    layout = layer._packing
+    again, _ = layer(case.x, lengths=np.full(case.x.shape[1], steps))  # full lengths, spelled out
+    assert layer._packing is layout
+    np.testing.assert_array_equal(again, full)
+    ref, _ = layer(case.x, lengths=case.lengths)
+    assert layer._packing is not layout
+    layout = layer._packing
+    other = np.roll(case.lengths, 1)
+    assert not np.array_equal(other, case.lengths)
+    out, _ = layer(case.x, lengths=other)
+    assert layer._packing is not layout
+    for b, n in enumerate(other):  # each sample as if run alone
+        solo, _ = layer(case.x[:n, b : b + 1])
+        np.testing.assert_allclose(out[:n, b], solo[:, 0], rtol=1e-12)
+    np.testing.assert_array_equal(layer(case.x, lengths=case.lengths)[0], ref)
+
+
 def test_repr_names_the_configuration():
     assert repr(fastseq.GRU(3, 4, num_layers=2)) == (
         "GRU(3, 4, num_layers=2, bias=True, batch_first=False, dropout=0.0, bidirectional=False, dtype=float32)"
