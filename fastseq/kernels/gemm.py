@@ -332,29 +332,39 @@ def gemm_packed(a, panels, out, accumulate):
             b1 = min(n, b0 + rows)
             if pack_a:
                 pack_rows(a, b0, b1, k0, kc, packed)
+                tiles_product(packed, k0, kc, panels, out[b0:b1], add)
+                continue
             last = (b1 - b0) % MR
             body = b1 - last if 0 < last <= HALF_MR else b1  # full tiles end here
-            # Two loop nests, not one with the branch inside: with both tiles in one loop
-            # body the products ran 5-24% slower (float32, one thread, Zen 5, GFLOP/s,
-            # branch inside / nests: 512 x 256 x 1024 193 / 222; 64 x 256 x 1024 209 / 231;
-            # 512 x 64 x 256 173 / 215; 512 x 512 x 2048 168 / 178).
-            if pack_a:
-                for p in range(panels.shape[0]):
-                    j0 = p * nr
-                    for i0 in range(b0, body, MR):
-                        _tile(kc, packed[(i0 - b0) * kc :], 1, MR, panels, (p * k + k0) * nr, 0,
-                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
-            else:
-                for p in range(panels.shape[0]):
-                    j0 = p * nr
-                    for i0 in range(b0, body, MR):
-                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
-                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
-            last_rows = out[body:b1]
-            if body < b1 and pack_a:
-                few_rows(kc, packed[(body - b0) * kc :], 1, MR, panels, k, k0, last_rows, c_row, add)
-            elif body < b1:
-                few_rows(kc, a[body:, k0:], a_row, a_col, panels, k, k0, last_rows, c_row, add)
+            for p in range(panels.shape[0]):
+                j0 = p * nr
+                for i0 in range(b0, body, MR):
+                    _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
+                          out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+            if body < b1:
+                few_rows(kc, a[body:, k0:], a_row, a_col, panels, k, k0, out[body:b1], c_row, add)
+
+
+@jit
+def tiles_product(packed, k0, kc, panels, out, accumulate):
+    """out (n, M) (+)= A @ B[k0:k0+kc] for A (n, kc) copied into MR-row tiles by
+    :func:`pack_rows` (``packed``), B (K, M) given as its panels. Its own function, not a
+    branch inside :func:`gemm_packed`'s tile loop: with both tiles in one loop body the
+    products ran 5-24% slower (float32, one thread, Zen 5, GFLOP/s, branch inside / apart:
+    512 x 256 x 1024 193 / 222; 64 x 256 x 1024 209 / 231; 512 x 64 x 256 173 / 215;
+    512 x 512 x 2048 168 / 178)."""
+    n, m = out.shape
+    nr, k = panels.shape[2], panels.shape[1]
+    c_row = out.strides[0] // out.itemsize
+    last = n % MR
+    body = n - last if 0 < last <= HALF_MR else n  # full tiles end here
+    for p in range(panels.shape[0]):
+        j0 = p * nr
+        for i0 in range(0, body, MR):
+            _tile(kc, packed[i0 * kc :], 1, MR, panels, (p * k + k0) * nr, 0,
+                  out[i0:, j0:], c_row, min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
+    if body < n:
+        few_rows(kc, packed[body * kc :], 1, MR, panels, k, k0, out[body:], c_row, accumulate)
 
 
 @jit
