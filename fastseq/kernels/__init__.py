@@ -66,5 +66,5 @@ overwritten), each chunk's weight gradients first go to its own slice and are th
 chunk order: the caller passes them so that a training loop reuses them (fresh, they cost
 page faults every step: 64 MB at H = 1024). With K = 0 the weight gradients are summed over
 all rows at once after the recurrence, split across threads by rows of the gradient
-(``common.add_weight_grad``); ``fastseq._threads.partial_weight_grads`` decides.
+(``common.add_weight_grads``); ``fastseq._threads.partial_weight_grads`` decides.
 """
