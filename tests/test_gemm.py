@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastseq.kernels.common import ONE_ROW_PANEL_STEPS, SPREAD_STEP_BYTES, step_panels
+from fastseq.kernels.common import (
+    ONE_ROW_PANEL_STEPS,
+    SPREAD_STEP_BYTES,
+    WEIGHT_GRAD_ROWS,
+    add_weight_grad,
+    add_weight_grads,
+    step_panels,
+)
 from fastseq.kernels.gemm import (
     K_BLOCK_PACKED,
     MR,
@@ -73,6 +80,29 @@ def test_gemm_matches_numpy(shape, dtype):
         out = np.full(expected.shape, np.nan, dtype)
         step_product(a, w, out, gates)
         assert_close(out, expected, dtype, f"a @ w.T, streaming step, {gates} gate block(s)")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 2, 5), (50, 2 * WEIGHT_GRAD_ROWS + MR + 3, 40, 17), (K_BLOCK_PACKED + 7, 20, 9, 33)]
+)
+def test_weight_gradients_over_all_rows(shape, dtype):
+    """dW += dG^T @ x and dW2 += dG^T @ h, both from one copy of dG's tiles (several pieces
+    of rows of dW; rows of dG across two K_BLOCK_PACKED passes), and the one-product form
+    (dG read in place), with the column sums of dG."""
+    rows, m, k, k2 = shape
+    rng = np.random.default_rng(rows + m)
+    dg, b, b2 = (rng.standard_normal((rows, n)).astype(dtype) for n in (m, k, k2))
+    dw, dw2 = np.ones((m, k), dtype), np.ones((m, k2), dtype)
+    sums = np.full(m, np.nan, dtype)
+    add_weight_grads(dg, b, dw, b2, dw2, sums)
+    wide = dg.astype(np.float64)
+    assert_close(dw, 1 + wide.T @ b, dtype, "1 + dG^T @ b (two products)")
+    assert_close(dw2, 1 + wide.T @ b2, dtype, "1 + dG^T @ b2 (two products)")
+    assert_close(sums, wide.sum(axis=0), dtype, "column sums of dG")
+    one = np.ones((m, k2), dtype)
+    add_weight_grad(dg, b2, one, sums[:0])
+    assert_close(one, 1 + wide.T @ b2, dtype, "1 + dG^T @ b2 (one product)")
 
 
 def test_gemm_propagates_nan():

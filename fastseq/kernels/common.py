@@ -66,36 +66,35 @@ WEIGHT_GRAD_ROWS = 128
 
 @jit(parallel=True)
 def add_weight_grads(dg, b, dw, b2, dw2, sums):
-    """dw (M, K) += dg^T @ b for dg (R, M), b (R, K), and dw2 (M2, K2) += dg[:, :M2]^T @ b2
-    for b2 (R, K2) (M2 <= M; dw2 with no rows: none, b2 unread): weight gradients over every row at
+    """dw (M, K) += dg^T @ b and dw2 (M, K2) += dg^T @ b2 for dg (R, M), b (R, K), b2 (R,
+    K2) (dw2 with no rows: no second product, b2 unread): weight gradients over every row at
     once (the deferred GEMMs of backward), split by rows of dw into pieces of
-    WEIGHT_GRAD_ROWS across numba's threads, so no thread writes a partial dw. A piece with
-    rows of both copies its columns of dg into MR-row tiles (``gemm.pack_rows``, up to
-    K_BLOCK_PACKED rows of dg at a time) once for the two products; read in place, each k
-    steps a whole dg row further. Measured (float32, Zen 5, both threads, the two products of an LSTM,
-    GFLOP/s, in place / tiles copied once): R = 200, H = 512: 241 / 261; R = 400, H = 256:
-    309 / 346; R = 800, H = 512: 292 / 306-329; R = 1600, H = 256: 246-268 / 312-315;
-    R = 3200, H = 256: 259-277 / 270-305. A copy per product gained nothing (247-331), and
-    the GRU's products of one operand, copied, ran its training 2-4% slower. Every
-    entry is summed over the R rows in the same order whatever the split, so results do
-    not depend on the thread count. sums (M,) out: the column sums of dg (the bias
-    gradient), or skipped when ``sums`` has no entries. Call it at a kernel's top level,
-    not in a ``prange``.
+    WEIGHT_GRAD_ROWS across numba's threads, so no thread writes a partial dw. With two
+    products each piece copies its columns of dg into MR-row tiles (``gemm.pack_rows``, up
+    to K_BLOCK_PACKED rows of dg at a time) once for both; read in place, each k steps a
+    whole dg row further. Measured (float32, Zen 5, both threads, the two products of an
+    LSTM, GFLOP/s, in place / tiles copied once): R = 200, H = 512: 241 / 261; R = 400,
+    H = 256: 309 / 346; R = 800, H = 512: 292 / 306-329; R = 1600, H = 256: 246-268 /
+    312-315; R = 3200, H = 256: 259-277 / 270-305. A copy for one product gained nothing
+    (247-331 at R = 1600), so one product reads dg in place. Every entry is summed over the
+    R rows in the same order whatever the split, so results do not depend on the thread
+    count. sums (M,) out: the column sums of dg (the bias gradient), or skipped when
+    ``sums`` has no entries. Call it at a kernel's top level, not in a ``prange``.
     """
-    m, m2, rows = dw.shape[0], dw2.shape[0], dg.shape[0]
+    m, rows = dw.shape[0], dg.shape[0]
+    two = dw2.shape[0] > 0
     b_panels = pack_weights(b)
     b2_panels = pack_weights(b2)
     pieces = max(1, (m + WEIGHT_GRAD_ROWS - 1) // WEIGHT_GRAD_ROWS)
     k_block = max(1, min(K_BLOCK_PACKED, rows))
     for p in prange(pieces):
         m0, m1 = m * p // pieces, m * (p + 1) // pieces
-        n2 = max(0, min(m1, m2) - m0)  # this piece's rows of dw2
         if BLAS_FOR_LARGE:  # BLAS needs a contiguous a: a copy of the piece's columns
             piece = np.ascontiguousarray(dg[:, m0:m1]).T
             dw[m0:m1] += np.dot(piece, b)
-            if n2:
-                dw2[m0 : m0 + n2] += np.dot(np.ascontiguousarray(dg[:, m0 : m0 + n2]).T, b2)
-        elif n2 == 0:  # one product: in place (a copy for one product measured no gain)
+            if two:
+                dw2[m0:m1] += np.dot(piece, b2)
+        elif not two:
             gemm_packed(dg[:, m0:m1].T, b_panels, dw[m0:m1], True)
         else:
             tiles = np.empty((m1 - m0 + MR) * k_block, dg.dtype)
@@ -103,7 +102,7 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
                 kc = min(k_block, rows - k0)
                 pack_rows(dg[:, m0:m1].T, 0, m1 - m0, k0, kc, tiles)
                 tiles_product(tiles, k0, kc, b_panels, dw[m0:m1], True)
-                tiles_product(tiles, k0, kc, b2_panels, dw2[m0 : m0 + n2], True)
+                tiles_product(tiles, k0, kc, b2_panels, dw2[m0:m1], True)
         if sums.shape[0]:
             column_sums(dg, m0, sums[m0:m1])
 
