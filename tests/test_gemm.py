@@ -20,6 +20,7 @@ from fastseq.kernels.gemm import (
     few_rows_nt,
     gemm,
     gemm_packed,
+    gemm_pair,
     pack,
     pack_transposed,
     pack_transposed_parallel,
@@ -103,6 +104,28 @@ def test_weight_gradients_over_all_rows(shape, dtype):
     one = np.ones((m, k2), dtype)
     add_weight_grad(dg, b2, one, sums[:0])
     assert_close(one, 1 + wide.T @ b2, dtype, "1 + dG^T @ b2 (one product)")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(600, 20, 512, 515), (K_BLOCK_PACKED + 5, 9, 520, 512), (700, 11, 512, 40)]
+)
+def test_gemm_pair_matches_two_products(shape, dtype):
+    """a @ b and a @ b2 for a transposed a (dG^T of a chunk's weight gradients): one copy of
+    a's tiles for both when both are wide (the first two shapes; the second across two
+    K_BLOCK_PACKED passes), two products otherwise; bitwise the same as two gemm calls."""
+    rows, n, m, m2 = shape
+    rng = np.random.default_rng(rows)
+    dg, b, b2 = (rng.standard_normal((rows, c)).astype(dtype) for c in (n, m, m2))
+    out, out2 = np.full((n, m), np.nan, dtype), np.full((n, m2), np.nan, dtype)
+    gemm_pair(dg.T, b, b2, out, out2)
+    wide = dg.T.astype(np.float64)
+    assert_close(out, wide @ b, dtype, "dG^T @ b (pair)")
+    assert_close(out2, wide @ b2, dtype, "dG^T @ b2 (pair)")
+    for operand, result in ((b, out), (b2, out2)):
+        alone = np.empty_like(result)
+        gemm(dg.T, operand, alone, False)
+        np.testing.assert_array_equal(result, alone)
 
 
 def test_gemm_propagates_nan():

@@ -11,9 +11,9 @@ from fastseq.kernels.gemm import (
     K_BLOCK_PACKED,
     MR,
     few_rows_nt,
-    gemm,
     gemm_large,
     gemm_packed,
+    gemm_pair,
     pack_panel,
     pack_rows,
     pack_transposed_parallel,
@@ -45,8 +45,7 @@ def chunk_weight_grads(dgates, x, hprev, part_w_ih, part_w_hh, part_b):
     per chunk (see ``fastseq._threads.partial_weight_grads``; the partials are added by
     :func:`add_parts` in chunk order). dgates (Rc, G*H), x (Rc, C), hprev (Rc, H) in;
     part_w_ih (G*H, C), part_w_hh (G*H, H), part_b (G*H,) out (overwritten)."""
-    gemm(dgates.T, x, part_w_ih, False)
-    gemm(dgates.T, hprev, part_w_hh, False)
+    gemm_pair(dgates.T, x, hprev, part_w_ih, part_w_hh)
     column_sums(dgates, 0, part_b)
 
 
