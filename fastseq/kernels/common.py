@@ -459,6 +459,23 @@ def unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows
 
 
 @jit
+def unit_step_start(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts, proj, base, s_next,
+                    h, rmask, n, h_in, rows, proj_rows):  # fmt: skip
+    """The start of step s of a unit-split forward driver: at the first step of a new
+    projection block (s == s_next, see :func:`unit_projection_start`) project it into
+    ``block`` (:func:`unit_projection_block`) and read the projection from there; then the
+    step's rows and masked state (:func:`unit_step_rows`). proj: the projection read so far
+    (``gates`` or ``block``) and base its first packed row. Returns (proj, base, s_next)."""
+    if s == s_next:
+        base, s_next = unit_projection_block(
+            x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts
+        )
+        proj = block
+    unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows)
+    return proj, base, s_next
+
+
+@jit
 def unit_initial_dh(partial, mask, done, dh):
     """After a split backward's last step: dh[i] = partial (parts, N, H) summed over the
     parts, times the recurrent dropout mask, for i < done (the gradient of the initial

@@ -46,9 +46,8 @@ from fastseq.kernels.common import (
     unit_initial_dh,
     unit_operands,
     unit_packed_rows,
-    unit_projection_block,
     unit_projection_start,
-    unit_step_rows,
+    unit_step_start,
     weight_grads,
     widest_part,
 )
@@ -237,12 +236,8 @@ def lstm_forward_units(
     proj, base = gates, 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
-        if s == s_next:
-            base, s_next = unit_projection_block(
-                x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts
-            )
-            proj = block
-        unit_step_rows(h, rmask, offsets[0], lengths, s, reverse, base, n, h_in, rows, proj_rows)
+        proj, base, s_next = unit_step_start(x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts,
+                                             proj, base, s_next, h, rmask, n, h_in, rows, proj_rows)  # fmt: skip
         if training:
             for i in range(n):
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
