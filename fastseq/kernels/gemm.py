@@ -128,10 +128,25 @@ def _tile_typing(MR, PANELS, a, b, c):
             for v in range(VECS)
         ]
         align = ir.Constant(i32, dtype.bitwidth // 8)
-        row_start = []
+        row_start, c_start = [], []  # rows i >= mr read and prefetch row 0
         for i in range(MR):
-            used = builder.icmp_signed("<", const(i), mr)
-            row_start.append(builder.mul(builder.select(used, const(i), const(0)), a_row))
+            used = builder.select(builder.icmp_signed("<", const(i), mr), const(i), const(0))
+            row_start.append(builder.mul(used, a_row))
+            c_start.append(builder.mul(used, c_row))
+        # Prefetch the tile's output lines for writing before the k loop, so that they are in
+        # cache when the tile stores: an output far larger than the caches (the projection of
+        # every row of a chunk in training, dx) otherwise stalls each tile on its stores.
+        # Measured (float32, one thread, Zen 5, x (R, H) @ W^T in blocks of 512 rows into an
+        # (R, 4H) output, GFLOP/s, without / with): R = 3200, H = 256: 161-165 / 202-214;
+        # R = 6400 in one call: 161-167 / 222; R = 3200, H = 512: 169 / 181; an output
+        # that stays in cache (512 rows, or a step's 8-32 rows): the same.
+        i8_ptr = ir.PointerType(ir.IntType(8))
+        prefetch = _declare(module, "llvm.prefetch.p0", ir.VoidType(), [i8_ptr, i32, i32, i32])
+        for i in range(MR):
+            for v in range(VECS):
+                ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(c_start[i], const(v * width))]), i8_ptr)
+                write, keep, data = ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)
+                builder.call(prefetch, [ptr, write, keep, data])
         entry = builder.basic_block
         loop = builder.function.append_basic_block("tile.loop")
         done = builder.function.append_basic_block("tile.done")
@@ -177,9 +192,10 @@ def _tile_typing(MR, PANELS, a, b, c):
             total.append(row)
         for i in range(MR):
             with cgutils.if_likely(builder, builder.icmp_signed("<", const(i), mr)):
-                row = builder.mul(const(i), c_row)
                 for v in range(VECS):
-                    ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(row, const(v * width))]), pty)
+                    ptr = builder.bitcast(
+                        builder.gep(c_ptr, [builder.add(c_start[i], const(v * width))]), pty
+                    )
                     old = builder.call(masked_load, [ptr, align, masks[v], zero])
                     value = builder.select(acc_flag, builder.fadd(total[i][v], old), total[i][v])
                     builder.call(masked_store, [value, ptr, align, masks[v]])
