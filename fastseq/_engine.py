@@ -45,13 +45,17 @@ class CellOptions(NamedTuple):
     reset_after: bool = True  # GRU: reset gate after the hidden GEMM (torch)
 
 
+#: ``out_rows`` of a pass whose output is packed (see :func:`forward`).
+NO_ROWS = np.empty(0, np.int64)
+
+
 def no_mask(hidden, dtype):
     """The ``rmask`` of a pass without recurrent dropout: (0, H)."""
     return np.empty((0, hidden), dtype)
 
 
 def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
-            rmask=None):  # fmt: skip
+            rmask=None, out_rows=None):  # fmt: skip
     """Run one layer and direction forward.
 
     Parameters
@@ -67,14 +71,17 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     states : tuple of ndarray (N, H)
         Initial state(s) in state order (``packing.sort``), overwritten with the final state(s).
     packing : fastseq._packing.Packing
-    out : ndarray (R, D*H)
-        Packed output; columns ``out_col:out_col+H`` are written.
+    out : ndarray (R, D*H), or (T*N, D*H) with ``out_rows``
+        Output; columns ``out_col:out_col+H`` are written.
     reverse, training : bool
     take : callable (shape, dtype) -> ndarray
         Allocator for the workspace (a layer's pool, or np.empty).
     rmask : ndarray (N, H), optional
         Recurrent (variational) dropout mask in state order, applied to the state every
         recurrent GEMM reads, the same at every step; kept in the workspace for backward.
+    out_rows : ndarray (R,) of int64, optional
+        Row of ``out`` for each packed row (``packing.out_rows``): the output is written
+        unpacked, at time-major rows t*N + sample. None: ``out`` is packed.
 
     Returns
     -------
@@ -97,10 +104,11 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)
     rmask = no_mask(hd, dt) if rmask is None else rmask
+    out_rows = NO_ROWS if out_rows is None else out_rows
     ws = {"x": x, "gates": gates, "hprev": hprev, "rmask": rmask}
     if cell == "rnn":
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
-                out, out_col, states[0], gates, hprev, training, rmask)  # fmt: skip
+                out, out_col, out_rows, states[0], gates, hprev, training, rmask)  # fmt: skip
         if packing.unit_parts:
             rnn_forward_units(*args, packing.unit_parts)
         else:
@@ -109,7 +117,8 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], opts.peephole, *pk,
-                out, out_col, states[0], states[1], gates, hprev, ws["cprev"], ws["cnew"], training, rmask)  # fmt: skip
+                out, out_col, out_rows, states[0], states[1], gates, hprev, ws["cprev"], ws["cnew"], training,
+                rmask)  # fmt: skip
         if packing.unit_parts:
             lstm_forward_units(*args, packing.unit_parts)
         else:
@@ -117,7 +126,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     else:
         ws["hn"] = take((ws_rows, hd), dt)
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *pk,
-                out, out_col, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
+                out, out_col, out_rows, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
         if packing.unit_parts:  # reset_after only (_threads.unit_parts)
             gru_forward_units(*args, packing.unit_parts)
         else:

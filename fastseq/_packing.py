@@ -68,6 +68,8 @@ class Packing:
             self.row_sample = np.empty(self.rows, dtype=np.int64)
             self.row_time[row] = time
             self.row_sample[row] = self.order[state]
+            # row of the (T*N, F) output each packed row goes to (kernels' ``out_rows``)
+            self.out_rows = self.row_time * batch + self.row_sample
 
     @property
     def kernel_args(self):

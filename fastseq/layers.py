@@ -212,8 +212,14 @@ class _RecurrentLayer(Module):
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
         training = self.training
+        output = None
+        if not packing.identity:
+            # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
+            # zeros at padded steps: no packed output to unpack after.
+            padded = packing.rows < steps * batch
+            output = (np.zeros if padded else np.empty)((steps, batch, n_dirs * hd), self.dtype)
         with kernel_threads(packing, w_hh):
-            layers_ws = self._run_forward(packing, layer_in, states0, final, training)
+            layers_ws = self._run_forward(packing, layer_in, states0, final, training, output)
         layer_in = layers_ws.pop()
         if self.check_finite:
             self._check_packed("out", layer_in, packing, FloatingPointError)
@@ -221,11 +227,10 @@ class _RecurrentLayer(Module):
         if training:
             self._cache = {"packing": packing, "layers": layers_ws,
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
-        output = packing.unpack(layer_in)
-        if not packing.identity:  # else output and packed_x are views of these arrays
-            self._pool.give(layer_in)
-            if not training:  # training keeps the packed input for backward
-                self._pool.give(packed_x)
+        if packing.identity:  # output and packed_x are views of these arrays
+            output = packing.unpack(layer_in)
+        elif not training:  # training keeps the packed input for backward
+            self._pool.give(packed_x)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
         elif self.batch_first:
@@ -234,13 +239,18 @@ class _RecurrentLayer(Module):
             self._cache["out_shape"] = output.shape
         return output, (final[0] if spec.n_states == 1 else tuple(final))
 
-    def _run_forward(self, packing, layer_in, states0, final, training):
-        """All layers and directions; returns the per-layer workspaces + the last output."""
+    def _run_forward(self, packing, layer_in, states0, final, training, output=None):
+        """All layers and directions; returns the per-layer workspaces + the last output
+        (packed, or ``output`` (T, N, D*H) when given: the last layer writes it unpacked)."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
         take = self._pool.take if training else np.empty  # workspaces (none in eval)
         for layer in range(self.num_layers):
-            out = self._pool.take((packing.rows, n_dirs * hd), self.dtype)
+            out_rows = None
+            if layer == self.num_layers - 1 and output is not None:
+                out, out_rows = output.reshape(-1, n_dirs * hd), packing.out_rows
+            else:
+                out = self._pool.take((packing.rows, n_dirs * hd), self.dtype)
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
@@ -250,7 +260,7 @@ class _RecurrentLayer(Module):
                 if training and self.recurrent_dropout > 0:
                     rmask = packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
-                                     out, direction * hd, direction == 1, training, take, rmask)  # fmt: skip
+                                     out, direction * hd, direction == 1, training, take, rmask, out_rows)  # fmt: skip
                 for f, s in zip(final, states, strict=True):
                     f[row] = packing.unsort(s)
                 dirs_ws.append(ws)
@@ -265,21 +275,24 @@ class _RecurrentLayer(Module):
             if layer > 0 and not training:
                 self._pool.give(layer_in)  # the previous layer's output, consumed
             layer_in = out
-        return layers_ws + [layer_in]
+        return layers_ws + [layer_in if output is None else output]
 
     @staticmethod
     def _check_packed(name, packed, packing, error):
-        """check_finite on packed rows (valid steps only), naming the time step and sample."""
+        """check_finite on packed rows (valid steps only), or on an unpacked (T, N, F) output
+        (zeros at padded steps), naming the time step and sample."""
         bad = ~np.isfinite(packed)
         if not bad.any():
             return
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        if packing.identity:
-            step, sample = divmod(row, packing.batch)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        if packed.ndim == 3:
+            step, sample, col = first
+        elif packing.identity:
+            (step, sample), col = divmod(first[0], packing.batch), first[1]
         else:
-            step, sample = int(packing.row_time[row]), int(packing.row_sample[row])
+            step, sample, col = int(packing.row_time[first[0]]), int(packing.row_sample[first[0]]), first[1]
         raise error(f"{name} has {int(bad.sum())} non-finite value(s); the first at time step {step}, sample "
-                    f"{sample}, feature {col}: {packed[row, col]}")  # fmt: skip
+                    f"{sample}, feature {col}: {packed[first]}")  # fmt: skip
 
     def _dropout_mask(self, shape, p):
         """Inverted dropout: 0 with probability p, else 1/(1-p)."""

@@ -291,6 +291,25 @@ def test_check_finite_names_tensor_and_step():
         fastseq.LSTM(2, 3, check_finite="yes")
 
 
+@pytest.mark.parametrize("batch, lengths", [(1, None), (3, None), (3, [6, 4, 5])])
+def test_check_finite_names_the_first_non_finite_output(batch, lengths):
+    # N=1 runs on packed rows that are the output itself; N=3 writes the (T, N, H) output
+    # directly from the kernels (packing.out_rows): the message must name the same entry
+    kwargs = {"nonlinearity": "relu", "seed": 0, "dtype": np.float32}
+    scales = np.array([2.0] if batch == 1 else [0.5, 2.0, 0.1], np.float32)  # sample 1 overflows first
+    x = np.ones((6, batch, 2), np.float32) * scales[None, :, None]
+    unchecked = fastseq.RNN(2, 3, **kwargs)
+    unchecked.params["weight_hh_l0"][:] = 1e20
+    with np.errstate(over="ignore", invalid="ignore"):
+        out, _ = unchecked(x, lengths=lengths)
+    step, sample, feature = (int(i) for i in np.argwhere(~np.isfinite(out))[0])
+    assert step != sample or batch == 1  # a swap of the two would show
+    layer = fastseq.RNN(2, 3, check_finite=True, **kwargs)
+    layer.params["weight_hh_l0"][:] = 1e20
+    with pytest.raises(FloatingPointError, match=rf"time step {step}, sample {sample}, feature {feature}:"):
+        layer(x, lengths=lengths)
+
+
 def test_check_finite_catches_overflow_in_outputs_and_gradients():
     layer = fastseq.RNN(2, 3, nonlinearity="relu", seed=0, dtype=np.float32, check_finite=True)
     layer.params["weight_hh_l0"][:] = 1e20

@@ -45,7 +45,12 @@ Kernel arguments shared by all cells::
     offsets      (K, S+1)     in      int64, first row of each step inside its chunk
     lengths      (N,)         in      int64, lengths in state order
     reverse      bool         in      run the sequence backwards (per sample)
-    out          (R, D*H)     out     packed output; columns out_col:out_col+H written
+    out          (R', D*H)    out     output; columns out_col:out_col+H of row out_rows[r]
+                                      written for packed row r (of row r itself when
+                                      out_rows has no entries: R' = R, packed)
+    out_rows     (R,) or (0,) in      int64, out's row for each packed row (the last layer
+                                      writes the caller's (T*N, D*H) output directly), or
+                                      none
     h            (N, H)       in/out  initial hidden state (state order) -> final state
     gates        (R, G*H)     scratch forward: input projection, then (training) the gate
                                       activations backward needs; backward overwrites it

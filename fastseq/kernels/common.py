@@ -221,6 +221,13 @@ def packed_row(chunk_row0, offsets_c, length, i, s, reverse):
     return chunk_row0 + offsets_c[t] + i
 
 
+@jit
+def output_row(out_rows, r):
+    """Row of ``out`` that packed row ``r`` writes: ``out_rows[r]``, or ``r`` itself when
+    ``out_rows`` has no entries (``out`` packed like the rows)."""
+    return out_rows[r] if out_rows.shape[0] else r
+
+
 #: Rows per piece when the chunk-level products of a layout with one chunk (a batch of one)
 #: are split across threads (:func:`one_chunk_pieces`): the chunk's recurrence is serial,
 #: but its input projection and dx need not be. Pieces of a fixed size, so that the split

@@ -33,6 +33,7 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    output_row,
     pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
@@ -143,7 +144,7 @@ def gru_cell_backward_reset(g, drh, hprev):
 @jit(parallel=True)
 def gru_forward(
     x, w_ih, w_hh, b_ih, b_hh, reset_after, chunk_rows, chunk_samples, batch_sizes, offsets,
-    lengths, reverse, out, out_col, h, gates, hprev, hn, training, rmask,
+    lengths, reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
@@ -185,7 +186,7 @@ def gru_forward(
                     hprev[r, :] = h[k, :]
                 if reset_after:
                     gru_cell_forward(proj[r - base], gh[i], b_ih, b_hh, h[k])
-                    out[r, out_col : out_col + hd] = h[k]
+                    out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
                     if training:
                         hn[r, :] = gh[i, 2 * hd :]
                 else:
@@ -198,7 +199,7 @@ def gru_forward(
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
-                    out[r, out_col : out_col + hd] = h[k]
+                    out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
 
 
 @jit(parallel=True)
@@ -342,7 +343,7 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, bl
 @jit
 def gru_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, gates, hprev, hn, training, rmask, parts,
+    reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask, parts,
 ):  # fmt: skip
     """:func:`gru_forward` (reset_after=True) for a batch in one chunk, each step's recurrent
     product and gate math split across ``parts`` threads by hidden units, like
@@ -366,13 +367,14 @@ def gru_forward_units(
             for i in range(n):
                 copy_units(h[i], hprev[rows[i]], 0, hd)  # unmasked: the z*h term reads it
         gru_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
-                               out_col, hn, rows[:n], training, units)  # fmt: skip
+                               out_col, out_rows, hn, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
 def gru_forward_step_units(
-    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, hn, rows, training, units
-):
+    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn, rows, training,
+    units,
+):  # fmt: skip
     """One step of :func:`gru_forward_units`, its parts across threads (see
     lstm.forward_step_units). Training: the gates go back to ``proj``'s rows, W_hn h + b_hn
     to ``hn``'s."""
@@ -386,7 +388,7 @@ def gru_forward_step_units(
         for i in range(n):
             gather_units(proj[proj_rows[i]], 3, u0, g)
             gru_cell_forward(g, gh[p, i, : 3 * hu], b_ih_p[p, : 3 * hu], b_hh_p[p, : 3 * hu], h[i, u0:u1])
-            copy_units(h[i], out[rows[i], out_col:], u0, u1)
+            copy_units(h[i], out[output_row(out_rows, rows[i]), out_col:], u0, u1)
             if training:
                 scatter_units(g, 3, u0, proj[proj_rows[i]])
                 copy_units(gh[p, i, 2 * hu : 3 * hu], hn[rows[i], u0:u1], 0, hu)

@@ -32,6 +32,7 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    output_row,
     pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
@@ -125,7 +126,7 @@ def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
 @jit(parallel=True)
 def lstm_forward(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
-    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training, rmask,
+    offsets, lengths, reverse, out, out_col, out_rows, h, c, gates, hprev, cprev, cnew, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction."""
     hd = h.shape[1]
@@ -154,7 +155,7 @@ def lstm_forward(
                     hprev[r, :] = h_in[i, :]
                     cprev[r, :] = c[k, :]
                 lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
-                out[r, out_col : out_col + hd] = h[k]
+                out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
                 if training:
                     cnew[r, :] = c[k, :]
 
@@ -217,7 +218,7 @@ def peephole_sums(dgates, cprev, cnew, out):
 @jit
 def lstm_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
-    offsets, lengths, reverse, out, out_col, h, c, gates, hprev, cprev, cnew, training, rmask, parts,
+    offsets, lengths, reverse, out, out_col, out_rows, h, c, gates, hprev, cprev, cnew, training, rmask, parts,
 ):  # fmt: skip
     """:func:`lstm_forward` for a batch in one chunk, each step's recurrent product and gate
     math split across ``parts`` threads by hidden units (see common.unit_bounds); the input
@@ -243,12 +244,12 @@ def lstm_forward_units(
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
                 copy_units(c[i], cprev[rows[i]], 0, hd)
         forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
-                           c, h, out, out_col, cnew, rows[:n], training, units)  # fmt: skip
+                           c, h, out, out_col, out_rows, cnew, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
 def forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
-                       out_col, cnew, rows, training, units):  # fmt: skip
+                       out_col, out_rows, cnew, rows, training, units):  # fmt: skip
     """One step of :func:`lstm_forward_units`, its parts across threads. h_in (n, H) in: the
     (masked) state the product reads; rows (n,): the step's packed rows, proj_rows: their
     rows of ``proj``; panels, b_ih_p, b_hh_p, peep_p, g_p: per part (common.unit_operands).
@@ -266,7 +267,7 @@ def forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p
             gather_units(proj[proj_rows[i]], 4, u0, g)
             lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
                               peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
-            copy_units(h[i], out[r, out_col:], u0, u1)
+            copy_units(h[i], out[output_row(out_rows, r), out_col:], u0, u1)
             if training:
                 scatter_units(g, 4, u0, proj[proj_rows[i]])
                 copy_units(c[i], cnew[r], u0, u1)

@@ -20,6 +20,7 @@ from fastseq.kernels.common import (
     mask_rows,
     masked_rows,
     one_chunk_pieces,
+    output_row,
     pack_unit_gate_rows,
     pack_unit_rows,
     packed_row,
@@ -74,7 +75,7 @@ def rnn_cell_backward(g, dh, dout, relu):
 @jit(parallel=True)
 def rnn_forward(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, gates, hprev, training, rmask,
+    reverse, out, out_col, out_rows, h, gates, hprev, training, rmask,
 ):  # fmt: skip
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity."""
     hd = h.shape[1]
@@ -102,7 +103,7 @@ def rnn_forward(
                 if training:
                     hprev[r, :] = h_in[i, :]
                 rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
-                out[r, out_col : out_col + hd] = h[k]
+                out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
 
 
 @jit(parallel=True)
@@ -153,7 +154,7 @@ def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
 @jit
 def rnn_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, h, gates, hprev, training, rmask, parts,
+    reverse, out, out_col, out_rows, h, gates, hprev, training, rmask, parts,
 ):  # fmt: skip
     """:func:`rnn_forward` for a batch in one chunk, each step's recurrent product and
     activation split across ``parts`` threads by hidden units, like
@@ -177,12 +178,12 @@ def rnn_forward_units(
             for i in range(n):
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
         rnn_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, relu, h,
-                               out, out_col, rows[:n], training, units)  # fmt: skip
+                               out, out_col, out_rows, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
-def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, rows,
-                           training, units):  # fmt: skip
+def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, out_rows,
+                           rows, training, units):  # fmt: skip
     """One step of :func:`rnn_forward_units`, its parts across threads (see
     lstm.forward_step_units). Training: h' goes back to ``proj``'s rows."""
     nr = panels.shape[3]
@@ -195,7 +196,7 @@ def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_
         for i in range(n):
             gather_units(proj[proj_rows[i]], 1, u0, g)
             rnn_cell_forward(g, gh[p, i, :hu], b_ih_p[p, :hu], b_hh_p[p, :hu], relu, h[i, u0:u1])
-            copy_units(h[i], out[rows[i], out_col:], u0, u1)
+            copy_units(h[i], out[output_row(out_rows, rows[i]), out_col:], u0, u1)
             if training:
                 copy_units(h[i], proj[proj_rows[i]], u0, u1)
 
