@@ -34,7 +34,7 @@ from numba import prange, types
 
 from fastseq._jit import jit
 from fastseq.kernels.common import SPREAD_STEP_BYTES
-from fastseq.kernels.gemm import FEW_ROWS
+from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS
 
 _lock = threading.Lock()
 _active = 0
@@ -252,14 +252,24 @@ def project_whole_input(packing, w_hh, rows: int, row_bytes: int) -> bool:
     )
 
 
+def kernels_call_blas(packing) -> bool:
+    """Whether the layer kernels of ``packing`` may call BLAS inside their parallel region:
+    with BLAS_FOR_LARGE (no AVX-512: the chunk-level products and weight gradients go to
+    BLAS), or when a chunk holds a single sample (its one-row per-step products may go to
+    BLAS, ``kernels.common.step_panels``). Otherwise every product runs on the micro-kernel
+    and BLAS's thread count does not matter: switching it costs 7-10 us per call in a
+    training step's flow (36 us of an RNN step at N=32, T=100, C=H=64, four switches)."""
+    return BLAS_FOR_LARGE or int((packing.chunk_samples[1:] - packing.chunk_samples[:-1]).max()) <= 1
+
+
 @contextmanager
 def kernel_threads(packing, w_hh):
     """Context for the kernels of a ``packing`` (fastseq._packing.Packing) whose per-step
-    products read the recurrent weights ``w_hh`` (G*H, H): BLAS at one thread, except for
-    one chunk, not split by units, with ``w_hh.nbytes >= SPREAD_STEP_BYTES``: numba's team
-    at one thread (thread-local), BLAS free. Otherwise numba's workers are kept off the
-    calling thread's CPU (:func:`keep_workers_off_caller`). Counted in RUNNING while it
-    lasts."""
+    products read the recurrent weights ``w_hh`` (G*H, H): BLAS at one thread where the
+    kernels call it (:func:`kernels_call_blas`), except for one chunk, not split by units,
+    with ``w_hh.nbytes >= SPREAD_STEP_BYTES``: numba's team at one thread (thread-local),
+    BLAS free. Otherwise numba's workers are kept off the calling thread's CPU
+    (:func:`keep_workers_off_caller`). Counted in RUNNING while it lasts."""
     RUNNING.append(None)
     try:
         if blas_spreads_steps(packing, w_hh):
@@ -267,7 +277,7 @@ def kernel_threads(packing, w_hh):
                 yield
         else:
             keep_workers_off_caller()
-            with single_threaded_blas():
+            with single_threaded_blas(kernels_call_blas(packing)):
                 yield
     finally:
         RUNNING.pop()

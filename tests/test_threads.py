@@ -82,25 +82,34 @@ def test_two_python_threads_run_layers_concurrently():
 
 
 def test_kernel_threads_policy():
+    from fastseq import _threads
     from fastseq._threads import SPREAD_STEP_BYTES, _blas_controller, kernel_threads
+    from fastseq.kernels.gemm import BLAS_FOR_LARGE
 
     numba_before, blas_before = numba.get_num_threads(), _blas_threads()
     scipy_blas = _blas_controller()
+    counts = [lib.num_threads for lib in scipy_blas]
 
-    def packing(n_chunks, unit_parts=0):
-        return SimpleNamespace(n_chunks=n_chunks, unit_parts=unit_parts)
+    def packing(n_chunks, unit_parts=0, samples=1):  # ``samples`` in each chunk
+        return SimpleNamespace(n_chunks=n_chunks, unit_parts=unit_parts,
+                               chunk_samples=np.arange(n_chunks + 1) * samples)  # fmt: skip
 
     # one chunk, weights beyond a core's L2: numba's team of one, BLAS left as it was
     with kernel_threads(packing(1), np.empty(SPREAD_STEP_BYTES, np.uint8)):
         assert numba.get_num_threads() == 1
         assert _blas_threads() == blas_before
-    # several chunks, small weights, or one chunk split by units: BLAS (the kernels' copy)
-    # at one thread, numba as it was
+    # several chunks, small weights, or one chunk split by units, when the kernels may call
+    # BLAS (chunks of one sample, or no AVX-512): BLAS (the kernels' copy) at one thread,
+    # numba as it was; with chunks of several samples on the micro-kernel, BLAS as it was
     for pk, step_bytes in ((packing(2), SPREAD_STEP_BYTES), (packing(1), SPREAD_STEP_BYTES - 1),
-                           (packing(1, 2), SPREAD_STEP_BYTES)):  # fmt: skip
+                           (packing(1, 2), SPREAD_STEP_BYTES), (packing(2, samples=3), 64),
+                           (packing(1, 2, samples=4), SPREAD_STEP_BYTES)):  # fmt: skip
+        held = _threads.kernels_call_blas(pk)
+        assert held == (BLAS_FOR_LARGE or pk.chunk_samples[1] == 1)
         with kernel_threads(pk, np.empty(step_bytes, np.uint8)):
             assert numba.get_num_threads() == numba_before
-            assert [lib.num_threads for lib in scipy_blas] == [1] * len(scipy_blas)
+            expected = [1] * len(scipy_blas) if held else counts
+            assert [lib.num_threads for lib in scipy_blas] == expected
     assert numba.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
 
