@@ -91,12 +91,16 @@ class Packing:
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        # np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages.
-        shape = (self.steps, self.batch, packed.shape[1])
-        padded = self.rows < self.steps * self.batch
-        full = (np.zeros if padded else np.empty)(shape, packed.dtype)
+        full = self.padded_array(packed.shape[1], packed.dtype)
         scatter_rows(packed, self.row_time, self.row_sample, full)
         return full
+
+    def padded_array(self, features, dtype):
+        """A (T, N, features) array for unpacked rows: zeros when some steps are padding, else
+        uninitialised (np.empty may reuse memory already paged in; np.zeros (calloc) maps
+        fresh pages)."""
+        shape = (self.steps, self.batch, features)
+        return (np.zeros if self.rows < self.steps * self.batch else np.empty)(shape, dtype)
 
     def sort(self, state):
         """(..., N, H) in the user's sample order -> contiguous copy in state order."""

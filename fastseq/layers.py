@@ -216,8 +216,7 @@ class _RecurrentLayer(Module):
         if not packing.identity:
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
             # zeros at padded steps: no packed output to unpack after.
-            padded = packing.rows < steps * batch
-            output = (np.zeros if padded else np.empty)((steps, batch, n_dirs * hd), self.dtype)
+            output = packing.padded_array(n_dirs * hd, self.dtype)
         with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output)
         layer_in = layers_ws.pop()

@@ -8,18 +8,15 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.gemm import (
     BLAS_FOR_LARGE,
-    K_BLOCK_PACKED,
-    MR,
+    copied_tiles_products,
     few_rows_nt,
     gemm_large,
     gemm_packed,
     gemm_pair,
     pack_panel,
-    pack_rows,
     pack_transposed_parallel,
     pack_weights,
     panel_width,
-    tiles_product,
 )
 
 
@@ -69,9 +66,9 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
     K2) (dw2 with no rows: no second product, b2 unread): weight gradients over every row at
     once (the deferred GEMMs of backward), split by rows of dw into pieces of
     WEIGHT_GRAD_ROWS across numba's threads, so no thread writes a partial dw. With two
-    products each piece copies its columns of dg into MR-row tiles (``gemm.pack_rows``, up
-    to K_BLOCK_PACKED rows of dg at a time) once for both; read in place, each k steps a
-    whole dg row further. Measured (float32, Zen 5, both threads, the two products of an
+    products each piece copies its columns of dg into MR-row tiles once for both
+    (``gemm.copied_tiles_products``); read in place, each k steps a whole dg row further.
+    Measured (float32, Zen 5, both threads, the two products of an
     LSTM, GFLOP/s, in place / tiles copied once): R = 200, H = 512: 241 / 261; R = 400,
     H = 256: 309 / 346; R = 800, H = 512: 292 / 306-329; R = 1600, H = 256: 246-268 /
     312-315; R = 3200, H = 256: 259-277 / 270-305. A copy for one product gained nothing
@@ -80,12 +77,11 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
     count. sums (M,) out: the column sums of dg (the bias gradient), or skipped when
     ``sums`` has no entries. Call it at a kernel's top level, not in a ``prange``.
     """
-    m, rows = dw.shape[0], dg.shape[0]
+    m = dw.shape[0]
     two = dw2.shape[0] > 0
     b_panels = pack_weights(b)
     b2_panels = pack_weights(b2)
     pieces = max(1, (m + WEIGHT_GRAD_ROWS - 1) // WEIGHT_GRAD_ROWS)
-    k_block = max(1, min(K_BLOCK_PACKED, rows))
     for p in prange(pieces):
         m0, m1 = m * p // pieces, m * (p + 1) // pieces
         if BLAS_FOR_LARGE:  # BLAS needs a contiguous a: a copy of the piece's columns
@@ -96,12 +92,7 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
         elif not two:
             gemm_packed(dg[:, m0:m1].T, b_panels, dw[m0:m1], True)
         else:
-            tiles = np.empty((m1 - m0 + MR) * k_block, dg.dtype)
-            for k0 in range(0, rows, k_block):
-                kc = min(k_block, rows - k0)
-                pack_rows(dg[:, m0:m1].T, 0, m1 - m0, k0, kc, tiles)
-                tiles_product(tiles, k0, kc, b_panels, dw[m0:m1], True)
-                tiles_product(tiles, k0, kc, b2_panels, dw2[m0:m1], True)
+            copied_tiles_products(dg[:, m0:m1].T, b_panels, dw[m0:m1], b2_panels, dw2[m0:m1], True)
         if sums.shape[0]:
             column_sums(dg, m0, sums[m0:m1])
 

@@ -142,10 +142,10 @@ def _tile_typing(MR, PANELS, a, b, c):
         # that stays in cache (512 rows, or a step's 8-32 rows): the same.
         i8_ptr = ir.PointerType(ir.IntType(8))
         prefetch = _declare(module, "llvm.prefetch.p0", ir.VoidType(), [i8_ptr, i32, i32, i32])
+        write, keep, data = ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)
         for i in range(MR):
             for v in range(VECS):
                 ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(c_start[i], const(v * width))]), i8_ptr)
-                write, keep, data = ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)
                 builder.call(prefetch, [ptr, write, keep, data])
         entry = builder.basic_block
         loop = builder.function.append_basic_block("tile.loop")
@@ -337,19 +337,16 @@ def gemm_packed(a, panels, out, accumulate):
     nr = panels.shape[2]
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
+    if a_col != 1 and m >= PACK_A_COLUMNS:  # a transposed a, wide enough: its tiles copied
+        copied_tiles_products(a, panels, out, panels[:0], out[:0], accumulate)
+        return
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    pack_a = a_col != 1 and m >= PACK_A_COLUMNS
-    k_block = K_BLOCK_PACKED if pack_a else K_BLOCK_ROWS if a_col == 1 else K_BLOCK_TRANSPOSED
-    packed = np.empty(min(rows, n + MR) * min(k_block, k) if pack_a else 0, a.dtype)
+    k_block = K_BLOCK_ROWS if a_col == 1 else K_BLOCK_TRANSPOSED
     for k0 in range(0, max(k, 1), k_block):
         kc = min(k_block, k - k0)
         add = accumulate or k0 > 0
         for b0 in range(0, n, rows):
             b1 = min(n, b0 + rows)
-            if pack_a:
-                pack_rows(a, b0, b1, k0, kc, packed)
-                tiles_product(packed, k0, kc, panels, out[b0:b1], add)
-                continue
             last = (b1 - b0) % MR
             body = b1 - last if 0 < last <= HALF_MR else b1  # full tiles end here
             for p in range(panels.shape[0]):
@@ -381,6 +378,28 @@ def tiles_product(packed, k0, kc, panels, out, accumulate):
                   out[i0:, j0:], c_row, min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
     if body < n:
         few_rows(kc, packed[body * kc :], 1, MR, panels, k, k0, out[body:], c_row, accumulate)
+
+
+@jit
+def copied_tiles_products(a, panels, out, panels2, out2, accumulate):
+    """out (n, M) (+)= a (n, K) @ B and, when ``out2`` has rows, out2 (n, M2) (+)= a @ B2
+    (B, B2 given as their panels), with a's rows copied into MR-row tiles (:func:`pack_rows`)
+    a block at a time, K_BLOCK_PACKED deep, once for both products: the copied-tile path of
+    :func:`gemm_packed` (a transposed ``a``, see PACK_A_COLUMNS), of :func:`gemm_pair` and
+    of ``common.add_weight_grads``. ``accumulate``: add to out (and out2) from the first K
+    pass on; later passes always add."""
+    n, k = a.shape
+    rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
+    packed = np.empty(min(rows, n + MR) * min(K_BLOCK_PACKED, k), a.dtype)
+    for k0 in range(0, max(k, 1), K_BLOCK_PACKED):
+        kc = min(K_BLOCK_PACKED, k - k0)
+        add = accumulate or k0 > 0
+        for b0 in range(0, n, rows):
+            b1 = min(n, b0 + rows)
+            pack_rows(a, b0, b1, k0, kc, packed)
+            tiles_product(packed, k0, kc, panels, out[b0:b1], add)
+            if out2.shape[0]:
+                tiles_product(packed, k0, kc, panels2, out2[b0:b1], add)
 
 
 @jit
@@ -521,21 +540,11 @@ def gemm_pair(a, b, b2, out, out2):
     chunks on both threads, dG^T @ x and dG^T @ h_prev per chunk, two calls / one copy):
     RNN, 3200 rows, H = 512: 20.6 / 19.0 ms; LSTM, 1600 rows, H = 1024: 159.5 / 151.1 ms.
     Otherwise two :func:`gemm` calls."""
-    n, k = a.shape
     if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS:
         gemm(a, b, out, False)
         gemm(a, b2, out2, False)
         return
-    panels, panels2 = pack(b), pack(b2)
-    rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    packed = np.empty(min(rows, n + MR) * min(K_BLOCK_PACKED, k), a.dtype)
-    for k0 in range(0, max(k, 1), K_BLOCK_PACKED):
-        kc = min(K_BLOCK_PACKED, k - k0)
-        for b0 in range(0, n, rows):
-            b1 = min(n, b0 + rows)
-            pack_rows(a, b0, b1, k0, kc, packed)
-            tiles_product(packed, k0, kc, panels, out[b0:b1], k0 > 0)
-            tiles_product(packed, k0, kc, panels2, out2[b0:b1], k0 > 0)
+    copied_tiles_products(a, pack(b), out, pack(b2), out2, False)
 
 
 #: Rows of ``a`` up to which :func:`step_product` computes the product itself
