@@ -23,9 +23,11 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
+    add_row,
     add_units,
     add_weight_grad,
     column_sums,
+    copy_row,
     copy_rows,
     copy_units,
     gather_units,
@@ -183,23 +185,23 @@ def gru_forward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    hprev[r, :] = h[k, :]
+                    copy_row(h[k], hprev[r])
                 if reset_after:
                     gru_cell_forward(proj[r - base], gh[i], b_ih, b_hh, h[k])
-                    out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
+                    copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
                     if training:
-                        hn[r, :] = gh[i, 2 * hd :]
+                        copy_row(gh[i, 2 * hd :], hn[r])
                 else:
                     gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h_in[i], rh[i])
                     if training:
-                        hn[r, :] = rh[i, :]
+                        copy_row(rh[i], hn[r])
             if not reset_after:
                 gemm_step(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
-                    out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
+                    copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
 
 
 @jit(parallel=True)
@@ -243,10 +245,10 @@ def gru_backward(
                 if rmask.shape[0]:
                     hprev[r, :] *= rmask[k, :]
                 if reset_after:
-                    dg[i, : 2 * hd] = gates[r, : 2 * hd]
-                    dg[i, 2 * hd :] = hn[r, :]
+                    copy_row(gates[r, : 2 * hd], dg[i, : 2 * hd])
+                    copy_row(hn[r], dg[i, 2 * hd :])
                 else:
-                    dn[i, :] = gates[r, 2 * hd :]
+                    copy_row(gates[r, 2 * hd :], dn[i])
             if reset_after:
                 gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             else:
@@ -255,13 +257,13 @@ def gru_backward(
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
-                    dgrz[i, :] = gates[r, : 2 * hd]
+                    copy_row(gates[r, : 2 * hd], dgrz[i])
                 gemm_step(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
                 for i in range(n):
-                    dh[s0 + i] += drh[i]
+                    add_row(drh[i], dh[s0 + i])
             mask_rows(dh, rmask, s0, n)
             for i in range(n):
-                dh[s0 + i] += dh_direct[i]
+                add_row(dh_direct[i], dh[s0 + i])
         if not pieces:  # else after the loop, split across threads
             gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:

@@ -13,6 +13,7 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
     chunk_weight_grads,
+    copy_row,
     copy_rows,
     copy_units,
     gather_units,
@@ -42,7 +43,7 @@ from fastseq.kernels.common import (
 from fastseq.kernels.gemm import gemm_large, gemm_packed, gemm_step, pack_weights, step_product
 
 
-@jit
+@jit(inline=True)
 def rnn_cell_forward(g, gh, b_ih, b_hh, relu, h):
     """One sample, one step. g (H,) in: input projection, out: h'. gh (H,) in: recurrent
     GEMM row. b_ih, b_hh (H,). h (H,) out: h'."""
@@ -57,7 +58,7 @@ def rnn_cell_forward(g, gh, b_ih, b_hh, relu, h):
         g[j] = y
 
 
-@jit
+@jit(inline=True)
 def rnn_cell_backward(g, dh, dout, relu):
     """One sample, one step. g (H,) in: h', out: gradient of the pre-activation.
     dh (H,) in: gradient from the next step; dout (H,) in: gradient of this output."""
@@ -101,9 +102,9 @@ def rnn_forward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    hprev[r, :] = h_in[i, :]
+                    copy_row(h_in[i], hprev[r])
                 rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
-                out[output_row(out_rows, r), out_col : out_col + hd] = h[k]
+                copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
 
 
 @jit(parallel=True)
@@ -129,7 +130,7 @@ def rnn_backward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
-                dg[i, :] = gates[r, :]
+                copy_row(gates[r], dg[i])
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
