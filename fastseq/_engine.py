@@ -54,8 +54,22 @@ def no_mask(hidden, dtype):
     return np.empty((0, hidden), dtype)
 
 
+def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
+    """Whether a forward pass projects its input a block of steps at a time inside the kernel
+    (inference), keeping no (R, G*H) projection; training keeps it for backward. Reverse
+    passes over unequal lengths need every row's projection at once; so does a batch in one
+    chunk that splits its projection across threads (bounded by
+    _threads.ONE_CHUNK_PROJECTION_BYTES). ``w_hh`` (G*H, H)."""
+    row_bytes = w_hh.shape[0] * w_hh.dtype.itemsize
+    return not (
+        training
+        or (reverse and not packing.equal_lengths)
+        or project_whole_input(packing, w_hh, packing.rows, row_bytes)
+    )
+
+
 def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
-            rmask=None, out_rows=None):  # fmt: skip
+            rmask=None, out_rows=None, x_rows=None):  # fmt: skip
     """Run one layer and direction forward.
 
     Parameters
@@ -66,8 +80,8 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     w : dict
         ``WEIGHT_KEYS`` -> arrays (see the shapes legend in fastseq.kernels; ``w_peep``
         (3, H) is only read for a peephole LSTM).
-    x : ndarray (R, C)
-        Packed input.
+    x : ndarray (R, C), or (T*N, C) with ``x_rows``
+        Packed input, or the unpacked input when ``x_rows`` is given.
     states : tuple of ndarray (N, H)
         Initial state(s) in state order (``packing.sort``), overwritten with the final state(s).
     packing : fastseq._packing.Packing
@@ -82,24 +96,22 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     out_rows : ndarray (R,) of int64, optional
         Row of ``out`` for each packed row (``packing.out_rows``): the output is written
         unpacked, at time-major rows t*N + sample. None: ``out`` is packed.
+    x_rows : ndarray (R,) of int64, optional
+        Row of ``x`` for each packed row (``packing.out_rows``): the kernel gathers the input
+        rows itself. Only where :func:`projects_in_blocks` holds and the packing is not
+        split by units.
 
     Returns
     -------
     dict or None
         The workspace backward needs (training), else None.
     """
-    rows, hd, dt = x.shape[0], states[0].shape[1], x.dtype
-    # The inference path projects the input a block of steps at a time inside the kernel and
-    # keeps no (R, G*H) array; training keeps it for backward. Reverse passes over unequal
-    # lengths need every row's projection at once; so does a batch in one chunk that splits
-    # its projection across threads (bounded by _threads.ONE_CHUNK_PROJECTION_BYTES).
-    width = CELLS[cell].gates * hd
-    full_projection = (
-        training
-        or (reverse and not packing.equal_lengths)
-        or project_whole_input(packing, w["w_hh"], rows, width * dt.itemsize)
-    )
-    gates = take((rows if full_projection else 0, width), dt)
+    rows, hd, dt = packing.rows, states[0].shape[1], x.dtype
+    in_blocks = projects_in_blocks(packing, w["w_hh"], reverse, training)
+    if x_rows is not None and (not in_blocks or packing.unit_parts):
+        raise ValueError("x_rows needs a pass that projects in blocks, split by chunks")
+    x_rows = NO_ROWS if x_rows is None else x_rows
+    gates = take((0 if in_blocks else rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
     hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)
@@ -112,7 +124,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         if packing.unit_parts:
             rnn_forward_units(*args, packing.unit_parts)
         else:
-            rnn_forward(*args)
+            rnn_forward(*args, x_rows)
     elif cell == "lstm":
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
@@ -122,7 +134,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         if packing.unit_parts:
             lstm_forward_units(*args, packing.unit_parts)
         else:
-            lstm_forward(*args)
+            lstm_forward(*args, x_rows)
     else:
         ws["hn"] = take((ws_rows, hd), dt)
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *pk,
@@ -130,7 +142,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         if packing.unit_parts:  # reset_after only (_threads.unit_parts)
             gru_forward_units(*args, packing.unit_parts)
         else:
-            gru_forward(*args[:5], opts.reset_after, *args[5:])
+            gru_forward(*args[:5], opts.reset_after, *args[5:], x_rows)
     return ws if training else None
 
 

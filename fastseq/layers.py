@@ -208,17 +208,23 @@ class _RecurrentLayer(Module):
                    else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         self._pool.start_step()
-        layer_in = packed_x = packing.pack(x3, self._pool.take)
+        training = self.training
+        x_rows = None
+        if self._gathers_input(packing, x3, training):
+            # Inference: the kernels gather the input rows into their block projections
+            # (kernels' ``x_rows``); no packed copy of x.
+            layer_in, x_rows = x3.reshape(steps * batch, features), packing.out_rows
+        else:
+            layer_in = packed_x = packing.pack(x3, self._pool.take)
         if self.check_finite:
             self._check_packed("x", layer_in, packing, ValueError)
-        training = self.training
         output = None
         if not packing.identity:
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
             # zeros at padded steps: no packed output to unpack after.
             output = packing.padded_array(n_dirs * hd, self.dtype)
         with kernel_threads(packing, w_hh):
-            layers_ws = self._run_forward(packing, layer_in, states0, final, training, output)
+            layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()
         if self.check_finite:
             self._check_packed("out", layer_in, packing, FloatingPointError)
@@ -228,7 +234,7 @@ class _RecurrentLayer(Module):
                            "out_shape": None, "unbatched": unbatched}  # fmt: skip
         if packing.identity:  # output and packed_x are views of these arrays
             output = packing.unpack(layer_in)
-        elif not training:  # training keeps the packed input for backward
+        elif not training and x_rows is None:  # training keeps the packed input for backward
             self._pool.give(packed_x)
         if unbatched:
             output, final = output[:, 0, :], [f[:, 0, :] for f in final]
@@ -238,9 +244,27 @@ class _RecurrentLayer(Module):
             self._cache["out_shape"] = output.shape
         return output, (final[0] if spec.n_states == 1 else tuple(final))
 
-    def _run_forward(self, packing, layer_in, states0, final, training, output=None):
+    def _gathers_input(self, packing, x3, training):
+        """Whether the first layer's kernels read the input ``x3`` (T, N, C) unpacked
+        (``x_rows``): inference over a packing that is not the identity (lengths, or several
+        chunks), split by chunks, with x C-contiguous (a view of T*N rows), and every
+        direction projecting a block at a time. ``check_finite`` checks packed rows."""
+        return (
+            not training
+            and not self.check_finite
+            and not packing.identity
+            and not packing.unit_parts
+            and x3.flags.c_contiguous
+            and all(
+                _engine.projects_in_blocks(packing, self._recurrent_weights, direction == 1, False)
+                for direction in range(self.num_directions)
+            )
+        )
+
+    def _run_forward(self, packing, layer_in, states0, final, training, output=None, x_rows=None):
         """All layers and directions; returns the per-layer workspaces + the last output
-        (packed, or ``output`` (T, N, D*H) when given: the last layer writes it unpacked)."""
+        (packed, or ``output`` (T, N, D*H) when given: the last layer writes it unpacked).
+        ``x_rows``: the first layer's input is unpacked (see :meth:`_gathers_input`)."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
         take = self._pool.take if training else np.empty  # workspaces (none in eval)
@@ -258,8 +282,9 @@ class _RecurrentLayer(Module):
                 rmask = None
                 if training and self.recurrent_dropout > 0:
                     rmask = packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
-                ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing,
-                                     out, direction * hd, direction == 1, training, take, rmask, out_rows)  # fmt: skip
+                ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing, out,
+                                     direction * hd, direction == 1, training, take, rmask, out_rows,
+                                     x_rows if layer == 0 else None)  # fmt: skip
                 for f, s in zip(final, states, strict=True):
                     f[row] = packing.unsort(s)
                 dirs_ws.append(ws)

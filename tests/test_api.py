@@ -136,6 +136,39 @@ def test_batch_of_one_inference_matches_training(variant, whole_input, monkeypat
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "bidirectional,use_lengths,batch_first",
+    [(False, True, False), (True, False, False), (True, True, False), (False, True, True)],
+)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_gathering_the_input_matches_training(
+    variant, bidirectional, use_lengths, batch_first, monkeypatch
+):
+    """Inference over lengths or several chunks reads x unpacked (the kernels gather its rows,
+    ``x_rows``) when x is C-contiguous and every direction projects a block at a time: not
+    in reverse over unequal lengths, nor for batch_first x. Either way the outputs and final
+    states are bitwise training's, and x is left as it was."""
+    case = Case(variant, np.float32, 2, bidirectional, use_lengths, True, steps=9, batch=5, input_size=6)
+    x = np.ascontiguousarray(case.x.transpose(1, 0, 2)) if batch_first else case.x
+    if batch_first:
+        case.layer.batch_first = True
+    train_out, train_h = case.layer(x, case.hx(), case.lengths)
+    calls = []
+    forward = _engine.forward
+    monkeypatch.setattr(_engine, "forward", lambda *a, **k: calls.append(a[13]) or forward(*a, **k))
+    case.layer.eval()
+    kept = x.copy()
+    eval_out, eval_h = case.layer(x, case.hx(), case.lengths)
+    gathers = not case.layer._packing.identity and not batch_first and not (bidirectional and use_lengths)
+    directions = 2 if bidirectional else 1
+    assert len(calls) == 2 * directions
+    assert [rows is not None for rows in calls] == [gathers] * directions + [False] * directions
+    np.testing.assert_array_equal(train_out, eval_out)
+    for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(x, kept)
+
+
 def test_backward_twice_raises():
     case = Case("lstm", np.float64)
     case.run()

@@ -35,7 +35,8 @@ last valid step.
 
 Kernel arguments shared by all cells::
 
-    x            (R, C)       in      packed layer input
+    x            (R, C)       in      packed layer input; or, in inference with x_rows, the
+                                      unpacked (T*N, C) input
     w_ih         (G*H, C)     in      input weights, torch's gate order
     w_hh         (G*H, H)     in      recurrent weights
     b_ih, b_hh   (G*H,)       in      biases (zeros when the layer has no bias)
@@ -61,6 +62,10 @@ Kernel arguments shared by all cells::
     hprev        (R, H)       out     (training) hidden state each row started from
     training     bool         in      keep what backward needs; False runs inference and
                                       writes no workspace beyond ``gates``
+    x_rows       (R,) or (0,) in      int64 (forward kernels split by chunks), x's row for
+                                      each packed row: x is the unpacked input, its rows
+                                      gathered into the block projections (inference with
+                                      ``gates`` of 0 rows only); or none: x is packed
 
 Backward kernels take the same packing, the forward's workspace, ``dout`` (R, D*H) and
 ``dh`` (N, H) (gradient of the final state in, of the initial state out), write ``dx``

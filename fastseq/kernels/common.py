@@ -171,22 +171,36 @@ PROJECTION_BLOCK_ROWS = 512
 
 
 @jit
-def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block):
+def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse, full, block, x_rows):
     """Project the input rows the chunk needs from step ``s`` on, a block of steps at a time.
 
-    x (R, C), w_ih (G*H, C) in; w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,):
-    the chunk's row offsets; lengths_c: its
-    lengths (state order). full (R, G*H): when it has rows, everything is projected there
-    already (training, or reverse with unequal lengths) and it is returned with base r0.
-    Otherwise block (B, G*H) receives rows for the steps from ``s`` on and is returned with
-    the packed row its first row stands for. Returns (buffer, first row, last step + 1
-    covered).
+    x (R, C) packed rows, or with ``x_rows`` (R,) (entries: row of x of each packed row) the
+    unpacked (T*N, C) input, whose rows are gathered here, GATHER_ROWS at a time, into a
+    buffer that stays in cache (no packed copy of the input in memory). w_ih (G*H, C) in;
+    w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,): the chunk's row offsets;
+    lengths_c: its lengths (state order). full (R, G*H): when it has rows, everything is
+    projected there already (training, or reverse with unequal lengths; then x is packed)
+    and it is returned with base r0. Otherwise block (B, G*H) receives rows for the steps
+    from ``s`` on and is returned with the packed row its first row stands for. Returns
+    (buffer, first row, last step + 1 covered).
     """
     if full.shape[0] > 0:
         return full, 0, lengths_c[0]
     a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse, block.shape[0])
-    gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
+    if x_rows.shape[0] == 0:
+        gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
+        return block, r0 + a, s_end
+    gathered = np.empty((min(GATHER_ROWS, b - a), x.shape[1]), x.dtype)
+    for i0 in range(a, b, GATHER_ROWS):
+        i1 = min(i0 + GATHER_ROWS, b)
+        for i in range(i0, i1):
+            copy_row(x[x_rows[r0 + i]], gathered[i - i0])
+        gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], False)
     return block, r0 + a, s_end
+
+
+#: Input rows gathered at a time by :func:`projection_block` from an unpacked input.
+GATHER_ROWS = 128
 
 
 @jit

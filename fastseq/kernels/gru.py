@@ -146,9 +146,10 @@ def gru_cell_backward_reset(g, drh, hprev):
 @jit(parallel=True)
 def gru_forward(
     x, w_ih, w_hh, b_ih, b_hh, reset_after, chunk_rows, chunk_samples, batch_sizes, offsets,
-    lengths, reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask,
+    lengths, reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask, x_rows,
 ):  # fmt: skip
-    """Forward pass of one layer and direction."""
+    """Forward pass of one layer and direction. ``x_rows``: see
+    :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
@@ -172,9 +173,8 @@ def gru_forward(
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
-                proj, base, s_next = projection_block(
-                    x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
-                )
+                proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
+                                                      s, reverse, gates, block, x_rows)  # fmt: skip
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:

@@ -128,8 +128,10 @@ def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
 def lstm_forward(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
     offsets, lengths, reverse, out, out_col, out_rows, h, c, gates, hprev, cprev, cnew, training, rmask,
+    x_rows,
 ):  # fmt: skip
-    """Forward pass of one layer and direction."""
+    """Forward pass of one layer and direction. ``x_rows``: see
+    :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
     w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
@@ -144,9 +146,8 @@ def lstm_forward(
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
-                proj, base, s_next = projection_block(
-                    x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc], s, reverse, gates, block
-                )
+                proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
+                                                      s, reverse, gates, block, x_rows)  # fmt: skip
             h_in = masked_rows(h, rmask, s0, n, hm)
             gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
