@@ -247,14 +247,17 @@ class _RecurrentLayer(Module):
     def _gathers_input(self, packing, x3, training):
         """Whether the first layer's kernels read the input ``x3`` (T, N, C) unpacked
         (``x_rows``): inference over a packing that is not the identity (lengths, or several
-        chunks), split by chunks, with x C-contiguous (a view of T*N rows), and every
-        direction projecting a block at a time. ``check_finite`` checks packed rows."""
+        chunks), split by chunks, with x C-contiguous (a view of T*N rows) and writeable (the
+        kernels are compiled for writeable arrays; a read-only one would compile them again),
+        and every direction projecting a block at a time. ``check_finite`` checks packed
+        rows."""
         return (
             not training
             and not self.check_finite
             and not packing.identity
             and not packing.unit_parts
             and x3.flags.c_contiguous
+            and x3.flags.writeable
             and all(
                 _engine.projects_in_blocks(packing, self._recurrent_weights, direction == 1, False)
                 for direction in range(self.num_directions)

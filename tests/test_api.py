@@ -137,21 +137,22 @@ def test_batch_of_one_inference_matches_training(variant, whole_input, monkeypat
 
 
 @pytest.mark.parametrize(
-    "bidirectional,use_lengths,batch_first",
-    [(False, True, False), (True, False, False), (True, True, False), (False, True, True)],
-)
+    "bidirectional,use_lengths,batch_first,read_only",
+    [(False, True, False, False), (True, False, False, False), (True, True, False, False),
+     (False, True, True, False), (False, True, False, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inference_gathering_the_input_matches_training(
-    variant, bidirectional, use_lengths, batch_first, monkeypatch
+    variant, bidirectional, use_lengths, batch_first, read_only, monkeypatch
 ):
     """Inference over lengths or several chunks reads x unpacked (the kernels gather its rows,
-    ``x_rows``) when x is C-contiguous and every direction projects a block at a time: not
-    in reverse over unequal lengths, nor for batch_first x. Either way the outputs and final
-    states are bitwise training's, and x is left as it was."""
+    ``x_rows``) when x is C-contiguous and writeable and every direction projects a block at
+    a time: not in reverse over unequal lengths, nor for batch_first or read-only x. Either
+    way the outputs and final states are bitwise training's, and x is left as it was."""
     case = Case(variant, np.float32, 2, bidirectional, use_lengths, True, steps=9, batch=5, input_size=6)
     x = np.ascontiguousarray(case.x.transpose(1, 0, 2)) if batch_first else case.x
-    if batch_first:
-        case.layer.batch_first = True
+    x.flags.writeable = not read_only
+    case.layer.batch_first = batch_first
     train_out, train_h = case.layer(x, case.hx(), case.lengths)
     calls = []
     forward = _engine.forward
@@ -159,7 +160,9 @@ def test_inference_gathering_the_input_matches_training(
     case.layer.eval()
     kept = x.copy()
     eval_out, eval_h = case.layer(x, case.hx(), case.lengths)
-    gathers = not case.layer._packing.identity and not batch_first and not (bidirectional and use_lengths)
+    gathers = not (
+        case.layer._packing.identity or batch_first or read_only or (bidirectional and use_lengths)
+    )
     directions = 2 if bidirectional else 1
     assert len(calls) == 2 * directions
     assert [rows is not None for rows in calls] == [gathers] * directions + [False] * directions
