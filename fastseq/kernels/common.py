@@ -194,7 +194,7 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     for i0 in range(a, b, GATHER_ROWS):
         i1 = min(i0 + GATHER_ROWS, b)
         for i in range(i0, i1):
-            copy_row(x[x_rows[r0 + i]], gathered[i - i0])
+            copy_units(x[x_rows[r0 + i]], gathered[i - i0], 0, x.shape[1])
         gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], False)
     return block, r0 + a, s_end
 
@@ -317,19 +317,20 @@ def mask_rows(a, mask, s0, n):
 
 
 @jit(inline=True)
-def copy_row(src, dst):
-    """dst[:] = src for two 1-D arrays of one length, in the time loops. An element loop:
-    numba's slice assignment checks the two for overlap and copies through a generic
-    iterator, 2-4x slower on these rows (see ``fastseq._jit`` on ``inline``)."""
-    for j in range(src.shape[0]):
-        dst[j] = src[j]
+def copy_units(src, dst, u0, u1):
+    """dst[u0:u1] = src[u0:u1] (1-D), in the time loops. An element loop, inlined: numba's
+    slice assignment checks the two for overlap and copies through a generic iterator, and a
+    called helper pays for the views it receives (see ``fastseq._jit`` on ``inline``);
+    2-4x slower on these rows."""
+    for u in range(u0, u1):
+        dst[u] = src[u]
 
 
 @jit(inline=True)
-def add_row(src, dst):
-    """dst += src for two 1-D arrays of one length (an element loop, as :func:`copy_row`)."""
-    for j in range(src.shape[0]):
-        dst[j] += src[j]
+def add_units(src, dst, u0, u1):
+    """dst[u0:u1] += src[u0:u1] (1-D), as :func:`copy_units`."""
+    for u in range(u0, u1):
+        dst[u] += src[u]
 
 
 @jit(parallel=True)
@@ -337,7 +338,7 @@ def gather_rows(a, row_time, row_sample, out):
     """out[r] = a[row_time[r], row_sample[r]] for a (T, N, F) (any strides), out (R, F):
     packing. 5x np.take's rate on 6400 rows of 4 KB (both threads, no temporary)."""
     for r in prange(out.shape[0]):
-        copy_row(a[row_time[r], row_sample[r], :], out[r, :])
+        copy_units(a[row_time[r], row_sample[r]], out[r], 0, out.shape[1])
 
 
 @jit(parallel=True)
@@ -345,7 +346,7 @@ def scatter_rows(packed, row_time, row_sample, out):
     """out[row_time[r], row_sample[r]] = packed[r] for packed (R, F), out (T, N, F):
     unpacking (rows not named are left as they are)."""
     for r in prange(packed.shape[0]):
-        copy_row(packed[r, :], out[row_time[r], row_sample[r], :])
+        copy_units(packed[r], out[row_time[r], row_sample[r]], 0, packed.shape[1])
 
 
 # Unit-split steps: a batch too small to split by samples (fastseq._threads.unit_parts) runs
@@ -512,13 +513,6 @@ def unit_initial_dh(partial, mask, done, dh):
         sum_unit_parts(partial, mask, i, 0, dh.shape[1], dh[i])
 
 
-@jit
-def add_units(src, dst, u0, u1):
-    """dst[u0:u1] += src[u0:u1] (1-D)."""
-    for u in range(u0, u1):
-        dst[u] += src[u]
-
-
 @jit(parallel=True)
 def gemm_split_rows(a, b, b_panels, out, accumulate, parts):
     """:func:`gemm.gemm_large` (a @ b -> out, or += when ``accumulate``) with a's rows split
@@ -555,13 +549,6 @@ def scatter_units(compact, gates, u0, row):
         dst = row[q * hd + u0 : q * hd + u0 + hu]
         for u in range(hu):
             dst[u] = src[u]
-
-
-@jit
-def copy_units(src, dst, u0, u1):
-    """dst[u0:u1] = src[u0:u1] (1-D)."""
-    for u in range(u0, u1):
-        dst[u] = src[u]
 
 
 @jit

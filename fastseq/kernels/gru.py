@@ -23,11 +23,9 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
-    add_row,
     add_units,
     add_weight_grad,
     column_sums,
-    copy_row,
     copy_rows,
     copy_units,
     gather_units,
@@ -185,23 +183,23 @@ def gru_forward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    copy_row(h[k], hprev[r])
+                    copy_units(h[k], hprev[r], 0, hd)
                 if reset_after:
                     gru_cell_forward(proj[r - base], gh[i], b_ih, b_hh, h[k])
-                    copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
+                    copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
                     if training:
-                        copy_row(gh[i, 2 * hd :], hn[r])
+                        copy_units(gh[i, 2 * hd :], hn[r], 0, hd)
                 else:
                     gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h_in[i], rh[i])
                     if training:
-                        copy_row(rh[i], hn[r])
+                        copy_units(rh[i], hn[r], 0, hd)
             if not reset_after:
                 gemm_step(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
-                    copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
+                    copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
 
 
 @jit(parallel=True)
@@ -245,10 +243,10 @@ def gru_backward(
                 if rmask.shape[0]:
                     hprev[r, :] *= rmask[k, :]
                 if reset_after:
-                    copy_row(gates[r, : 2 * hd], dg[i, : 2 * hd])
-                    copy_row(hn[r], dg[i, 2 * hd :])
+                    copy_units(gates[r], dg[i], 0, 2 * hd)
+                    copy_units(hn[r], dg[i, 2 * hd :], 0, hd)
                 else:
-                    copy_row(gates[r, 2 * hd :], dn[i])
+                    copy_units(gates[r, 2 * hd :], dn[i], 0, hd)
             if reset_after:
                 gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             else:
@@ -257,13 +255,13 @@ def gru_backward(
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
-                    copy_row(gates[r, : 2 * hd], dgrz[i])
+                    copy_units(gates[r], dgrz[i], 0, 2 * hd)
                 gemm_step(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
                 for i in range(n):
-                    add_row(drh[i], dh[s0 + i])
+                    add_units(drh[i], dh[s0 + i], 0, hd)
             mask_rows(dh, rmask, s0, n)
             for i in range(n):
-                add_row(dh_direct[i], dh[s0 + i])
+                add_units(dh_direct[i], dh[s0 + i], 0, hd)
         if not pieces:  # else after the loop, split across threads
             gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:

@@ -24,7 +24,6 @@ from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
     chunk_weight_grads,
-    copy_row,
     copy_rows,
     copy_unit_columns,
     copy_units,
@@ -154,12 +153,12 @@ def lstm_forward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    copy_row(h_in[i], hprev[r])
-                    copy_row(c[k], cprev[r])
+                    copy_units(h_in[i], hprev[r], 0, hd)
+                    copy_units(c[k], cprev[r], 0, hd)
                 lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
-                copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
+                copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
                 if training:
-                    copy_row(c[k], cnew[r])
+                    copy_units(c[k], cnew[r], 0, hd)
 
 
 @jit(parallel=True)
@@ -190,7 +189,7 @@ def lstm_backward(
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 lstm_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], dc[k], cnew[r],
                                    cprev[r], w_peep, peephole)  # fmt: skip
-                copy_row(gates[r], dg[i])
+                copy_units(gates[r], dg[i], 0, 4 * hd)
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads

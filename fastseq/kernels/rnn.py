@@ -13,7 +13,6 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
     chunk_weight_grads,
-    copy_row,
     copy_rows,
     copy_units,
     gather_units,
@@ -102,9 +101,9 @@ def rnn_forward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 if training:
-                    copy_row(h_in[i], hprev[r])
+                    copy_units(h_in[i], hprev[r], 0, hd)
                 rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
-                copy_row(h[k], out[output_row(out_rows, r), out_col : out_col + hd])
+                copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
 
 
 @jit(parallel=True)
@@ -130,7 +129,7 @@ def rnn_backward(
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
-                copy_row(gates[r], dg[i])
+                copy_units(gates[r], dg[i], 0, hd)
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
