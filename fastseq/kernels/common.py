@@ -58,6 +58,13 @@ def add_parts(parts, out):
 #: same with h, GFLOP/s with 2 / 4 / 8 / 16 pieces): R = 100 rows of dG, H = 512: 231 / 265 /
 #: 323 / 386; R = 400: 340-367 for all; R = 3200, H = 256: 366 / 370 / 350 / 354.
 WEIGHT_GRAD_ROWS = 128
+#: Pieces a weight gradient of few rows still splits into (each of at least
+#: WEIGHT_GRAD_MIN_ROWS rows), so that both threads work: an RNN's dW (H, H) at H <= 128 was
+#: one piece, on one thread. Measured (float32, Zen 5, training step at random lengths, over
+#: all rows, new / one piece, median of 31 interleaved rounds): RNN N=32, T=100, H=64 0.88;
+#: GRU there 0.91; RNN N=16, T=50, H=128 (full length) 0.83; GRU there 0.97.
+WEIGHT_GRAD_MIN_PIECES = 2
+WEIGHT_GRAD_MIN_ROWS = 16
 
 
 @jit(parallel=True)
@@ -65,10 +72,10 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
     """dw (M, K) += dg^T @ b and dw2 (M, K2) += dg^T @ b2 for dg (R, M), b (R, K), b2 (R,
     K2) (dw2 with no rows: no second product, b2 unread): weight gradients over every row at
     once (the deferred GEMMs of backward), split by rows of dw into pieces of
-    WEIGHT_GRAD_ROWS across numba's threads, so no thread writes a partial dw. With two
-    products each piece copies its columns of dg into MR-row tiles once for both
-    (``gemm.copied_tiles_products``); read in place, each k steps a whole dg row further.
-    Measured (float32, Zen 5, both threads, the two products of an
+    WEIGHT_GRAD_ROWS (at least WEIGHT_GRAD_MIN_PIECES) across numba's threads, so no thread
+    writes a partial dw. With two products each piece copies its columns of dg into MR-row
+    tiles once for both (``gemm.copied_tiles_products``); read in place, each k steps a
+    whole dg row further. Measured (float32, Zen 5, both threads, the two products of an
     LSTM, GFLOP/s, in place / tiles copied once): R = 200, H = 512: 241 / 261; R = 400,
     H = 256: 309 / 346; R = 800, H = 512: 292 / 306-329; R = 1600, H = 256: 246-268 /
     312-315; R = 3200, H = 256: 259-277 / 270-305. A copy for one product gained nothing
@@ -81,7 +88,11 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
     two = dw2.shape[0] > 0
     b_panels = pack_weights(b)
     b2_panels = pack_weights(b2)
-    pieces = max(1, (m + WEIGHT_GRAD_ROWS - 1) // WEIGHT_GRAD_ROWS)
+    pieces = max(
+        1,
+        (m + WEIGHT_GRAD_ROWS - 1) // WEIGHT_GRAD_ROWS,
+        min(WEIGHT_GRAD_MIN_PIECES, m // WEIGHT_GRAD_MIN_ROWS),
+    )
     for p in prange(pieces):
         m0, m1 = m * p // pieces, m * (p + 1) // pieces
         if BLAS_FOR_LARGE:  # BLAS needs a contiguous a: a copy of the piece's columns
