@@ -84,6 +84,34 @@ def test_bench_compare_torch_missing(monkeypatch):
     assert "--compare torch needs PyTorch" in result.stderr and "pip install torch==2.13.0" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("block_seconds", "expected"),
+    [
+        (1.0, "f" + "f" * 6 + "p" * 6),  # microsecond calls: one block each, an untimed lead + 5
+        (0.0, "f" + "fp" * 4),  # calls longer than a block: one by one, no lead call
+    ],
+)
+def test_run_case_alternates_with_its_peer_in_blocks(monkeypatch, block_seconds, expected):
+    calls = []
+    monkeypatch.setattr(harness, "build_fastseq", lambda case, inputs: (lambda: calls.append("f"), None))
+    monkeypatch.setattr(harness, "BLOCK_SECONDS", block_seconds)
+
+    class Peer:
+        name = "fake"
+
+        def __init__(self, case, module, inputs):
+            pass
+
+        def runner(self):
+            return lambda: calls.append("p")
+
+    case = harness.BenchCase(cell="rnn", mode="forward", batch=2, steps=3, input_size=4, hidden_size=4)
+    repeat = 5 if block_seconds else 4
+    row = harness.run_case(case, repeat=repeat, warmup=0, peer_factory=Peer)
+    assert "".join(calls) == expected  # the first call is the untimed compile call
+    assert row["peer"] == "fake" and row["ratio"] > 0
+
+
 def test_default_grid_and_quick():
     grid = harness.default_grid()
     assert len(grid) == 18
