@@ -15,7 +15,8 @@ for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with
 32-byte vectors (ymm), 4 x 3 with AVX2. It is written in LLVM IR (a numba intrinsic)
 because numba's loops leave such a block in memory; explicit vector values and
 ``llvm.fma`` give one FMA instruction per vector and term. A block's last rows, when
-MR/2 or fewer, run on shorter tiles over 2 or 4 panels (:func:`few_rows`). A transposed ``a`` (dG^T of
+fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels (:func:`few_rows`),
+each group of panels right after its full tiles. A transposed ``a`` (dG^T of
 the weight gradients) is copied into MR-row tiles first when the product is wide
 (:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
 docs/performance.md.
@@ -222,6 +223,23 @@ HALF_PANELS = 2 if VECTOR_BYTES == 64 else 1
 _tile_half = _tile_intrinsic(HALF_MR, 1)
 _tile_half_wide = _tile_intrinsic(HALF_MR, HALF_PANELS) if HALF_PANELS > 1 else _tile_half
 _tile_quarter_wide = _tile_intrinsic(QUARTER_MR, 4)
+#: Panels per group in :func:`gemm_packed` when a block of rows ends in rows too few for a
+#: full tile: the group passes over the full tiles, then over those rows (:func:`few_rows`,
+#: whose tiles span up to 4 panels) while in cache, instead of all panels streaming from
+#: memory a second time for them. Measured (float32, Zen 5, layers in process, paired A/B
+#: medians of 31 rounds): N=20 (two chunks of 8 + 2 rows), T=100, LSTM H=512 forward 0.94,
+#: training 0.93; RNN H=1024 forward 0.92; GRU H=512 forward 0.92; LSTM N=12, T=50, H=512
+#: training 0.97 (with FEW_ROWS_SPLIT_K); random lengths at N=64, T=50, H=1024 0.98-1.00;
+#: shapes without such rows unchanged. Results are bitwise the same.
+FEW_ROWS_PANELS = 4
+#: Depth of a pass from which a block's last MR/2 + 1 to MR - 2 rows run as MR/2 rows plus
+#: the rest on :func:`few_rows`' tiles (the same FMAs per vector as a full tile) instead of
+#: one more full tile computing MR rows. Measured (float32, one thread, Zen 5, a step
+#: product of n rows by W_hh^T's panels, time per row against n = 32): H = 1024, n = 13 /
+#: 14: 1.23 / 1.14 as a full tile, 1.11 / 1.04 split; LSTM H = 256 (K = 256): 1.30 / 1.25,
+#: 1.11 / 1.04; but H = 64 (K = 64): 1.30 / 1.23, 1.49 / 1.37. MR - 1 rows lost either
+#: way (n = 7 at H = 1024: 1.16 full, 1.25 split).
+FEW_ROWS_SPLIT_K = 256
 
 
 @jit
@@ -348,14 +366,20 @@ def gemm_packed(a, panels, out, accumulate):
         for b0 in range(0, n, rows):
             b1 = min(n, b0 + rows)
             last = (b1 - b0) % MR
-            body = b1 - last if 0 < last <= HALF_MR else b1  # full tiles end here
-            for p in range(panels.shape[0]):
-                j0 = p * nr
-                for i0 in range(b0, body, MR):
-                    _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
-                          out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
-            if body < b1:
-                few_rows(kc, a[body:, k0:], a_row, a_col, panels, k, k0, out[body:b1], c_row, add)
+            body = b1 if last == MR - 1 or (last > HALF_MR and kc < FEW_ROWS_SPLIT_K) else b1 - last
+            # rows left after the full tiles (body..b1) run on few_rows, HALF_MR at a time,
+            # each group of panels serving the full tiles and then those rows while in cache
+            group = panels.shape[0] if body == b1 else FEW_ROWS_PANELS
+            for g0 in range(0, panels.shape[0], group):
+                g1 = min(panels.shape[0], g0 + group)
+                for p in range(g0, g1):
+                    j0 = p * nr
+                    for i0 in range(b0, body, MR):
+                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
+                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                for f0 in range(body, b1, HALF_MR):
+                    few_rows(kc, a[f0:, k0:], a_row, a_col, panels[g0:g1], k, k0,
+                             out[f0 : min(b1, f0 + HALF_MR), g0 * nr :], c_row, add)  # fmt: skip
 
 
 @jit
@@ -404,7 +428,8 @@ def copied_tiles_products(a, panels, out, panels2, out2, accumulate):
 
 @jit
 def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
-    """The last ``mr`` <= HALF_MR rows of a block of :func:`gemm_packed` over all panels, on
+    """``mr`` <= HALF_MR rows left after the full tiles of a block of :func:`gemm_packed`, over
+    the ``panels`` given (a group, FEW_ROWS_PANELS), on
     tiles of HALF_MR rows by HALF_PANELS panels or, up to QUARTER_MR rows, QUARTER_MR rows
     by 4 (the panels left over run one at a time). a: the rows' first element, strides as in
     :func:`_tile_typing`; panels (P, K, NR) with K = ``k``, read from depth ``k0`` for
