@@ -164,7 +164,7 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     """
     pk = (*packing.kernel_args, reverse)
     w_ih, w_hh = w["w_ih"], w["w_hh"]
-    n_parts = partial_weight_grads(packing)
+    n_parts = partial_weight_grads(packing, w_ih.shape[1] + w_hh.shape[1])
     parts = (
         take((n_parts,) + w_ih.shape, w_ih.dtype),
         take((n_parts,) + w_hh.shape, w_hh.dtype),

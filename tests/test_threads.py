@@ -146,10 +146,13 @@ def test_weight_gradients_per_chunk_equal_all_rows(variant, monkeypatch):
 
     chosen = []
     policy = _threads.partial_weight_grads
-    monkeypatch.setattr(_engine, "partial_weight_grads", lambda pk: chosen.append(policy(pk)) or chosen[-1])
+    monkeypatch.setattr(
+        _engine, "partial_weight_grads", lambda pk, width: chosen.append(policy(pk, width)) or chosen[-1]
+    )
     results = []
     for rows in (10**9, 1):  # all rows at once; per chunk
         monkeypatch.setattr(_threads, "PARTIAL_SUM_ROWS", rows)
+        monkeypatch.setattr(_threads, "PARTIAL_SUM_ROWS_PER_WIDTH", rows)
         case = Case(variant, np.float64, 2, True, True, True, steps=9, batch=7, input_size=5, hidden_size=16)
         results.append(_run(case))
     assert chosen and set(chosen[: len(chosen) // 2]) == {0} and 0 not in chosen[len(chosen) // 2 :]
