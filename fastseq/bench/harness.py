@@ -1,9 +1,9 @@
 """Benchmark cases, timing and reports for ``fastseq bench``.
 
 Time ratios are fastseq / peer (lower is better), each case timed alternately with its peer
-in the same process, in blocks of calls (:func:`run_case`). GFLOP/s counts only GEMM work: ``2 * tokens * G * H * (C_k + H)`` per
-layer k and direction, ``tokens`` = valid (unpadded) steps summed over the batch; a
-training step counts three times that. Compile time is the first call's latency minus the
+in the same process, in blocks of calls (:func:`run_case`). GFLOP/s counts only GEMM work:
+``2 * tokens * G * H * (C_k + H)`` per layer k and direction, ``tokens`` = valid
+(unpadded) steps summed over the batch; a training step counts three times that. Compile time is the first call's latency minus the
 steady-state median, never mixed into throughput.
 """
 

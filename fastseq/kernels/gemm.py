@@ -15,9 +15,9 @@ for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with
 32-byte vectors (ymm), 4 x 3 with AVX2. It is written in LLVM IR (a numba intrinsic)
 because numba's loops leave such a block in memory; explicit vector values and
 ``llvm.fma`` give one FMA instruction per vector and term. A block's last rows, when
-fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels (:func:`few_rows`),
-each group of panels right after its full tiles. A transposed ``a`` (dG^T of
-the weight gradients) is copied into MR-row tiles first when the product is wide
+fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
+(:func:`few_rows`), each group of panels right after its full tiles. A transposed ``a``
+(dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
 (:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
 docs/performance.md.
 
@@ -429,9 +429,9 @@ def copied_tiles_products(a, panels, out, panels2, out2, accumulate):
 @jit
 def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     """``mr`` <= HALF_MR rows left after the full tiles of a block of :func:`gemm_packed`, over
-    the ``panels`` given (a group, FEW_ROWS_PANELS), on
-    tiles of HALF_MR rows by HALF_PANELS panels or, up to QUARTER_MR rows, QUARTER_MR rows
-    by 4 (the panels left over run one at a time). a: the rows' first element, strides as in
+    the ``panels`` given (a group of FEW_ROWS_PANELS), on tiles of HALF_MR rows by
+    HALF_PANELS panels or, up to QUARTER_MR rows, QUARTER_MR rows by 4 (the panels left
+    over run one at a time). a: the rows' first element, strides as in
     :func:`_tile_typing`; panels (P, K, NR) with K = ``k``, read from depth ``k0`` for
     ``kc``; c (mr, M): the rows' output.
 
