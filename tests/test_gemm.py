@@ -173,6 +173,17 @@ def test_short_tiles_sum_as_full_tiles(dtype):
                 assert np.array_equal(out, full[:n]), f"{n} rows, K = {k}, {m} columns"
 
 
+def test_gemm_packed_of_no_columns():
+    """A product with no columns (no panels) writes nothing, with or without rows left over
+    after the full tiles."""
+    a = np.ones((2 * MR, FEW_ROWS_SPLIT_K), np.float32)
+    panels = pack_transposed(np.ones((0, FEW_ROWS_SPLIT_K), np.float32))
+    for n in (2 * MR, 2 * MR - 2):
+        out = np.empty((n, 0), np.float32)
+        gemm_packed(a[:n], panels, out, False)
+        assert out.shape == (n, 0)
+
+
 def test_step_panels_for_one_row_chunks():
     """Per-step panels: any chunk of several samples; one sample per chunk only for long
     sequences, and not when one chunk hands its products to BLAS on every core."""

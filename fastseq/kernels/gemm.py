@@ -369,7 +369,7 @@ def gemm_packed(a, panels, out, accumulate):
             body = b1 if last == MR - 1 or (last > HALF_MR and kc < FEW_ROWS_SPLIT_K) else b1 - last
             # rows left after the full tiles (body..b1) run on few_rows, HALF_MR at a time,
             # each group of panels serving the full tiles and then those rows while in cache
-            group = panels.shape[0] if body == b1 else FEW_ROWS_PANELS
+            group = FEW_ROWS_PANELS if body < b1 else max(panels.shape[0], 1)  # 1: no columns
             for g0 in range(0, panels.shape[0], group):
                 g1 = min(panels.shape[0], g0 + group)
                 for p in range(g0, g1):
