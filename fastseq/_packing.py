@@ -71,6 +71,24 @@ class Packing:
             # row of the (T*N, F) output each packed row goes to (kernels' ``out_rows``)
             self.out_rows = self.row_time * batch + self.row_sample
 
+    def built_from(self, lengths, steps: int, batch: int, chunks: int = 1, unit_parts: int = 0) -> bool:
+        """Whether this layout was built from exactly these arguments, ``lengths`` as the
+        caller gives them (unvalidated): None, or an int64 (N,) array with the same values as
+        the lengths it was built from (so valid). A cheap test for a layer called again with
+        the same lengths; False does not mean the layout differs (:func:`reuse_packing`)."""
+        key = self.key
+        if key[:4] != (steps, batch, chunks, unit_parts):
+            return False
+        if lengths is None:
+            return key[4] is None
+        return (
+            key[4] is not None
+            and type(lengths) is np.ndarray
+            and lengths.dtype == np.int64
+            and lengths.shape == (batch,)
+            and lengths.tobytes() == key[4]
+        )
+
     @property
     def kernel_args(self):
         """The layout arguments every kernel takes, in order."""
@@ -91,16 +109,11 @@ class Packing:
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        full = self.padded_array(packed.shape[1], packed.dtype)
+        # np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages
+        padded = self.rows < self.steps * self.batch
+        full = (np.zeros if padded else np.empty)((self.steps, self.batch, packed.shape[1]), packed.dtype)
         scatter_rows(packed, self.row_time, self.row_sample, full)
         return full
-
-    def padded_array(self, features, dtype):
-        """A (T, N, features) array for unpacked rows: zeros when some steps are padding, else
-        uninitialised (np.empty may reuse memory already paged in; np.zeros (calloc) maps
-        fresh pages)."""
-        shape = (self.steps, self.batch, features)
-        return (np.zeros if self.rows < self.steps * self.batch else np.empty)(shape, dtype)
 
     def sort(self, state):
         """(..., N, H) in the user's sample order -> contiguous copy in state order."""

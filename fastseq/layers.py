@@ -191,14 +191,14 @@ class _RecurrentLayer(Module):
         layout = "(N, T, C)" if self.batch_first else "(T, N, C)"
         hint = f"x was read as {layout}, so N = {batch}. Did you mean batch_first={not self.batch_first}?"
         states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype, hint, steps)
-        if lengths is not None:
-            lengths = v.lengths_array(lengths, steps, batch)
-
         w_hh = self._recurrent_weights
         parts = unit_parts(self._cell, batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
-        packing = reuse_packing(
-            self._packing, lengths, steps, batch, 1 if parts else num_chunks(batch), parts
-        )
+        chunks = 1 if parts else num_chunks(batch)
+        packing = self._packing
+        if packing is None or not packing.built_from(lengths, steps, batch, chunks, parts):
+            if lengths is not None:
+                lengths = v.lengths_array(lengths, steps, batch)
+            packing = reuse_packing(packing, lengths, steps, batch, chunks, parts)
         self._packing = packing
         if self.check_finite:
             for k, s in enumerate(states0):
@@ -221,8 +221,8 @@ class _RecurrentLayer(Module):
         output = None
         if not packing.identity:
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
-            # zeros at padded steps: no packed output to unpack after.
-            output = packing.padded_array(n_dirs * hd, self.dtype)
+            # zeros at padded steps included: no packed output to unpack after.
+            output = np.empty((steps, batch, n_dirs * hd), self.dtype)
         with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()

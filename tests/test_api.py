@@ -191,6 +191,43 @@ def test_padded_outputs_are_zero_and_final_states_at_last_valid_step():
         np.testing.assert_allclose(h1[:, 0], hn[:, b], rtol=1e-12)
 
 
+class _DirtyEmpty:
+    """Stands in for numpy in fastseq.layers: ``empty`` returns NaN-filled arrays, so that
+    whatever a forward leaves unwritten shows."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.full(shape, np.nan, dtype)
+
+
+def check_padded_outputs_written(monkeypatch, case, training):
+    """``case``'s forward with lengths (some padding) writes zeros at every padded step and
+    the same values as with a zeroed output, when fastseq.layers' np.empty returns NaNs."""
+    case.layer.train(training)
+    ref, _ = case.layer(case.x, lengths=case.lengths)
+    with monkeypatch.context() as patch:
+        patch.setattr(fastseq.layers, "np", _DirtyEmpty())
+        out, _ = case.layer(case.x, lengths=case.lengths)
+    padding = np.arange(case.steps)[:, None] >= case.lengths[None, :]
+    assert padding.any()
+    assert not np.isnan(out).any()
+    assert not out[padding].any()
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padded_outputs_written_as_zeros(monkeypatch, variant, training):
+    """The kernels write the zeros at padded steps themselves (the output is allocated
+    uninitialised), every direction its own columns (tests/test_unit_split.py: the
+    unit-split path)."""
+    case = Case(variant, np.float32, 2, True, True, steps=7, batch=5, seed=3)
+    check_padded_outputs_written(monkeypatch, case, training)
+
+
 def test_lengths_any_order_and_integer_types():
     case = Case("gru", np.float64, 1, True, True)
     ref, _ = case.layer(case.x, lengths=case.lengths)
@@ -218,6 +255,30 @@ def test_row_layout_reused_only_for_the_same_lengths():
         solo, _ = layer(case.x[:n, b : b + 1])
         np.testing.assert_allclose(out[:n, b], solo[:, 0], rtol=1e-12)
     np.testing.assert_array_equal(layer(case.x, lengths=case.lengths)[0], ref)
+
+
+def test_same_lengths_again_reuse_the_layout_and_changed_ones_are_checked():
+    """A call with lengths equal to the last call's (int64, checked then) skips their check
+    and reuses the layout; lengths changed in place, or of another type, are checked again."""
+    case = Case("rnn-tanh", np.float64, 1, False, True, steps=6, batch=4)
+    layer, lengths = case.layer, case.lengths.astype(np.int64)
+    ref, _ = layer(case.x, lengths=lengths)
+    layout = layer._packing
+    again, _ = layer(case.x, lengths=lengths.copy())
+    assert layer._packing is layout
+    np.testing.assert_array_equal(again, ref)
+    lengths[0] = 0  # in place: not the layout's lengths any more
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, T=6\]; received min 0"):
+        layer(case.x, lengths=lengths)
+    assert layer._packing is layout
+    with pytest.raises(TypeError, match="lengths must be an integer array"):
+        layer(case.x, lengths=case.lengths.astype(np.float64))
+    with pytest.raises(ValueError, match=r"lengths has shape \(2, 2\)"):
+        layer(case.x, lengths=case.lengths.astype(np.int64).reshape(2, 2))
+    lengths[0] = 1
+    out, _ = layer(case.x, lengths=lengths)
+    assert layer._packing is not layout
+    assert not out[1:, 0].any()
 
 
 def test_repr_names_the_configuration():

@@ -13,6 +13,7 @@ import fastseq
 from fastseq import _engine, _threads, layers
 from tests.cases import Case, assert_matches, run_in_threads
 from tests.conftest import make_layer
+from tests.test_api import check_padded_outputs_written
 from tests.test_gradcheck import check_gradients
 from tests.test_reference import _naive
 from tests.test_torch_parity import torch_run
@@ -162,6 +163,13 @@ def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeyp
         assert_close(a, b, np.float64, "unit split vs chunks, inference")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_unit_split_writes_padded_outputs(unit_split, monkeypatch, training):
+    case = Case("lstm", np.float32, 2, True, True, steps=7, batch=3, hidden_size=5, seed=3)
+    check_padded_outputs_written(monkeypatch, case, training)
+    assert unit_split["forward"] == 8  # 2 calls x 2 layers x 2 directions
+
+
 def test_unit_split_bitwise_identical_across_thread_counts(unit_split):
     results = _at_thread_counts(lambda: Case("lstm-peephole", np.float32, 2, True, True, True, steps=9, batch=4,
                                              input_size=5, hidden_size=17))  # fmt: skip
@@ -285,6 +293,15 @@ def test_one_sample_split_over_several_projection_blocks(one_sample_split, monke
     ref_out, ref_h = layer(x)
     assert_close(out, ref_out, np.float64, "one-sample split vs chunks")
     assert_close(h, ref_h, np.float64, "one-sample split vs chunks")
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_one_sample_split_writes_padded_outputs(one_sample_split, monkeypatch, variant, training):
+    case = Case(variant, np.float32, 2, True, True, steps=7, batch=1, hidden_size=5, seed=3)
+    case.lengths[:] = 4
+    check_padded_outputs_written(monkeypatch, case, training)
+    assert one_sample_split["forward"] == 8
 
 
 def test_one_sample_split_bitwise_identical_across_thread_counts(one_sample_split):

@@ -244,6 +244,24 @@ def output_row(out_rows, r):
     return out_rows[r] if out_rows.shape[0] else r
 
 
+@jit
+def zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc):
+    """Zero columns ``out_col:out_col+hd`` of ``out`` (T*N, D*H) at the padded steps of the
+    chunk's samples (state indices s0..s0+nc-1, first packed row r0), when ``out_rows`` has
+    entries (``out`` unpacked, uninitialised); else nothing. A sample's row at time 0 (the
+    chunk's row r0 + i) names its place in the batch."""
+    if out_rows.shape[0] == 0:
+        return
+    batch = lengths.shape[0]
+    zero = out.dtype.type(0)
+    for i in range(nc):
+        sample = out_rows[r0 + i]  # time 0: row = sample
+        for t in range(lengths[s0 + i], out.shape[0] // batch):
+            row = out[t * batch + sample, out_col : out_col + hd]
+            for j in range(hd):
+                row[j] = zero
+
+
 #: Rows per piece when the chunk-level products of a layout with one chunk (a batch of one)
 #: are split across threads (:func:`one_chunk_pieces`): the chunk's recurrence is serial,
 #: but its input projection and dx need not be. Pieces of a fixed size, so that the split

@@ -51,6 +51,7 @@ from fastseq.kernels.common import (
     unit_projection_start,
     unit_step_start,
     widest_part,
+    zero_padding,
 )
 from fastseq.kernels.gemm import (
     gemm,
@@ -162,6 +163,7 @@ def gru_forward(
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
         )
+        zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
@@ -357,6 +359,7 @@ def gru_forward_units(
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
+    zero_padding(out, out_col, hd, out_rows, lengths, 0, 0, nb)
     block, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
     proj, base = gates, 0
     for s in range(lengths[0]):

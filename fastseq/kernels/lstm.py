@@ -51,6 +51,7 @@ from fastseq.kernels.common import (
     unit_step_start,
     weight_grads,
     widest_part,
+    zero_padding,
 )
 from fastseq.kernels.gemm import gemm_large, gemm_packed, gemm_step, pack_weights, step_product
 
@@ -139,6 +140,7 @@ def lstm_forward(
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
         )
+        zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = gates, 0, 0
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
@@ -234,6 +236,7 @@ def lstm_forward_units(
     b_ih_p, b_hh_p, peep_p, g_p = unit_operands(b_ih, b_hh, w_peep, 4, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
+    zero_padding(out, out_col, hd, out_rows, lengths, 0, 0, nb)
     block, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
     proj, base = gates, 0
     for s in range(lengths[0]):
