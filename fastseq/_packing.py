@@ -43,6 +43,7 @@ class Packing:
         by_length = np.argsort(-lengths, kind="stable")
         per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]
         sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)
+        self.widest_chunk = int(sizes.max())  # samples in the largest chunk
         self.order = np.concatenate(per_chunk).astype(np.int64)  # state index -> sample
         self.inverse = np.empty_like(self.order)
         self.inverse[self.order] = np.arange(batch)

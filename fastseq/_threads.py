@@ -269,7 +269,7 @@ def kernels_call_blas(packing) -> bool:
     BLAS, ``kernels.common.step_panels``). Otherwise every product runs on the micro-kernel
     and BLAS's thread count does not matter: switching it costs 7-10 us per call in a
     training step's flow (36 us of an RNN step at N=32, T=100, C=H=64, four switches)."""
-    return BLAS_FOR_LARGE or int((packing.chunk_samples[1:] - packing.chunk_samples[:-1]).max()) <= 1
+    return BLAS_FOR_LARGE or packing.widest_chunk <= 1
 
 
 @contextmanager

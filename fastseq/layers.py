@@ -204,8 +204,7 @@ class _RecurrentLayer(Module):
             for k, s in enumerate(states0):
                 if s is not None:
                     v.finite("hx" if spec.n_states == 1 else f"hx[{k}]", s)
-        states0 = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
-                   else (s[:, None, :] if unbatched else s) for s in states0]  # fmt: skip
+        states0 = [s if s is None or not unbatched else s[:, None, :] for s in states0]  # None: zeros
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         self._pool.start_step()
         training = self.training
@@ -267,6 +266,7 @@ class _RecurrentLayer(Module):
     def _run_forward(self, packing, layer_in, states0, final, training, output=None, x_rows=None):
         """All layers and directions; returns the per-layer workspaces + the last output
         (packed, or ``output`` (T, N, D*H) when given: the last layer writes it unpacked).
+        ``states0``: each state (D*num_layers, N, H), or None for zeros.
         ``x_rows``: the first layer's input is unpacked (see :meth:`_gathers_input`)."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
@@ -280,7 +280,8 @@ class _RecurrentLayer(Module):
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
-                states = tuple(packing.sort(s[row]) for s in states0)
+                states = tuple(np.zeros((packing.batch, hd), self.dtype) if s is None else packing.sort(s[row])
+                               for s in states0)  # fmt: skip
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 rmask = None
                 if training and self.recurrent_dropout > 0:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
+from fastseq._packing import Packing
 from tests.cases import Case, run_in_threads
 from tests.conftest import VARIANTS
 from tests.tolerances import assert_close
@@ -91,7 +92,7 @@ def test_kernel_threads_policy():
     counts = [lib.num_threads for lib in scipy_blas]
 
     def packing(n_chunks, unit_parts=0, samples=1):  # ``samples`` in each chunk
-        return SimpleNamespace(n_chunks=n_chunks, unit_parts=unit_parts,
+        return SimpleNamespace(n_chunks=n_chunks, unit_parts=unit_parts, widest_chunk=samples,
                                chunk_samples=np.arange(n_chunks + 1) * samples)  # fmt: skip
 
     # one chunk, weights beyond a core's L2: numba's team of one, BLAS left as it was
@@ -112,6 +113,11 @@ def test_kernel_threads_policy():
             assert [lib.num_threads for lib in scipy_blas] == expected
     assert numba.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
+    # real layouts: chunks of 2 + 1 samples, then 1 + 1 (lengths do not matter)
+    for batch, lengths, one_sample in ((3, None, False), (3, np.array([1, 5, 2]), False), (2, None, True)):
+        layout = Packing(lengths, 5, batch, chunks=2)
+        assert layout.widest_chunk == (1 if one_sample else 2)
+        assert _threads.kernels_call_blas(layout) == (BLAS_FOR_LARGE or one_sample)
 
 
 @pytest.mark.parametrize("variant", ["lstm", "gru", "rnn-tanh"])
