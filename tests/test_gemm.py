@@ -159,11 +159,12 @@ def test_parallel_packing_matches_serial(shape, dtype):
 def test_short_tiles_sum_as_full_tiles(dtype):
     """A block's last few rows run on tiles of 2 or 4 panels (gemm.few_rows), per group of
     panels, split in two from FEW_ROWS_SPLIT_K deep: each row is summed exactly as in a full
-    tile, whatever the row count or the panels left over."""
+    tile, whatever the row count or the panels left over (one or two rows: a pair of the
+    2-3 panels left after groups of 4 at once)."""
     rng = np.random.default_rng(3)
     for k in (37, FEW_ROWS_SPLIT_K + 44):
         a = rng.standard_normal((2 * MR, k)).astype(dtype)
-        for m in (150, 64, 7):
+        for m in (150, 64, 7, 96, 50, 200):  # panels left after groups of 4: 0-3, a last one partial
             panels = pack_transposed(rng.standard_normal((m, k)).astype(dtype))
             full = np.empty((2 * MR, m), dtype)
             gemm_packed(a, panels, full, False)
