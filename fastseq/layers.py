@@ -366,8 +366,7 @@ class _RecurrentLayer(Module):
         state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
         dfinal = state_arrays("grad_h_n", grad_h_n, spec.n_states, state_shape, "h_n's shape", self.dtype)
 
-        dfinal = [np.zeros((n_state_rows, batch, hd), self.dtype) if s is None
-                  else (s[:, None, :] if unbatched else s) for s in dfinal]  # fmt: skip
+        dfinal = [s if s is None or not unbatched else s[:, None, :] for s in dfinal]  # None: zeros
         dinitial = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in dfinal]
         if unbatched:
             g3 = g[:, None, :]
@@ -377,7 +376,8 @@ class _RecurrentLayer(Module):
         if self.check_finite:
             self._check_packed("grad_output", dout, packing, ValueError)
             for k, d in enumerate(dfinal):
-                v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
+                if d is not None:
+                    v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
         with kernel_threads(packing, self._recurrent_weights):
             for layer in range(self.num_layers - 1, -1, -1):
@@ -386,7 +386,8 @@ class _RecurrentLayer(Module):
                 dx = self._pool.take((packing.rows, cols), self.dtype)
                 for direction in range(n_dirs):
                     row = layer * n_dirs + direction
-                    dstates = tuple(packing.sort(s[row]) for s in dfinal)
+                    dstates = tuple(np.zeros((batch, hd), self.dtype) if s is None else packing.sort(s[row])
+                                    for s in dfinal)  # fmt: skip
                     weights = self._direction_arrays(layer, direction, self.params, self._absent)
                     grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
                     _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
