@@ -48,10 +48,12 @@ Kernel arguments shared by all cells::
     reverse      bool         in      run the sequence backwards (per sample)
     out          (R', D*H)    out     output; columns out_col:out_col+H of row out_rows[r]
                                       written for packed row r (of row r itself when
-                                      out_rows has no entries: R' = R, packed)
+                                      out_rows has no entries: R' = R, packed); with
+                                      out_rows, the same columns of the padded steps'
+                                      rows are written as zeros (forward kernels)
     out_rows     (R,) or (0,) in      int64, out's row for each packed row (the last layer
-                                      writes the caller's (T*N, D*H) output directly), or
-                                      none
+                                      writes the caller's (T*N, D*H) output directly,
+                                      allocated uninitialised), or none
     h            (N, H)       in/out  initial hidden state (state order) -> final state
     gates        (R, G*H)     scratch forward: input projection, then (training) the gate
                                       activations backward needs; backward overwrites it
