@@ -56,14 +56,15 @@ def no_mask(hidden, dtype):
 
 def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
     """Whether a forward pass projects its input a block of steps at a time inside the kernel
-    (inference), keeping no (R, G*H) projection; training keeps it for backward. Reverse
-    passes over unequal lengths need every row's projection at once; so does a batch in one
-    chunk that splits its projection across threads (bounded by
-    _threads.ONE_CHUNK_PROJECTION_BYTES). ``w_hh`` (G*H, H)."""
+    (inference), keeping no (R, G*H) projection; training keeps it for backward. So does a
+    batch in one chunk that splits its projection across threads (bounded by
+    _threads.ONE_CHUNK_PROJECTION_BYTES), and a reverse pass over unequal lengths split by
+    units (its blocks are in time order; the chunks' kernels build reverse blocks in step
+    order, ``kernels.common.step_ordered``). ``w_hh`` (G*H, H)."""
     row_bytes = w_hh.shape[0] * w_hh.dtype.itemsize
     return not (
         training
-        or (reverse and not packing.equal_lengths)
+        or (reverse and not packing.equal_lengths and packing.unit_parts)
         or project_whole_input(packing, w_hh, packing.rows, row_bytes)
     )
 

@@ -147,8 +147,9 @@ def test_inference_gathering_the_input_matches_training(
 ):
     """Inference over lengths or several chunks reads x unpacked (the kernels gather its rows,
     ``x_rows``) when x is C-contiguous and writeable and every direction projects a block at
-    a time: not in reverse over unequal lengths, nor for batch_first or read-only x. Either
-    way the outputs and final states are bitwise training's, and x is left as it was."""
+    a time (in reverse over unequal lengths too, in step order): not for batch_first or
+    read-only x. Either way the outputs and final states are bitwise training's, and x is
+    left as it was."""
     case = Case(variant, np.float32, 2, bidirectional, use_lengths, True, steps=9, batch=5, input_size=6)
     x = np.ascontiguousarray(case.x.transpose(1, 0, 2)) if batch_first else case.x
     x.flags.writeable = not read_only
@@ -160,9 +161,7 @@ def test_inference_gathering_the_input_matches_training(
     case.layer.eval()
     kept = x.copy()
     eval_out, eval_h = case.layer(x, case.hx(), case.lengths)
-    gathers = not (
-        case.layer._packing.identity or batch_first or read_only or (bidirectional and use_lengths)
-    )
+    gathers = not (case.layer._packing.identity or batch_first or read_only)
     directions = 2 if bidirectional else 1
     assert len(calls) == 2 * directions
     assert [rows is not None for rows in calls] == [gathers] * directions + [False] * directions
@@ -170,6 +169,30 @@ def test_inference_gathering_the_input_matches_training(
     for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(x, kept)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])  # x gathered unpacked / packed first
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reverse_inference_over_unequal_lengths_in_blocks(variant, batch_first, monkeypatch):
+    """In reverse over unequal lengths, inference projects a block of steps at a time, its
+    rows in step order (kernels.common.step_ordered): several blocks here (170 steps of a
+    3-sample chunk per block), chunks of unequal and of equal lengths, two layers (the
+    second reads the first's packed output); bitwise what training computes."""
+    steps = PROJECTION_BLOCK_ROWS + 90
+    case = Case(variant, np.float32, 2, True, True, True, steps=steps, batch=6, input_size=3)
+    lengths = np.array([steps, 431, 17, 300, steps, 250])  # chunks: [602, 300, 250], [602, 431, 17]
+    x = np.ascontiguousarray(case.x.transpose(1, 0, 2)) if batch_first else case.x
+    case.layer.batch_first = batch_first
+    train_out, train_h = case.layer(x, case.hx(), lengths)
+    blocks = []  # every decision of the eval forward
+    in_blocks = _engine.projects_in_blocks
+    monkeypatch.setattr(_engine, "projects_in_blocks", lambda *a: blocks.append(in_blocks(*a)) or blocks[-1])
+    case.layer.eval()
+    eval_out, eval_h = case.layer(x, case.hx(), lengths)
+    assert all(blocks) and len(blocks) >= 4
+    np.testing.assert_array_equal(train_out, eval_out)
+    for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_backward_twice_raises():

@@ -60,7 +60,9 @@ Kernel arguments shared by all cells::
                                       with the gradients of the gate pre-activations.
                                       With 0 rows (inference) the kernel projects the input
                                       a block of steps at a time into a small buffer instead
-                                      (forward direction, or equal lengths)
+                                      (in step order in reverse over unequal lengths,
+                                      ``common.step_ordered``; the unit-split kernels: not
+                                      in reverse over unequal lengths)
     hprev        (R, H)       out     (training) hidden state each row started from
     training     bool         in      keep what backward needs; False runs inference and
                                       writes no workspace beyond ``gates``

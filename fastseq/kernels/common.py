@@ -190,24 +190,44 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     buffer that stays in cache (no packed copy of the input in memory). w_ih (G*H, C) in;
     w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,): the chunk's row offsets;
     lengths_c: its lengths (state order). full (R, G*H): when it has rows, everything is
-    projected there already (training, or reverse with unequal lengths; then x is packed)
-    and it is returned with base r0. Otherwise block (B, G*H) receives rows for the steps
-    from ``s`` on and is returned with the packed row its first row stands for. Returns
+    projected there already (training, or a batch in one chunk; then x is packed) and it is
+    returned with base r0. Otherwise block (B, G*H) receives rows for the steps from ``s``
+    on and is returned with the packed row its first row stands for: in time order, or in
+    step order when :func:`step_ordered` (see there for how the kernels index it). Returns
     (buffer, first row, last step + 1 covered).
     """
     if full.shape[0] > 0:
         return full, 0, lengths_c[0]
-    a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse, block.shape[0])
-    if x_rows.shape[0] == 0:
+    ordered = step_ordered(reverse, full, lengths_c)
+    a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse and not ordered, block.shape[0])
+    if x_rows.shape[0] == 0 and not ordered:
         gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
         return block, r0 + a, s_end
     gathered = np.empty((min(GATHER_ROWS, b - a), x.shape[1]), x.dtype)
+    step, i = s, 0  # step order: sample i of step ``step`` (time order: the packed rows a..b-1)
     for i0 in range(a, b, GATHER_ROWS):
         i1 = min(i0 + GATHER_ROWS, b)
-        for i in range(i0, i1):
-            copy_units(x[x_rows[r0 + i]], gathered[i - i0], 0, x.shape[1])
+        for j in range(i0, i1):
+            r = r0 + j
+            if ordered:
+                while i == offsets_c[step + 1] - offsets_c[step]:  # the step's samples done
+                    step, i = step + 1, 0
+                r = packed_row(r0, offsets_c, lengths_c[i], i, step, True)
+                i += 1
+            copy_units(x[x_rows[r] if x_rows.shape[0] else r], gathered[j - i0], 0, x.shape[1])
         gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], False)
     return block, r0 + a, s_end
+
+
+@jit
+def step_ordered(reverse, full, lengths_c):
+    """Whether :func:`projection_block` fills its blocks in step order: in reverse over a
+    chunk of unequal lengths, with no ``full`` projection (inference). Step s of sample i
+    (time lengths_c[i] - 1 - s) is then at the block row its forward-direction packed row
+    would have, ``packed_row(r0, offsets_c, ., i, s, False)`` minus the block's base: the
+    steps' rows are contiguous whatever the lengths, as each step runs the chunk's first
+    batch_sizes[s] samples."""
+    return reverse and full.shape[0] == 0 and lengths_c[0] != lengths_c[lengths_c.shape[0] - 1]
 
 
 #: Input rows gathered at a time by :func:`projection_block` from an unpacked input.

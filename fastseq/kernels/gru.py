@@ -42,6 +42,7 @@ from fastseq.kernels.common import (
     projection_block,
     scatter_units,
     start_chunk,
+    step_ordered,
     step_panels,
     sum_unit_parts,
     unit_bounds,
@@ -165,6 +166,7 @@ def gru_forward(
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = gates, 0, 0
+        ordered = step_ordered(reverse, gates, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
         rh = np.empty((nc, hd), h.dtype)
@@ -184,15 +186,16 @@ def gru_forward(
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
+                q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
                 if training:
                     copy_units(h[k], hprev[r], 0, hd)
                 if reset_after:
-                    gru_cell_forward(proj[r - base], gh[i], b_ih, b_hh, h[k])
+                    gru_cell_forward(proj[q], gh[i], b_ih, b_hh, h[k])
                     copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
                     if training:
                         copy_units(gh[i, 2 * hd :], hn[r], 0, hd)
                 else:
-                    gru_cell_reset(proj[r - base], grz[i], b_ih, b_hh, h_in[i], rh[i])
+                    gru_cell_reset(proj[q], grz[i], b_ih, b_hh, h_in[i], rh[i])
                     if training:
                         copy_units(rh[i], hn[r], 0, hd)
             if not reset_after:
@@ -200,7 +203,8 @@ def gru_forward(
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                    gru_cell_update(proj[r - base], ghn[i], b_ih, b_hh, h[k])
+                    q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
+                    gru_cell_update(proj[q], ghn[i], b_ih, b_hh, h[k])
                     copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
 
 

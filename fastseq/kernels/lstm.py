@@ -41,6 +41,7 @@ from fastseq.kernels.common import (
     projection_block,
     scatter_units,
     start_chunk,
+    step_ordered,
     step_panels,
     sum_unit_parts,
     unit_bounds,
@@ -142,6 +143,7 @@ def lstm_forward(
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = gates, 0, 0
+        ordered = step_ordered(reverse, gates, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
@@ -154,10 +156,11 @@ def lstm_forward(
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
+                q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
                 if training:
                     copy_units(h_in[i], hprev[r], 0, hd)
                     copy_units(c[k], cprev[r], 0, hd)
-                lstm_cell_forward(proj[r - base], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
+                lstm_cell_forward(proj[q], gh[i], b_ih, b_hh, w_peep, peephole, c[k], h[k])
                 copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
                 if training:
                     copy_units(c[k], cnew[r], 0, hd)

@@ -28,6 +28,7 @@ from fastseq.kernels.common import (
     project_one_chunk,
     projection_block,
     start_chunk,
+    step_ordered,
     step_panels,
     sum_unit_parts,
     unit_bounds,
@@ -90,6 +91,7 @@ def rnn_forward(
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = gates, 0, 0
+        ordered = step_ordered(reverse, gates, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
@@ -102,9 +104,10 @@ def rnn_forward(
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
+                q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
                 if training:
                     copy_units(h_in[i], hprev[r], 0, hd)
-                rnn_cell_forward(proj[r - base], gh[i], b_ih, b_hh, relu, h[k])
+                rnn_cell_forward(proj[q], gh[i], b_ih, b_hh, relu, h[k])
                 copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
 
 
