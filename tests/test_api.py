@@ -5,7 +5,7 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads
-from fastseq.kernels.common import PROJECTION_BLOCK_ROWS
+from fastseq.kernels.common import PROJECTION_BLOCK_ROWS, ZERO_PADDING_MAX_BYTES
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
 
@@ -243,11 +243,14 @@ def check_padded_outputs_written(monkeypatch, case, training):
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_padded_outputs_written_as_zeros(monkeypatch, variant, training):
+@pytest.mark.parametrize("large", [False, True])
+def test_padded_outputs_written_as_zeros(monkeypatch, variant, training, large):
     """The kernels write the zeros at padded steps themselves (the output is allocated
     uninitialised), every direction its own columns (tests/test_unit_split.py: the
-    unit-split path)."""
-    case = Case(variant, np.float32, 2, True, True, steps=7, batch=5, seed=3)
+    unit-split path); an output beyond ZERO_PADDING_MAX_BYTES comes zeroed instead."""
+    steps = 7 if not large else ZERO_PADDING_MAX_BYTES // (5 * 2 * 40 * 4) + 5
+    case = Case(variant, np.float32, 2, True, True, steps=steps, batch=5, hidden_size=40, seed=3)
+    assert (steps * 5 * 2 * 40 * 4 > ZERO_PADDING_MAX_BYTES) == large
     check_padded_outputs_written(monkeypatch, case, training)
 
 
