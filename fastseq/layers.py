@@ -225,7 +225,8 @@ class _RecurrentLayer(Module):
             # to unpack after.
             shape = (steps, batch, n_dirs * hd)
             small = steps * batch * n_dirs * hd * self.dtype.itemsize <= ZERO_PADDING_MAX_BYTES
-            output = (np.empty if small else np.zeros)(shape, self.dtype)
+            padded = packing.rows < steps * batch
+            output = (np.zeros if padded and not small else np.empty)(shape, self.dtype)
         with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()
