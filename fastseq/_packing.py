@@ -106,15 +106,31 @@ class Packing:
         gather_rows(a, self.row_time, self.row_sample, out)
         return out
 
+    def padded_array(self, features, dtype, kernels_zero_up_to=0):
+        """A (T, N, F) array for an unpacked output: zeros if some steps are padded and
+        the array is larger than ``kernels_zero_up_to`` bytes (below that, the caller's
+        kernels write the padding zeros themselves), else uninitialised.
+
+        np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages."""
+        shape = (self.steps, self.batch, features)
+        padded = self.rows < self.steps * self.batch
+        small = self.steps * self.batch * features * np.dtype(dtype).itemsize <= kernels_zero_up_to
+        return (np.zeros if padded and not small else np.empty)(shape, dtype)
+
     def unpack(self, packed):
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        # np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages
-        padded = self.rows < self.steps * self.batch
-        full = (np.zeros if padded else np.empty)((self.steps, self.batch, packed.shape[1]), packed.dtype)
+        full = self.padded_array(packed.shape[1], packed.dtype)
         scatter_rows(packed, self.row_time, self.row_sample, full)
         return full
+
+    def sorted_states(self, states, row, hidden, dtype):
+        """Each of ``states`` (None, or (L*D, N, H) in the user's sample order) at
+        ``row``, as a contiguous (N, H) copy in state order; (N, H) zeros for None."""
+        return tuple(
+            np.zeros((self.batch, hidden), dtype) if s is None else self.sort(s[row]) for s in states
+        )
 
     def sort(self, state):
         """(..., N, H) in the user's sample order -> contiguous copy in state order."""

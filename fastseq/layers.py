@@ -223,10 +223,7 @@ class _RecurrentLayer(Module):
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
             # zeros at padded steps included up to ZERO_PADDING_MAX_BYTES: no packed output
             # to unpack after.
-            shape = (steps, batch, n_dirs * hd)
-            small = steps * batch * n_dirs * hd * self.dtype.itemsize <= ZERO_PADDING_MAX_BYTES
-            padded = packing.rows < steps * batch
-            output = (np.zeros if padded and not small else np.empty)(shape, self.dtype)
+            output = packing.padded_array(n_dirs * hd, self.dtype, kernels_zero_up_to=ZERO_PADDING_MAX_BYTES)
         with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()
@@ -285,8 +282,7 @@ class _RecurrentLayer(Module):
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
-                states = tuple(np.zeros((packing.batch, hd), self.dtype) if s is None else packing.sort(s[row])
-                               for s in states0)  # fmt: skip
+                states = packing.sorted_states(states0, row, hd, self.dtype)
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 rmask = None
                 if training and self.recurrent_dropout > 0:
@@ -391,8 +387,7 @@ class _RecurrentLayer(Module):
                 dx = self._pool.take((packing.rows, cols), self.dtype)
                 for direction in range(n_dirs):
                     row = layer * n_dirs + direction
-                    dstates = tuple(np.zeros((batch, hd), self.dtype) if s is None else packing.sort(s[row])
-                                    for s in dfinal)  # fmt: skip
+                    dstates = packing.sorted_states(dfinal, row, hd, self.dtype)
                     weights = self._direction_arrays(layer, direction, self.params, self._absent)
                     grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
                     _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
