@@ -4,6 +4,7 @@ Kernels are compiled (or loaded from numba's disk cache) in ``setup``, never in 
 method; data are seeded. ``track_*_gflops`` report GEMM GFLOP/s of a training step.
 """
 
+import os
 import time
 
 import numpy as np
@@ -19,6 +20,12 @@ SHAPES = {
     "large": (64, 50, 1024),
     "small_batch": (4, 50, 512),
 }
+#: The shapes run: all, or those named in FASTSEQ_ASV_SHAPES (comma-separated). The test
+#: suite's pass over every benchmark (tests/test_asv_benchmarks.py) runs "small" only: asv
+#: starts a process per benchmark and shape, about 1.5 s each.
+RUN_SHAPES = [s for s in os.environ.get("FASTSEQ_ASV_SHAPES", ",".join(SHAPES)).split(",") if s]
+if not RUN_SHAPES or not set(RUN_SHAPES) <= set(SHAPES):
+    raise ValueError(f"FASTSEQ_ASV_SHAPES: expected names from {list(SHAPES)}, got {RUN_SHAPES}")
 STREAM_HIDDEN = 128
 #: (N, H) of a batched stream whose steps split their hidden units across threads
 #: (fastseq._threads.stream_parts) for every cell.
@@ -29,7 +36,7 @@ IDLE_SECONDS = 0.05
 
 class _CellSuite:
     cell = "rnn"
-    params = (list(SHAPES), ["float32"])
+    params = (RUN_SHAPES, ["float32"])
     param_names = ["shape", "dtype"]
     timeout = 300
 
