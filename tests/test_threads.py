@@ -113,6 +113,19 @@ def test_kernel_threads_policy():
             assert [lib.num_threads for lib in scipy_blas] == expected
     assert numba.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
+    # an error inside the context restores both pools and the running count (on exit, not
+    # when the context object is freed: it is kept alive here)
+    for pk, step_bytes in ((packing(1), SPREAD_STEP_BYTES), (packing(2, samples=1), 64)):
+        context = kernel_threads(pk, np.empty(step_bytes, np.uint8))
+        with pytest.raises(KeyError), context:
+            assert _threads.RUNNING
+            raise KeyError("inside")
+        assert numba.get_num_threads() == numba_before and _blas_threads() == blas_before
+        assert not _threads.RUNNING
+    # the thread count the workers' pinning reads follows numba.set_num_threads
+    with kernel_threads(packing(1), np.empty(SPREAD_STEP_BYTES, np.uint8)):
+        assert _threads._active_threads() == 1
+    assert _threads._active_threads() == numba_before
     # real layouts: chunks of 2 + 1 samples, then 1 + 1 (lengths do not matter)
     for batch, lengths, one_sample in ((3, None, False), (3, np.array([1, 5, 2]), False), (2, None, True)):
         layout = Packing(lengths, 5, batch, chunks=2)
