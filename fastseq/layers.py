@@ -252,17 +252,14 @@ class _RecurrentLayer(Module):
         kernels are compiled for writeable arrays; a read-only one would compile them again),
         and every direction projecting a block at a time. ``check_finite`` checks packed
         rows."""
-        return (
-            not training
-            and not self.check_finite
-            and not packing.identity
-            and not packing.unit_parts
-            and x3.flags.c_contiguous
-            and x3.flags.writeable
-            and all(
-                _engine.projects_in_blocks(packing, self._recurrent_weights, direction == 1, False)
-                for direction in range(self.num_directions)
-            )
+        if training or self.check_finite or packing.identity or packing.unit_parts:
+            return False
+        flags = x3.flags
+        if not (flags.c_contiguous and flags.writeable):
+            return False
+        w_hh = self._recurrent_weights
+        return _engine.projects_in_blocks(packing, w_hh, False, False) and (
+            self.num_directions == 1 or _engine.projects_in_blocks(packing, w_hh, True, False)
         )
 
     def _run_forward(self, packing, layer_in, states0, final, training, output=None, x_rows=None):
