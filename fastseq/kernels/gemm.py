@@ -266,7 +266,7 @@ def pack_transposed_parallel(w):
     region would run serially at best)."""
     panels = _empty_panels(w)
     for p in prange(panels.shape[0]):
-        pack_panel(w, p, panels)
+        pack_panel(w, np.int64(p), panels)  # prange's index is unsigned: one signature, not two
     return panels
 
 
