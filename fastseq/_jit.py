@@ -20,6 +20,15 @@ apply everywhere:
   RNN's gate loops and the row copies. The LSTM and GRU gate functions stay called: their
   several short loops (tuned as functions of their own) ran slower inlined, LSTM forward
   1.05-1.07x and GRU forward 1.22-1.39x the time (32x100x64, 128x50x128), backward 0.96-1.04.
+* ``reassociate=False`` (per function): no ``reassoc`` flag, the expressions grouped by
+  hand instead. numba links a called function's IR into every kernel that calls it and
+  optimises it there, while a kernel loaded from the cache may call another copy: with
+  ``reassoc``, LLVM regrouped the LSTM's gate gradients differently in the two, and a
+  training step's gradients differed in the last bits between a process that compiled the
+  kernels and one that loaded them from the cache (dx by up to 9e-8, weight gradients by
+  up to 3e-6, float32; 114 of 354 arrays over every variant, all LSTM). Used for
+  ``lstm_cell_backward``: 1.01x the time of a training step with ``reassoc`` (LSTM,
+  32x100x64 and 4x50x512, A/B).
 """
 
 from __future__ import annotations
@@ -37,12 +46,16 @@ JIT_OPTIONS = {
 }
 
 
-def jit(func=None, *, parallel: bool = False, inline: bool = False):
+def jit(func=None, *, parallel: bool = False, inline: bool = False, reassociate: bool = True):
     """Compile ``func`` with fastseq's jit options (``parallel`` enables ``prange``;
-    ``inline``: inlined into every caller, see above)."""
+    ``inline``: inlined into every caller, see above; ``reassociate=False`` drops the
+    ``reassoc`` flag, see the module docstring)."""
 
     def wrap(f):
         extra = {"inline": "always"} if inline else {}
-        return numba.njit(parallel=parallel, **JIT_OPTIONS, **extra)(f)
+        options = dict(JIT_OPTIONS)
+        if not reassociate:
+            options["fastmath"] = set(FASTMATH - {"reassoc"})
+        return numba.njit(parallel=parallel, **options, **extra)(f)
 
     return wrap if func is None else wrap(func)

@@ -1,6 +1,10 @@
 """Results do not depend on the thread count; concurrent use is safe; global state is kept."""
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numba
@@ -12,6 +16,8 @@ from fastseq._packing import Packing
 from tests.cases import Case, run_in_threads
 from tests.conftest import VARIANTS
 from tests.tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _blas_threads():
@@ -25,6 +31,34 @@ def _blas_threads():
 def _run(case):
     out, finals, dx, dinit = case.run()
     return [out, *finals, dx, *dinit, *(g.copy() for g in case.layer.grads.values())]
+
+
+_TRAINING_STEP = """
+import sys, numpy as np, fastseq
+results = {}
+for name, kwargs in (("lstm", {}), ("peephole", {"peephole": True})):
+    layer = fastseq.LSTM(16, 64, seed=0, **kwargs).train()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 5, 16)).astype(np.float32)
+    layer.forward(x)
+    results[name + "_dx"], _ = layer.backward(rng.standard_normal((30, 5, 64)).astype(np.float32))
+    results.update({f"{name}_{k}": g for k, g in layer.grads.items()})
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_compiled_and_cached_kernels_give_the_same_gradients(tmp_path):
+    # A training step in a process that compiles the kernels (an empty cache of its own),
+    # then in one that loads them from that cache: bitwise the same (see fastseq._jit on
+    # ``reassociate``; the LSTM's gradients differed in the last bits before).
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for run in ("compiled", "cached"):
+        command = [sys.executable, "-c", _TRAINING_STEP, str(tmp_path / f"{run}.npz")]
+        subprocess.run(command, env=env, check=True, cwd=ROOT)
+    compiled, cached = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "cached.npz")
+    assert len(compiled.files) == 11  # dx and 4 + 5 (peephole) parameter gradients
+    differing = [k for k in compiled.files if not np.array_equal(compiled[k], cached[k])]
+    assert not differing, differing
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

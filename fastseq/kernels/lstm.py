@@ -94,7 +94,7 @@ def lstm_cell_forward(g, gh, b_ih, b_hh, w_peep, peephole, c, h):
         h[j] = g[3 * hd + j] * tanh(c[j])
 
 
-@jit
+@jit(reassociate=False)
 def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
     """One sample, one step. g (4H,) in: activations i, f, g, o; out: gradients of the
     pre-activations. dh (H,) in: gradient from the next step; dout (H,) in: gradient of this
@@ -108,13 +108,13 @@ def lstm_cell_backward(g, dh, dout, dc, c1, c0, w_peep, peephole):
         og = g[3 * hd + j]
         tc = tanh(c1[j])
         grad_h = dh[j] + dout[j]
-        dao = grad_h * tc * og * (one - og)
-        grad_c = dc[j] + grad_h * og * (one - tc * tc)
+        dao = (grad_h * tc) * (og * (one - og))
+        grad_c = dc[j] + (grad_h * og) * (one - tc * tc)
         if peephole:
             grad_c += dao * w_peep[2, j]
-        dai = grad_c * gg * ig * (one - ig)
-        daf = grad_c * c0[j] * fg * (one - fg)
-        dag = grad_c * ig * (one - gg * gg)
+        dai = (grad_c * gg) * (ig * (one - ig))
+        daf = (grad_c * c0[j]) * (fg * (one - fg))
+        dag = (grad_c * ig) * (one - gg * gg)
         grad_c0 = grad_c * fg
         if peephole:
             grad_c0 += dai * w_peep[0, j] + daf * w_peep[1, j]
