@@ -392,12 +392,10 @@ def _numba_threads(n: int):
 
 
 @contextmanager
-def single_threaded_blas(needed: bool = True):
-    """Hold the kernels' BLAS at one thread inside the block (no-op when not needed)."""
+def single_threaded_blas():
+    """Hold the kernels' BLAS at one thread inside the block (reference-counted across
+    Python threads; restored when the last block ends)."""
     global _active, _saved
-    if not needed:
-        yield
-        return
     with _lock:
         if _active == 0:
             libs = _blas_controller()
