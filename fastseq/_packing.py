@@ -10,8 +10,14 @@ from fastseq.kernels.common import gather_rows, scatter_rows
 class Packing:
     """Row layout of a batch of variable-length sequences.
 
-    Samples are sorted by length (longest first) and dealt round-robin into ``n_chunks``
-    chunks, so each chunk is still sorted and chunks carry similar numbers of valid steps.
+    Samples are sorted by length (longest first) and dealt back and forth into ``n_chunks``
+    chunks (0, 1, ..., K-1, K-1, ..., 1, 0, 0, 1, ...), so each chunk is still sorted and
+    chunks carry similar numbers of valid steps. Dealt round-robin, the first chunk took the
+    longer sample of every K, and its thread ran longest: at N=32, T=100, lengths uniform
+    in [1, T] (the bench's), 761 rows against 699 (735 / 725 dealt back and forth); 917 /
+    890 at N=64, T=50 (899 / 908). Measured (float32, Zen 5, A/B medians, back and forth /
+    round-robin): forward at random lengths, N=32, T=100, H=64: RNN 0.985-0.988, GRU
+    0.973-0.980; training, LSTM 0.927; 64x100x256 and 64x50x1024: 0.98-1.00.
     "State order" lists the samples chunk after chunk; each chunk's rows are contiguous,
     time-major inside the chunk.
 
@@ -41,7 +47,9 @@ class Packing:
         self.n_chunks = n_chunks = max(1, min(chunks, batch))
         self.equal_lengths = bool(np.all(lengths == lengths[0]))
         by_length = np.argsort(-lengths, kind="stable")
-        per_chunk = [by_length[c::n_chunks] for c in range(n_chunks)]
+        place = np.arange(batch) % n_chunks  # dealt back and forth: 0, 1, 1, 0, 0, 1, ...
+        place = np.where(np.arange(batch) // n_chunks % 2 == 1, n_chunks - 1 - place, place)
+        per_chunk = [by_length[place == c] for c in range(n_chunks)]
         sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)
         self.widest_chunk = int(sizes.max())  # samples in the largest chunk
         self.order = np.concatenate(per_chunk).astype(np.int64)  # state index -> sample

@@ -5,6 +5,7 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads
+from fastseq._packing import Packing
 from fastseq.kernels.common import PROJECTION_BLOCK_ROWS, ZERO_PADDING_MAX_BYTES
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
@@ -260,6 +261,21 @@ def test_lengths_any_order_and_integer_types():
     for lengths in (list(case.lengths), case.lengths.astype(np.int32), case.lengths.astype(np.uint8)):
         out, _ = case.layer(case.x, lengths=lengths)
         np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_chunks_get_sorted_samples_and_balanced_rows(chunks):
+    """Samples dealt back and forth: every sample once, each chunk longest first, and with
+    lengths falling by one per sample the chunks' valid rows differ by less than K (dealt
+    round-robin, the first chunk took K-1 rows more per round, 8 * (K-1) here)."""
+    lengths = np.arange(101 - 16 * chunks, 101)[::-1].copy()
+    layout = Packing(np.random.default_rng(0).permutation(lengths), 100, lengths.size, chunks)
+    assert sorted(layout.order) == list(range(lengths.size))
+    rows = layout.batch_sizes.sum(axis=1)
+    assert rows.max() - rows.min() < chunks
+    for c in range(chunks):
+        mine = layout.lengths[layout.chunk_samples[c] : layout.chunk_samples[c + 1]]
+        assert mine.size == 16 and np.all(np.diff(mine) <= 0)
 
 
 def test_row_layout_reused_only_for_the_same_lengths():
