@@ -34,7 +34,9 @@ from tests.tolerances import assert_close
 # The transposed views below are copied into tiles (gemm_packed) from PACK_A_COLUMNS
 # columns on: (32, 256, 1024), and the last two, with partial tiles and panels, the last
 # with K across two K_BLOCK_PACKED passes. Rows left after the full tiles run on few_rows
-# per group of panels, split in two from FEW_ROWS_SPLIT_K deep: (14, 300, 200), (13, 256, 130).
+# per group of panels, split in two from FEW_ROWS_SPLIT_K deep: (14, 300, 200), (13, 256, 130);
+# MR + 1 to MR + 3 rows, and 3 more after MR + MR/2, on a tall tile: (MR + 1, 64, 33), (10,
+# 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512).
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
           (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
           (5, 4100, 515), (2, 64, 300), (10, 70, 200), (4, 33, 100), (19, 40, 130),
@@ -158,17 +160,21 @@ def test_parallel_packing_matches_serial(shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_short_tiles_sum_as_full_tiles(dtype):
     """A block's last few rows run on tiles of 2 or 4 panels (gemm.few_rows), per group of
-    panels, split in two from FEW_ROWS_SPLIT_K deep: each row is summed exactly as in a full
-    tile, whatever the row count or the panels left over (one or two rows: a pair of the
-    2-3 panels left after groups of 4 at once)."""
+    panels, split in two from FEW_ROWS_SPLIT_K deep, or on a tall last tile (MR + 1 to MR +
+    TALL_EXTRA rows): each row is summed exactly as in a full tile, whatever the row count
+    or the panels left over (one or two rows: a pair of the 2-3 panels left after groups of
+    4 at once)."""
     rng = np.random.default_rng(3)
+    half = MR // 2
+    counts = (1, 2, 3, half, half + 1, MR - 2, MR - 1, MR + 1, MR + 2, MR + 3, MR + half, MR + half + 1,
+              2 * MR - 2, 2 * MR - 1, 2 * MR + 1, 2 * MR + 3, 2 * MR + half + 2)  # fmt: skip
     for k in (37, FEW_ROWS_SPLIT_K + 44):
-        a = rng.standard_normal((2 * MR, k)).astype(dtype)
+        a = rng.standard_normal((3 * MR, k)).astype(dtype)
         for m in (150, 64, 7, 96, 50, 200):  # panels left after groups of 4: 0-3, a last one partial
             panels = pack_transposed(rng.standard_normal((m, k)).astype(dtype))
-            full = np.empty((2 * MR, m), dtype)
+            full = np.empty((3 * MR, m), dtype)
             gemm_packed(a, panels, full, False)
-            for n in (1, 2, 3, MR // 2, MR // 2 + 1, MR - 2, MR - 1, MR + 1, MR + MR // 2, 2 * MR - 2):
+            for n in counts:
                 out = np.full((n, m), np.nan, dtype)
                 gemm_packed(a[:n], panels, out, False)
                 assert np.array_equal(out, full[:n]), f"{n} rows, K = {k}, {m} columns"

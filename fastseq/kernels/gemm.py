@@ -16,7 +16,8 @@ for, so that the block fits the register file: 64-byte vectors (zmm), 8 x 2 with
 because numba's loops leave such a block in memory; explicit vector values and
 ``llvm.fma`` give one FMA instruction per vector and term. A block's last rows, when
 fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
-(:func:`few_rows`), each group of panels right after its full tiles. A transposed ``a``
+(:func:`few_rows`), each group of panels right after its full tiles; with AVX-512, 1-3
+rows left over join the last full tile instead (:func:`tall_tile`). A transposed ``a``
 (dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
 (:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
 docs/performance.md.
@@ -242,6 +243,25 @@ FEW_ROWS_PANELS = 4
 #: 1.11 / 1.04; but H = 64 (K = 64): 1.30 / 1.23, 1.49 / 1.37. MR - 1 rows lost either
 #: way (n = 7 at H = 1024: 1.16 full, 1.25 split).
 FEW_ROWS_SPLIT_K = 256
+#: Rows up to which a block's last full tile grows (a tall tile of MR + 1 to MR + TALL_EXTRA
+#: rows, its own micro-kernel each) to take rows left over after the full tiles and any
+#: HALF_MR-row tile, instead of a pass over the panels for 1-3 rows on few_rows' tiles (4
+#: loads per 4 FMAs, from L2). With AVX-512 only: MR + 3 rows of 2 vectors fit the 32
+#: registers; AVX2's 16 do not hold one more row. Measured (float32, both threads, each a
+#: step product of n rows by (K, M) panels, us, tall tile / MR + few_rows): K = 1024, M =
+#: 4096, n = 9: 365 / 450, 10: 404 / 447, 11: 440 / 487; K = 256, M = 1024: 20.7 / 26.5,
+#: 22.4 / 27.0, 24.4 / 29.7; per row as fast as a full tile or faster. Tiles of 13-14 rows
+#: lost at K = 1024 (674 / 591 us at 14), and so did two 11-row tiles in a row (1171 us for
+#: 22 rows against 817), so only a block's last tile grows. Layers (A/B medians, new / MR +
+#: few_rows): forward, full length, chunks of 9-13 rows: LSTM N=20, T=50, H=1024 0.932, GRU
+#: N=26, T=100, H=256 0.964, RNN N=18, H=512 0.954; training LSTM N=20, H=512 0.971, GRU
+#: N=26 0.972; random lengths 0.99-1.00; chunks of 32 rows unchanged. Compiling
+#: ``gemm_packed`` takes 0.3-0.4 s longer (2.9-3.0 s against 2.5-2.7, one signature).
+TALL_EXTRA = 3 if VECTOR_BYTES == 64 else 0
+_tile_tall = [_tile_intrinsic(MR + extra, 1) for extra in range(1, max(TALL_EXTRA, 1) + 1)]
+_tile_tall1 = _tile_tall[0]
+_tile_tall2 = _tile_tall[min(1, len(_tile_tall) - 1)]
+_tile_tall3 = _tile_tall[min(2, len(_tile_tall) - 1)]
 
 
 @jit
@@ -368,7 +388,16 @@ def gemm_packed(a, panels, out, accumulate):
         for b0 in range(0, n, rows):
             b1 = min(n, b0 + rows)
             last = (b1 - b0) % MR
-            body = b1 if last == MR - 1 or (last > HALF_MR and kc < FEW_ROWS_SPLIT_K) else b1 - last
+            # the last full tile takes ``extra`` rows (a tall tile), HALF_MR rows after it
+            # may run on few_rows' half-height tiles; MR - 1 rows left over at a short depth
+            # run on one more full tile (K = 64: n = 15, 23, 31 ran 1.03-1.05x slower tall)
+            tall_fits = b1 - b0 > MR and last % HALF_MR <= TALL_EXTRA
+            extra = last % HALF_MR if tall_fits and (last < MR - 1 or kc >= FEW_ROWS_SPLIT_K) else 0
+            if extra:
+                body = b1 - last + extra if last > HALF_MR else b1
+            else:
+                body = b1 if last == MR - 1 or (last > HALF_MR and kc < FEW_ROWS_SPLIT_K) else b1 - last
+            tall = body - MR - extra if extra else body  # full tiles b0..tall, the tall one tall..body
             # rows left after the full tiles (body..b1) run on few_rows, HALF_MR at a time,
             # each group of panels serving the full tiles and then those rows while in cache
             group = FEW_ROWS_PANELS if body < b1 else max(panels.shape[0], 1)  # 1: no columns
@@ -376,12 +405,27 @@ def gemm_packed(a, panels, out, accumulate):
                 g1 = min(panels.shape[0], g0 + group)
                 for p in range(g0, g1):
                     j0 = p * nr
-                    for i0 in range(b0, body, MR):
+                    for i0 in range(b0, tall, MR):
                         _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
                               out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                    if extra:
+                        tall_tile(extra, kc, a[tall:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
+                                  out[tall:, j0:], c_row, min(nr, m - j0), add)  # fmt: skip
                 for f0 in range(body, b1, HALF_MR):
                     few_rows(kc, a[f0:, k0:], a_row, a_col, panels[g0:g1], k, k0,
                              out[f0 : min(b1, f0 + HALF_MR), g0 * nr :], c_row, add)  # fmt: skip
+
+
+@jit
+def tall_tile(extra, kc, a, a_row, a_col, panels, b_off, c, c_row, nr, accumulate):
+    """A tile of MR + ``extra`` rows (1 <= extra <= TALL_EXTRA) by one panel: the
+    :func:`_tile` arguments, all of its rows computed."""
+    if extra == 1:
+        _tile_tall1(kc, a, a_row, a_col, panels, b_off, 0, c, c_row, MR + 1, nr, accumulate)
+    elif extra == 2:
+        _tile_tall2(kc, a, a_row, a_col, panels, b_off, 0, c, c_row, MR + 2, nr, accumulate)
+    else:
+        _tile_tall3(kc, a, a_row, a_col, panels, b_off, 0, c, c_row, MR + 3, nr, accumulate)
 
 
 @jit
