@@ -11,6 +11,14 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads, layers
+from fastseq.kernels.common import (
+    DIRECT_PROJECTION_ROWS,
+    DIRECT_STEP_ROWS,
+    ONE_ROW_PANEL_STEPS,
+    unit_bounds,
+    unit_input_panels,
+    unit_recurrent_panels,
+)
 from tests.cases import Case, assert_matches, run_in_threads
 from tests.conftest import make_layer
 from tests.test_api import check_padded_outputs_written
@@ -129,10 +137,30 @@ def test_unit_split_finite_differences(
     check_gradients(case, dx, dinit, np.random.default_rng(7))
 
 
+def test_short_split_passes_read_the_weights_in_place():
+    """Which weights a split forward packs: W_ih from DIRECT_PROJECTION_ROWS + 1 rows of
+    input, W_hh from ONE_ROW_PANEL_STEPS steps or DIRECT_STEP_ROWS + 1 samples."""
+    w_ih, w_hh = np.ones((12, 5), np.float32), np.ones((12, 3), np.float32)
+    units = unit_bounds(3, 2)
+    for rows in (1, DIRECT_PROJECTION_ROWS, DIRECT_PROJECTION_ROWS + 1):
+        packed = unit_input_panels(np.ones((rows, 5), np.float32), w_ih).shape[0] > 0
+        assert packed == (rows > DIRECT_PROJECTION_ROWS)
+    for steps in (1, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS):
+        for batch in (1, DIRECT_STEP_ROWS, DIRECT_STEP_ROWS + 1):
+            packed = unit_recurrent_panels(w_hh, 4, units, steps, batch).shape[1] > 0
+            assert packed == (steps >= ONE_ROW_PANEL_STEPS or batch > DIRECT_STEP_ROWS)
+
+
+# Steps: short sequences of up to DIRECT_STEP_ROWS samples read W_hh in place at every step,
+# and up to DIRECT_PROJECTION_ROWS rows of input read W_ih in place; longer ones pack them.
+SPLIT_STEPS = [7, ONE_ROW_PANEL_STEPS + 1]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 8])
-def test_unit_split_torch_parity(unit_split, dtype, batch):
-    case = Case("lstm", dtype, 2, True, True, True, steps=7, batch=batch, input_size=6, hidden_size=9)
+@pytest.mark.parametrize("steps", SPLIT_STEPS)
+def test_unit_split_torch_parity(unit_split, dtype, batch, steps):
+    case = Case("lstm", dtype, 2, True, True, True, steps=steps, batch=batch, input_size=6, hidden_size=9)
     got = case.run()
     assert unit_split["forward"] == 4 and unit_split["backward"] == 4
     assert_matches(case, got, torch_run(case), "torch parity")
@@ -237,9 +265,10 @@ ONE_SAMPLE_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_one_sample_split_inference_matches_naive_and_torch(one_sample_split, variant, dtype):
+@pytest.mark.parametrize("steps", SPLIT_STEPS)
+def test_one_sample_split_inference_matches_naive_and_torch(one_sample_split, variant, dtype, steps):
     # a batch of one, two layers, both directions, H odd (parts of unequal widths)
-    case = Case(variant, dtype, 2, True, False, True, steps=7, batch=1, input_size=6, hidden_size=9)
+    case = Case(variant, dtype, 2, True, False, True, steps=steps, batch=1, input_size=6, hidden_size=9)
     case.layer.eval()
     out, h_n = case.layer(case.x, case.hx())
     assert one_sample_split["forward"] == 4
@@ -264,8 +293,9 @@ def test_one_sample_split_finite_differences(one_sample_split, variant, num_laye
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_one_sample_split_training_torch_parity(one_sample_split, variant, dtype):
-    case = Case(variant, dtype, 2, True, False, True, steps=7, batch=1, input_size=6, hidden_size=9)
+@pytest.mark.parametrize("steps", SPLIT_STEPS)
+def test_one_sample_split_training_torch_parity(one_sample_split, variant, dtype, steps):
+    case = Case(variant, dtype, 2, True, False, True, steps=steps, batch=1, input_size=6, hidden_size=9)
     got = case.run()
     assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4
     assert_matches(case, got, torch_run(case), "torch parity")

@@ -8,6 +8,7 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.gemm import (
     BLAS_FOR_LARGE,
+    FEW_ROWS,
     copied_tiles_products,
     few_rows_nt,
     gemm_large,
@@ -505,6 +506,75 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
 # the pieces their serial drivers share.
 
 
+#: Rows of input (T*N) up to which a one-chunk forward split by units reads W_ih in place
+#: for its input projection (:func:`unit_input_panels`; ONE_ROW_PANEL_STEPS: the steps below
+#: which it reads W_hh in place, :func:`unit_recurrent_panels`). Packing costs a read and
+#: a write of every weight per call, which a short sequence does not earn back: one step
+#: of a batch of one at C=H=1024 took 0.76-0.90 ms (RNN) and 3.0-4.2 ms (GRU) packing both.
+#: Measured (float32, Zen 5, in process, A/B medians, in place / packed), eval forward: RNN
+#: N=1, H=1024, T=1 0.180, T=30 0.740; GRU N=1, H=1024, T=30 0.654; N=1, T=8, H=512 0.481;
+#: LSTM N=2, T=16, H=768 0.615; training: RNN N=1, T=30, H=1024 0.910; GRU N=1, T=16, H=512
+#: 0.876; LSTM N=2, T=16, H=768 0.811, N=1, T=31, H=256 0.871.
+DIRECT_PROJECTION_ROWS = FEW_ROWS
+#: Rows up to which a short split forward's per-step products read W_hh in place (see
+#: above); from 3 rows the panels' tiles win: LSTM N=3, T=31, H=384 1.15x slower in place,
+#: N=8, T=16, H=512 1.12x.
+DIRECT_STEP_ROWS = 2
+
+
+@jit
+def unit_input_panels(x, w_ih):
+    """Panels of W_ih^T (G*H, C) for a split forward's input projection of x (R, C)
+    (``gemm.pack_weights``), or none (empty) when R <= DIRECT_PROJECTION_ROWS: then
+    :func:`unit_projection` reads w_ih in place."""
+    return pack_weights((w_ih[:0] if x.shape[0] <= DIRECT_PROJECTION_ROWS else w_ih).T)
+
+
+@jit
+def unit_recurrent_panels(w_hh, gates, units, steps, batch):
+    """:func:`pack_unit_rows` of w_hh (G*H, H), or none (panels (parts, 0, H, NR)) for
+    fewer than ONE_ROW_PANEL_STEPS ``steps`` of a ``batch`` of at most DIRECT_STEP_ROWS: then
+    :func:`unit_product` reads W_hh in place."""
+    if steps < ONE_ROW_PANEL_STEPS and batch <= DIRECT_STEP_ROWS:
+        return np.empty((units.shape[0] - 1, 0, w_hh.shape[1], panel_width(w_hh)), w_hh.dtype)
+    return pack_unit_rows(w_hh, gates, units)
+
+
+@jit
+def unit_product(h_in, panels, w_hh, gates, p, u0, hu, out):
+    """out (n, G*hu) = h_in (n, H) @ (part p's rows of w_hh, gate-major)^T, its units u0..u0+hu-1:
+    from the part's panels (:func:`unit_recurrent_panels`), or with none, reading w_hh
+    (G*H, H) in place a gate block at a time (``gemm.few_rows_nt``)."""
+    if panels.shape[1]:
+        nr = panels.shape[3]
+        gemm_packed(h_in, panels[p, : (gates * hu + nr - 1) // nr], out, False)
+        return
+    hd = w_hh.shape[0] // gates
+    for q in range(gates):
+        few_rows_nt(h_in, w_hh[q * hd + u0 : q * hd + u0 + hu], out[:, q * hu : (q + 1) * hu])
+
+
+@jit(parallel=True)
+def project_in_place(x, w, out, parts):
+    """out (n, M) = x (n, C) @ w.T for w (M, C) read in place (``gemm.few_rows_nt``, few
+    rows of x), the rows of w split across ``parts`` threads at multiples of 4."""
+    m = w.shape[0]
+    for p in prange(parts):
+        j0, j1 = (m * p // parts) // 4 * 4, (m * (p + 1) // parts) // 4 * 4 if p < parts - 1 else m
+        if j1 > j0:
+            few_rows_nt(x, w[j0:j1], out[:, j0:j1])
+
+
+@jit
+def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
+    """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C)):
+    split by rows on the panels, or with W_ih read in place (:func:`unit_input_panels`)."""
+    if x.shape[0] <= DIRECT_PROJECTION_ROWS:
+        project_in_place(x[rows[0] : rows[1]], w_ih, out, parts)
+    else:
+        gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, False, parts)
+
+
 @jit
 def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
     """Start a one-chunk split forward's input projection: into ``gates`` (R, G*H) at once,
@@ -515,7 +585,7 @@ def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
         (0 if full else block_capacity(lengths.shape[0], x.shape[0]), gates.shape[1]), gates.dtype
     )
     if full:
-        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, parts)
+        unit_projection(x, (0, x.shape[0]), w_ih, w_ih_panels, gates, parts)
     return block, lengths[0] if full else 0
 
 
@@ -524,7 +594,7 @@ def unit_projection_block(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, 
     """Project the block of steps from step s into ``block``, split by rows. Returns (the
     block's first packed row, the step after the block)."""
     a, b, s_next = block_rows(offsets_c, lengths, s, reverse, block.shape[0])
-    gemm_split_rows(x[a:b], w_ih.T, w_ih_panels, block[: b - a], False, parts)
+    unit_projection(x, (a, b), w_ih, w_ih_panels, block[: b - a], parts)
     return a, s_next
 
 

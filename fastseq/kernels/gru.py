@@ -35,7 +35,6 @@ from fastseq.kernels.common import (
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
-    pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
@@ -47,9 +46,12 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
+    unit_input_panels,
     unit_operands,
     unit_packed_rows,
+    unit_product,
     unit_projection_start,
+    unit_recurrent_panels,
     unit_step_start,
     widest_part,
     zero_padding,
@@ -357,8 +359,8 @@ def gru_forward_units(
     Same arguments as gru_forward (without ``reset_after``), plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = pack_weights(w_ih.T)
-    w_hh_panels = pack_unit_rows(w_hh, 3, units)  # part p: h @ (its rows of W_hh)^T
+    w_ih_panels = unit_input_panels(x, w_ih)
+    w_hh_panels = unit_recurrent_panels(w_hh, 3, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 3 * widest_part(units)), h.dtype)
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
     h_in = np.empty((nb, hd), h.dtype)
@@ -373,24 +375,23 @@ def gru_forward_units(
         if training:
             for i in range(n):
                 copy_units(h[i], hprev[rows[i]], 0, hd)  # unmasked: the z*h term reads it
-        gru_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
+        gru_forward_step_units(h_in[:n], w_hh_panels, w_hh, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
                                out_col, out_rows, hn, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
 def gru_forward_step_units(
-    h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn, rows, training,
+    h_in, panels, w_hh, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn, rows, training,
     units,
 ):  # fmt: skip
     """One step of :func:`gru_forward_units`, its parts across threads (see
     lstm.forward_step_units). Training: the gates go back to ``proj``'s rows, W_hn h + b_hn
     to ``hn``'s."""
-    nr = panels.shape[3]
     n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
         u0, u1 = units[p], units[p + 1]
         hu = u1 - u0
-        gemm_packed(h_in, panels[p, : (3 * hu + nr - 1) // nr], gh[p, :n, : 3 * hu], False)
+        unit_product(h_in, panels, w_hh, 3, p, u0, hu, gh[p, :n, : 3 * hu])
         g = g_p[p, : 3 * hu]
         for i in range(n):
             gather_units(proj[proj_rows[i]], 3, u0, g)

@@ -34,7 +34,6 @@ from fastseq.kernels.common import (
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
-    pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
@@ -46,9 +45,12 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
+    unit_input_panels,
     unit_operands,
     unit_packed_rows,
+    unit_product,
     unit_projection_start,
+    unit_recurrent_panels,
     unit_step_start,
     weight_grads,
     widest_part,
@@ -231,8 +233,8 @@ def lstm_forward_units(
     projection is split by rows. Same arguments, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = pack_weights(w_ih.T)
-    w_hh_panels = pack_unit_rows(w_hh, 4, units)  # part p: h @ (its rows of W_hh)^T
+    w_ih_panels = unit_input_panels(x, w_ih)
+    w_hh_panels = unit_recurrent_panels(w_hh, 4, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
     # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so
     # that it vectorises like the full rows of lstm_forward
@@ -250,24 +252,23 @@ def lstm_forward_units(
             for i in range(n):
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
                 copy_units(c[i], cprev[rows[i]], 0, hd)
-        forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
+        forward_step_units(h_in[:n], w_hh_panels, w_hh, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
                            c, h, out, out_col, out_rows, cnew, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
-def forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
+def forward_step_units(h_in, panels, w_hh, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
                        out_col, out_rows, cnew, rows, training, units):  # fmt: skip
     """One step of :func:`lstm_forward_units`, its parts across threads. h_in (n, H) in: the
     (masked) state the product reads; rows (n,): the step's packed rows, proj_rows: their
     rows of ``proj``; panels, b_ih_p, b_hh_p, peep_p, g_p: per part (common.unit_operands).
     A parallel function of its own, so that the kernel's time loop around it stays serial
     code."""
-    nr = panels.shape[3]
     n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
         u0, u1 = units[p], units[p + 1]
         hu = u1 - u0
-        gemm_packed(h_in, panels[p, : (4 * hu + nr - 1) // nr], gh[p, :n, : 4 * hu], False)
+        unit_product(h_in, panels, w_hh, 4, p, u0, hu, gh[p, :n, : 4 * hu])
         g = g_p[p, : 4 * hu]
         for i in range(n):
             r = rows[i]

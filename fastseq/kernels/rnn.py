@@ -22,7 +22,6 @@ from fastseq.kernels.common import (
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
-    pack_unit_rows,
     packed_row,
     part_step_operands,
     project_one_chunk,
@@ -33,9 +32,12 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
+    unit_input_panels,
     unit_operands,
     unit_packed_rows,
+    unit_product,
     unit_projection_start,
+    unit_recurrent_panels,
     unit_step_start,
     weight_grads,
     widest_part,
@@ -167,8 +169,8 @@ def rnn_forward_units(
     Same arguments as rnn_forward, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = pack_weights(w_ih.T)
-    w_hh_panels = pack_unit_rows(w_hh, 1, units)  # part p: h @ (its rows of W_hh)^T
+    w_ih_panels = unit_input_panels(x, w_ih)
+    w_hh_panels = unit_recurrent_panels(w_hh, 1, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, widest_part(units)), h.dtype)
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 1, units)
     h_in = np.empty((nb, hd), h.dtype)
@@ -183,21 +185,20 @@ def rnn_forward_units(
         if training:
             for i in range(n):
                 copy_units(h_in[i], hprev[rows[i]], 0, hd)
-        rnn_forward_step_units(h_in[:n], w_hh_panels, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, relu, h,
+        rnn_forward_step_units(h_in[:n], w_hh_panels, w_hh, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, relu, h,
                                out, out_col, out_rows, rows[:n], training, units)  # fmt: skip
 
 
 @jit(parallel=True)
-def rnn_forward_step_units(h_in, panels, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, out_rows,
+def rnn_forward_step_units(h_in, panels, w_hh, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, relu, h, out, out_col, out_rows,
                            rows, training, units):  # fmt: skip
     """One step of :func:`rnn_forward_units`, its parts across threads (see
     lstm.forward_step_units). Training: h' goes back to ``proj``'s rows."""
-    nr = panels.shape[3]
     n = rows.shape[0]
     for p in prange(units.shape[0] - 1):
         u0, u1 = units[p], units[p + 1]
         hu = u1 - u0
-        gemm_packed(h_in, panels[p, : (hu + nr - 1) // nr], gh[p, :n, :hu], False)
+        unit_product(h_in, panels, w_hh, 1, p, u0, hu, gh[p, :n, :hu])
         g = g_p[p, :hu]
         for i in range(n):
             gather_units(proj[proj_rows[i]], 1, u0, g)
