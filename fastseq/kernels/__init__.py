@@ -13,8 +13,8 @@ Shapes legend (rightmost dimension fastest, every array C-contiguous)::
     D  directions (1 or 2); an output row holds D*H values, direction d in columns d*H:(d+1)*H
 
 Packed, chunked layout. Samples are sorted by length (longest first) and dealt back and
-forth (see fastseq._packing) into K batch chunks (K fixed by numba's start-up thread count, see fastseq._threads). "State
-order" lists samples chunk after chunk; chunk ``c`` holds state indices
+forth (see fastseq._packing) into K batch chunks (K fixed by numba's start-up thread count,
+see fastseq._threads). "State order" lists samples chunk after chunk; chunk ``c`` holds state indices
 ``chunk_samples[c] .. chunk_samples[c+1]-1`` and packed rows ``chunk_rows[c] ..
 chunk_rows[c+1]-1``, time-major: its local sample ``i`` at time ``t`` is row
 ``chunk_rows[c] + offsets[c, t] + i``. ``batch_sizes[c, t]`` samples of the chunk are

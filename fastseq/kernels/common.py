@@ -591,7 +591,7 @@ def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
 
 @jit
 def unit_projection_block(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts):
-    """Project the block of steps from step s into ``block``, split by rows. Returns (the
+    """Project the block of steps from step s into ``block`` (:func:`unit_projection`). Returns (the
     block's first packed row, the step after the block)."""
     a, b, s_next = block_rows(offsets_c, lengths, s, reverse, block.shape[0])
     unit_projection(x, (a, b), w_ih, w_ih_panels, block[: b - a], parts)

@@ -355,7 +355,7 @@ def gru_forward_units(
 ):  # fmt: skip
     """:func:`gru_forward` (reset_after=True) for a batch in one chunk, each step's recurrent
     product and gate math split across ``parts`` threads by hidden units, like
-    :func:`fastseq.kernels.lstm.lstm_forward_units`; the input projection is split by rows.
+    :func:`fastseq.kernels.lstm.lstm_forward_units` (input projection, W_hh read in place).
     Same arguments as gru_forward (without ``reset_after``), plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)

@@ -230,7 +230,9 @@ def lstm_forward_units(
 ):  # fmt: skip
     """:func:`lstm_forward` for a batch in one chunk, each step's recurrent product and gate
     math split across ``parts`` threads by hidden units (see common.unit_bounds); the input
-    projection is split by rows. Same arguments, plus ``parts``."""
+    projection is split by rows (of W_ih for short inputs: common.unit_projection). Short
+    sequences of one or two samples read W_hh in place (common.unit_recurrent_panels). Same
+    arguments, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
     w_ih_panels = unit_input_panels(x, w_ih)

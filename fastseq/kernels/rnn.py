@@ -165,7 +165,7 @@ def rnn_forward_units(
 ):  # fmt: skip
     """:func:`rnn_forward` for a batch in one chunk, each step's recurrent product and
     activation split across ``parts`` threads by hidden units, like
-    :func:`fastseq.kernels.lstm.lstm_forward_units`; the input projection is split by rows.
+    :func:`fastseq.kernels.lstm.lstm_forward_units` (input projection, W_hh read in place).
     Same arguments as rnn_forward, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
