@@ -6,7 +6,7 @@ import pytest
 import fastseq
 from fastseq import _engine, _threads
 from fastseq._packing import Packing
-from fastseq.kernels.common import PROJECTION_BLOCK_ROWS, ZERO_PADDING_MAX_BYTES
+from fastseq.kernels.common import DIRECT_PROJECTION_ROWS, PROJECTION_BLOCK_ROWS, ZERO_PADDING_MAX_BYTES
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
 
@@ -261,6 +261,29 @@ def test_lengths_any_order_and_integer_types():
     for lengths in (list(case.lengths), case.lengths.astype(np.int32), case.lengths.astype(np.uint8)):
         out, _ = case.layer(case.x, lengths=lengths)
         np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_few_rows_projection_matches_the_chunks(variant, training):
+    """A chunked forward of at most DIRECT_PROJECTION_ROWS packed rows projects its input at
+    the kernel's top level, W_ih read in place (common.few_rows_projection; in eval the
+    input rows gathered first); the same samples beside others (more rows) project on the
+    chunks' panels. Outputs and final states agree, at unequal lengths, both directions."""
+    rng = np.random.default_rng(11)
+    layer = make_layer(variant, 6, 9, num_layers=2, bidirectional=True, seed=2, dtype=np.float64)
+    layer.train(training)
+    x = rng.standard_normal((8, 6, 6))
+    lengths = np.array([8, 3, 5, 8, 8, 8])
+    assert lengths[:3].sum() <= DIRECT_PROJECTION_ROWS < lengths.sum()
+    few, few_state = layer(np.ascontiguousarray(x[:, :3]), lengths=lengths[:3])  # eval: rows gathered
+    many, many_state = layer(x, lengths=lengths)
+    np.testing.assert_allclose(few, many[:, :3], rtol=1e-12, atol=1e-14)
+    pairs = (
+        zip(few_state, many_state, strict=True) if isinstance(few_state, tuple) else [(few_state, many_state)]
+    )
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b[:, :3], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("chunks", [2, 3])

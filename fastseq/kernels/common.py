@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -573,6 +574,46 @@ def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
         project_in_place(x[rows[0] : rows[1]], w_ih, out, parts)
     else:
         gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, False, parts)
+
+
+#: Threads :func:`few_rows_projection` splits W_ih's rows across: numba's start-up thread
+#: count (each output column is summed the same way whatever the split).
+PROJECTION_PARTS = max(1, numba.config.NUMBA_NUM_THREADS)
+
+
+@jit
+def chunk_input_panels(x, w_ih, x_rows):
+    """``gemm.pack_weights(w_ih.T)`` for a chunked forward's input projection, or none
+    (empty) for at most DIRECT_PROJECTION_ROWS packed rows (x (R, C), or R = x_rows' entries
+    when it has any: see :func:`projection_block`), which :func:`few_rows_projection`
+    computes reading W_ih in place."""
+    rows = x_rows.shape[0] if x_rows.shape[0] else x.shape[0]
+    return pack_weights((w_ih[:0] if rows <= DIRECT_PROJECTION_ROWS else w_ih).T)
+
+
+@jit
+def few_rows_projection(x, w_ih, gates, x_rows):
+    """Call at a chunked kernel's top level. For at most DIRECT_PROJECTION_ROWS packed rows,
+    the whole input projection (R, G*H) with W_ih read in place (:func:`project_in_place`,
+    across PROJECTION_PARTS threads): into ``gates`` when it has rows (training), else into a new
+    array, x's rows gathered through ``x_rows`` when it has entries. Returns (the
+    projection, True); for more rows (``gates``, False): the chunks project then.
+    Measured (float32, Zen 5, in process, A/B medians, new / packing W_ih), eval forward at
+    T=5, H=1024: GRU N=4 0.545, RNN N=4 0.804, LSTM N=1 0.531; N=16 (80 rows, unchanged)
+    1.02; training GRU N=4 0.984, RNN N=3, T=8, H=512 0.954, LSTM N=16, T=2, H=512 1.023."""
+    rows = x_rows.shape[0] if x_rows.shape[0] else x.shape[0]
+    if rows > DIRECT_PROJECTION_ROWS:
+        return gates, False
+    out = gates if gates.shape[0] else np.empty((rows, w_ih.shape[0]), x.dtype)
+    parts = PROJECTION_PARTS
+    if x_rows.shape[0]:
+        packed = np.empty((rows, x.shape[1]), x.dtype)
+        for r in range(rows):
+            copy_units(x[x_rows[r]], packed[r], 0, x.shape[1])
+        project_in_place(packed, w_ih, out, parts)
+    else:
+        project_in_place(x, w_ih, out, parts)
+    return out, True
 
 
 @jit

@@ -25,9 +25,11 @@ from fastseq.kernels.common import (
     add_parts,
     add_units,
     add_weight_grad,
+    chunk_input_panels,
     column_sums,
     copy_rows,
     copy_units,
+    few_rows_projection,
     gather_units,
     gemm_split_rows,
     mask_rows,
@@ -157,18 +159,19 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
+    w_ih_panels = chunk_input_panels(x, w_ih, x_rows)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths)
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths)
-    projected = project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
+    full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
+    projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
-            x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
+            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
-        proj, base, s_next = gates, 0, 0
-        ordered = step_ordered(reverse, gates, lengths[s0 : s0 + nc])  # rows of proj: see there
+        proj, base, s_next = full, 0, 0
+        ordered = step_ordered(reverse, full, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, 3 * hd), h.dtype)
         grz = np.empty((nc, 2 * hd), h.dtype)
         rh = np.empty((nc, hd), h.dtype)
@@ -178,7 +181,7 @@ def gru_forward(
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
-                                                      s, reverse, gates, block, x_rows)  # fmt: skip
+                                                      s, reverse, full, block, x_rows)  # fmt: skip
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:

@@ -23,10 +23,12 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
+    chunk_input_panels,
     chunk_weight_grads,
     copy_rows,
     copy_unit_columns,
     copy_units,
+    few_rows_projection,
     gather_units,
     gemm_split_rows,
     mask_rows,
@@ -136,23 +138,24 @@ def lstm_forward(
     """Forward pass of one layer and direction. ``x_rows``: see
     :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
-    w_ih_panels = pack_weights(w_ih.T)  # B of the input projection x @ W_ih^T
+    w_ih_panels = chunk_input_panels(x, w_ih, x_rows)  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
-    projected = project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
+    full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
+    projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
-            x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, projected
+            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
-        proj, base, s_next = gates, 0, 0
-        ordered = step_ordered(reverse, gates, lengths[s0 : s0 + nc])  # rows of proj: see there
+        proj, base, s_next = full, 0, 0
+        ordered = step_ordered(reverse, full, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, 4 * hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
-                                                      s, reverse, gates, block, x_rows)  # fmt: skip
+                                                      s, reverse, full, block, x_rows)  # fmt: skip
             h_in = masked_rows(h, rmask, s0, n, hm)
             gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
