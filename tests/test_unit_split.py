@@ -15,8 +15,8 @@ from fastseq.kernels.common import (
     DIRECT_PROJECTION_ROWS,
     DIRECT_STEP_ROWS,
     ONE_ROW_PANEL_STEPS,
+    input_panels,
     unit_bounds,
-    unit_input_panels,
     unit_recurrent_panels,
 )
 from tests.cases import Case, assert_matches, run_in_threads
@@ -143,7 +143,7 @@ def test_short_split_passes_read_the_weights_in_place():
     w_ih, w_hh = np.ones((12, 5), np.float32), np.ones((12, 3), np.float32)
     units = unit_bounds(3, 2)
     for rows in (1, DIRECT_PROJECTION_ROWS, DIRECT_PROJECTION_ROWS + 1):
-        packed = unit_input_panels(np.ones((rows, 5), np.float32), w_ih).shape[0] > 0
+        packed = input_panels(w_ih, rows).shape[0] > 0
         assert packed == (rows > DIRECT_PROJECTION_ROWS)
     for steps in (1, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS):
         for batch in (1, DIRECT_STEP_ROWS, DIRECT_STEP_ROWS + 1):

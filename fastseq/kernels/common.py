@@ -507,9 +507,9 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
 # the pieces their serial drivers share.
 
 
-#: Rows of input (T*N) up to which a one-chunk forward split by units reads W_ih in place
-#: for its input projection (:func:`unit_input_panels`; ONE_ROW_PANEL_STEPS: the steps below
-#: which it reads W_hh in place, :func:`unit_recurrent_panels`). Packing costs a read and
+#: Rows of input (T*N) up to which a forward reads W_ih in place for its input projection
+#: (:func:`input_panels`; ONE_ROW_PANEL_STEPS: the steps below which a one-chunk forward split
+#: by units reads W_hh in place, :func:`unit_recurrent_panels`). Packing costs a read and
 #: a write of every weight per call, which a short sequence does not earn back: one step
 #: of a batch of one at C=H=1024 took 0.76-0.90 ms (RNN) and 3.0-4.2 ms (GRU) packing both.
 #: Measured (float32, Zen 5, in process, A/B medians, in place / packed), eval forward: RNN
@@ -524,11 +524,19 @@ DIRECT_STEP_ROWS = 2
 
 
 @jit
-def unit_input_panels(x, w_ih):
-    """Panels of W_ih^T (G*H, C) for a split forward's input projection of x (R, C)
-    (``gemm.pack_weights``), or none (empty) when R <= DIRECT_PROJECTION_ROWS: then
-    :func:`unit_projection` reads w_ih in place."""
-    return pack_weights((w_ih[:0] if x.shape[0] <= DIRECT_PROJECTION_ROWS else w_ih).T)
+def input_panels(w_ih, rows):
+    """Panels of W_ih^T (G*H, C) for a forward's input projection of ``rows`` packed rows
+    (``gemm.pack_weights``), or none (empty) for at most DIRECT_PROJECTION_ROWS: then
+    :func:`unit_projection` (split by units) or :func:`few_rows_projection` (chunks) reads
+    w_ih in place."""
+    return pack_weights((w_ih[:0] if rows <= DIRECT_PROJECTION_ROWS else w_ih).T)
+
+
+@jit
+def packed_rows(x, x_rows):
+    """Packed rows of a chunked forward's input: x (R, C), or R = x_rows' entries when it has
+    any (x unpacked, see :func:`projection_block`)."""
+    return x_rows.shape[0] if x_rows.shape[0] else x.shape[0]
 
 
 @jit
@@ -569,7 +577,7 @@ def project_in_place(x, w, out, parts):
 @jit
 def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
     """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C)):
-    split by rows on the panels, or with W_ih read in place (:func:`unit_input_panels`)."""
+    split by rows on the panels, or with W_ih read in place (:func:`input_panels`)."""
     if x.shape[0] <= DIRECT_PROJECTION_ROWS:
         project_in_place(x[rows[0] : rows[1]], w_ih, out, parts)
     else:
@@ -582,16 +590,6 @@ PROJECTION_PARTS = max(1, numba.config.NUMBA_NUM_THREADS)
 
 
 @jit
-def chunk_input_panels(x, w_ih, x_rows):
-    """``gemm.pack_weights(w_ih.T)`` for a chunked forward's input projection, or none
-    (empty) for at most DIRECT_PROJECTION_ROWS packed rows (x (R, C), or R = x_rows' entries
-    when it has any: see :func:`projection_block`), which :func:`few_rows_projection`
-    computes reading W_ih in place."""
-    rows = x_rows.shape[0] if x_rows.shape[0] else x.shape[0]
-    return pack_weights((w_ih[:0] if rows <= DIRECT_PROJECTION_ROWS else w_ih).T)
-
-
-@jit
 def few_rows_projection(x, w_ih, gates, x_rows):
     """Call at a chunked kernel's top level. For at most DIRECT_PROJECTION_ROWS packed rows,
     the whole input projection (R, G*H) with W_ih read in place (:func:`project_in_place`,
@@ -601,7 +599,7 @@ def few_rows_projection(x, w_ih, gates, x_rows):
     Measured (float32, Zen 5, in process, A/B medians, new / packing W_ih), eval forward at
     T=5, H=1024: GRU N=4 0.545, RNN N=4 0.804, LSTM N=1 0.531; N=16 (80 rows, unchanged)
     1.02; training GRU N=4 0.984, RNN N=3, T=8, H=512 0.954, LSTM N=16, T=2, H=512 1.023."""
-    rows = x_rows.shape[0] if x_rows.shape[0] else x.shape[0]
+    rows = packed_rows(x, x_rows)
     if rows > DIRECT_PROJECTION_ROWS:
         return gates, False
     out = gates if gates.shape[0] else np.empty((rows, w_ih.shape[0]), x.dtype)

@@ -25,19 +25,20 @@ from fastseq.kernels.common import (
     add_parts,
     add_units,
     add_weight_grad,
-    chunk_input_panels,
     column_sums,
     copy_rows,
     copy_units,
     few_rows_projection,
     gather_units,
     gemm_split_rows,
+    input_panels,
     mask_rows,
     masked_rows,
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
     packed_row,
+    packed_rows,
     part_step_operands,
     project_one_chunk,
     projection_block,
@@ -48,7 +49,6 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
-    unit_input_panels,
     unit_operands,
     unit_packed_rows,
     unit_product,
@@ -159,7 +159,7 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = chunk_input_panels(x, w_ih, x_rows)  # B of the input projection x @ W_ih^T
+    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths)
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths)
@@ -362,7 +362,7 @@ def gru_forward_units(
     Same arguments as gru_forward (without ``reset_after``), plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = unit_input_panels(x, w_ih)
+    w_ih_panels = input_panels(w_ih, x.shape[0])
     w_hh_panels = unit_recurrent_panels(w_hh, 3, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 3 * widest_part(units)), h.dtype)
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)

@@ -23,7 +23,6 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
-    chunk_input_panels,
     chunk_weight_grads,
     copy_rows,
     copy_unit_columns,
@@ -31,12 +30,14 @@ from fastseq.kernels.common import (
     few_rows_projection,
     gather_units,
     gemm_split_rows,
+    input_panels,
     mask_rows,
     masked_rows,
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
     packed_row,
+    packed_rows,
     part_step_operands,
     project_one_chunk,
     projection_block,
@@ -47,7 +48,6 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
-    unit_input_panels,
     unit_operands,
     unit_packed_rows,
     unit_product,
@@ -138,7 +138,7 @@ def lstm_forward(
     """Forward pass of one layer and direction. ``x_rows``: see
     :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
-    w_ih_panels = chunk_input_panels(x, w_ih, x_rows)  # B of the input projection x @ W_ih^T
+    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
     full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
     projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
@@ -238,7 +238,7 @@ def lstm_forward_units(
     arguments, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = unit_input_panels(x, w_ih)
+    w_ih_panels = input_panels(w_ih, x.shape[0])
     w_hh_panels = unit_recurrent_panels(w_hh, 4, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 4 * widest_part(units)), h.dtype)
     # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so

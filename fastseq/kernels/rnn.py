@@ -12,19 +12,20 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
-    chunk_input_panels,
     chunk_weight_grads,
     copy_rows,
     copy_units,
     few_rows_projection,
     gather_units,
     gemm_split_rows,
+    input_panels,
     mask_rows,
     masked_rows,
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
     packed_row,
+    packed_rows,
     part_step_operands,
     project_one_chunk,
     projection_block,
@@ -34,7 +35,6 @@ from fastseq.kernels.common import (
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
-    unit_input_panels,
     unit_operands,
     unit_packed_rows,
     unit_product,
@@ -86,7 +86,7 @@ def rnn_forward(
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity. ``x_rows``:
     see :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
-    w_ih_panels = chunk_input_panels(x, w_ih, x_rows)  # B of the input projection x @ W_ih^T
+    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
     full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
     projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
@@ -172,7 +172,7 @@ def rnn_forward_units(
     Same arguments as rnn_forward, plus ``parts``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
-    w_ih_panels = unit_input_panels(x, w_ih)
+    w_ih_panels = input_panels(w_ih, x.shape[0])
     w_hh_panels = unit_recurrent_panels(w_hh, 1, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, widest_part(units)), h.dtype)
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 1, units)
