@@ -182,10 +182,10 @@ def test_short_tiles_sum_as_full_tiles(dtype):
 
 def test_gemm_packed_of_no_columns():
     """A product with no columns (no panels) writes nothing, with or without rows left over
-    after the full tiles."""
+    after the full tiles, or with too few rows for a full tile."""
     a = np.ones((2 * MR, FEW_ROWS_SPLIT_K), np.float32)
     panels = pack_transposed(np.ones((0, FEW_ROWS_SPLIT_K), np.float32))
-    for n in (2 * MR, 2 * MR - 2):
+    for n in (2 * MR, 2 * MR - 2, MR // 2):
         out = np.empty((n, 0), np.float32)
         gemm_packed(a[:n], panels, out, False)
         assert out.shape == (n, 0)
