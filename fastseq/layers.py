@@ -187,11 +187,14 @@ class _RecurrentLayer(Module):
         spec = CELLS[self._cell]
         n_dirs, hd = self.num_directions, self.hidden_size
         n_state_rows = self.num_layers * n_dirs
-        state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
-        described = "(D*num_layers, H)" if unbatched else "(D*num_layers, N, H)"
-        layout = "(N, T, C)" if self.batch_first else "(T, N, C)"
-        hint = f"x was read as {layout}, so N = {batch}. Did you mean batch_first={not self.batch_first}?"
-        states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype, hint, steps)
+        if hx is None:  # zeros (the common call: no messages to build)
+            states0 = [None] * spec.n_states
+        else:
+            state_shape = (n_state_rows, hd) if unbatched else (n_state_rows, batch, hd)
+            described = "(D*num_layers, H)" if unbatched else "(D*num_layers, N, H)"
+            layout = "(N, T, C)" if self.batch_first else "(T, N, C)"
+            hint = f"x was read as {layout}, so N = {batch}. Did you mean batch_first={not self.batch_first}?"
+            states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype, hint, steps)
         w_hh = self._recurrent_weights
         parts = unit_parts(self._cell, batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
         chunks = 1 if parts else num_chunks(batch)
@@ -205,7 +208,8 @@ class _RecurrentLayer(Module):
             for k, s in enumerate(states0):
                 if s is not None:
                     v.finite("hx" if spec.n_states == 1 else f"hx[{k}]", s)
-        states0 = [s if s is None or not unbatched else s[:, None, :] for s in states0]  # None: zeros
+        if unbatched:
+            states0 = [s if s is None else s[:, None, :] for s in states0]  # None: zeros
         final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
         self._pool.start_step()
         training = self.training
