@@ -144,8 +144,9 @@ def test_gemm_propagates_nan():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (70, 33), (64, 256), (1000, 70)])
 def test_parallel_packing_matches_serial(shape, dtype):
-    """The weights' panels packed across threads (kernel top level) equal the serial ones,
-    zero padding included, for row-major w and its transposed view."""
+    """The weights' panels packed across threads (kernel top level; on the calling thread up
+    to SERIAL_PACK_BYTES: (1, 1), (70, 33)) equal the serial ones, zero padding included,
+    for row-major w and its transposed view."""
     w = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
     for view in (w, np.ascontiguousarray(w.T).T):
         serial = pack_transposed(view)
