@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastseq.kernels.common import (
+    CHUNK_PANEL_STEPS,
     ONE_ROW_PANEL_STEPS,
     SPREAD_STEP_BYTES,
     WEIGHT_GRAD_ROWS,
@@ -206,3 +207,13 @@ def test_step_panels_for_one_row_chunks():
     assert step_panels(w, two_chunks, short).shape[0] == 0
     assert step_panels(big, one, long[:1]).shape[0] == 0
     assert step_panels(big, two_chunks, long).shape[0] > 0
+    # a forward's W_hh^T (rows of W_hh contiguous) for chunks of two samples: read in place
+    # (panels (1, 0, NR)) below CHUNK_PANEL_STEPS, packed from there; W_hh (backward's dh)
+    # is packed whatever the steps
+    w_t = np.ones((64, 16), np.float32).T
+    below, at = np.array([CHUNK_PANEL_STEPS - 1] * 2), np.array([CHUNK_PANEL_STEPS] * 2)
+    assert step_panels(w_t, one_chunk_of_two, below).shape[:2] == (1, 0)
+    assert step_panels(w_t, np.array([0, 1, 3]), below[[0, 0, 0]]).shape[:2] == (1, 0)
+    assert step_panels(w_t, one_chunk_of_two, at).shape[1] == 16
+    assert step_panels(w, one_chunk_of_two, below).shape[1] == 16
+    assert step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]]).shape[1] == 16  # three samples

@@ -158,6 +158,14 @@ SPREAD_STEP_BYTES = 7 << 18
 #: with one thread instead of BLAS on two at N=1: LSTM H=256, T=200 1.17 / 0.84; H=512,
 #: T=100 1.56 / 1.31.)
 ONE_ROW_PANEL_STEPS = 32
+#: Steps from which chunks of two samples (a batch of 3-4 in two chunks) pack W_hh for their
+#: forward's per-step products; shorter sequences read it in place (:func:`step_panels`):
+#: packing reads and writes every weight once per call. Measured (float32, Zen 5, in
+#: process, A/B medians, eval forward, in place / packed): T=5: GRU N=4, H=1024 0.53, H=256
+#: 0.84; RNN N=4, H=1024 0.64, H=256 0.82; T=10-20: GRU N=3, H=512 0.81, N=4, H=256-1024
+#: 0.91-0.98; RNN N=4, H=256-512 0.94-1.00, N=3, T=20, H=512 0.94; from T=24: GRU N=4,
+#: H=256 1.08 (T=24) and 1.16 (T=31), RNN N=4, T=31, H=512 1.04.
+CHUNK_PANEL_STEPS = 21
 
 
 @jit
@@ -166,8 +174,10 @@ def step_panels(b, chunk_samples, lengths):
     across threads: call it at a kernel's top level, not inside a ``prange``), or none
     (empty: every step goes to BLAS) when no chunk has more than one sample and either the
     sequences are shorter than ONE_ROW_PANEL_STEPS or one chunk lets BLAS use every core
-    (b of SPREAD_STEP_BYTES or more). chunk_samples (K+1,): the chunks' first state indices;
-    lengths (N,): the samples' lengths."""
+    (b of SPREAD_STEP_BYTES or more). For b = w.T (a forward's W_hh^T) and chunks of at most
+    DIRECT_STEP_ROWS samples, some with two, shorter than CHUNK_PANEL_STEPS: panels of shape
+    (1, 0, NR), for which ``gemm_step`` reads w in place. chunk_samples (K+1,): the chunks'
+    first state indices; lengths (N,): the samples' lengths."""
     widest = 0
     for ch in range(chunk_samples.shape[0] - 1):
         widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])
@@ -177,6 +187,8 @@ def step_panels(b, chunk_samples, lengths):
     one_row = longest >= ONE_ROW_PANEL_STEPS and not (
         chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
     )
+    if 1 < widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS and b.strides[0] == b.itemsize:
+        return np.zeros((1, 0, panel_width(b)), b.dtype)  # b = w.T: ``few_rows_nt`` reads w
     if widest > 1 or one_row:
         return pack_transposed_parallel(b.T)
     return np.zeros((0, b.shape[0], panel_width(b)), b.dtype)
