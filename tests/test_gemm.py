@@ -7,6 +7,7 @@ import pytest
 
 from fastseq.kernels.common import (
     CHUNK_PANEL_STEPS,
+    ONE_ROW_DIRECT_BYTES,
     ONE_ROW_PANEL_STEPS,
     SPREAD_STEP_BYTES,
     WEIGHT_GRAD_ROWS,
@@ -195,7 +196,8 @@ def test_gemm_packed_of_no_columns():
 
 def test_step_panels_for_one_row_chunks():
     """Per-step panels: any chunk of several samples; one sample per chunk only for long
-    sequences, and not when one chunk hands its products to BLAS on every core."""
+    sequences, and not when one chunk hands its products to BLAS on every core; none (W_hh
+    read in place) for a forward's short chunks of one or two samples."""
     w = np.ones((16, 64), np.float32)
     big = np.ones((SPREAD_STEP_BYTES // 4 // 64, 64), np.float32)
     long, short = np.array([ONE_ROW_PANEL_STEPS] * 2), np.array([ONE_ROW_PANEL_STEPS - 1] * 2)
@@ -217,3 +219,11 @@ def test_step_panels_for_one_row_chunks():
     assert step_panels(w_t, one_chunk_of_two, at).shape[1] == 16
     assert step_panels(w, one_chunk_of_two, below).shape[1] == 16
     assert step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]]).shape[1] == 16  # three samples
+    # chunks of one sample: in place below ONE_ROW_DIRECT_BYTES unless one chunk spreads on
+    # BLAS; else BLAS as before (empty panels)
+    assert step_panels(w_t, two_chunks, below).shape[:2] == (1, 0)
+    assert step_panels(w_t, one, below[:1]).shape[:2] == (1, 0)
+    assert step_panels(w_t, two_chunks, short).shape[0] == 0
+    assert step_panels(np.ascontiguousarray(big.T).T, one, below[:1]).shape[0] == 0
+    huge_t = np.ones((64, ONE_ROW_DIRECT_BYTES // 4 // 64), np.float32).T
+    assert step_panels(huge_t, two_chunks, below).shape[0] == 0

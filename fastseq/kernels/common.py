@@ -166,6 +166,12 @@ ONE_ROW_PANEL_STEPS = 32
 #: 0.91-0.98; RNN N=4, H=256-512 0.94-1.00, N=3, T=20, H=512 0.94; from T=24: GRU N=4,
 #: H=256 1.08 (T=24) and 1.16 (T=31), RNN N=4, T=31, H=512 1.04.
 CHUNK_PANEL_STEPS = 21
+#: Bytes of W_hh below which chunks of one sample (a batch of 1-2) read it in place for those
+#: short sequences too, instead of BLAS (one chunk: unless BLAS spreads, SPREAD_STEP_BYTES).
+#: Measured (as above, in place / BLAS, N=2): T=5: RNN H=256 0.98, GRU H=512 0.90; T=16: RNN
+#: H=128 0.84, H=512 0.97, H=768 0.98, H=1024 (4 MB) 1.04; GRU H=256 0.90, H=512 0.94; LSTM
+#: H=256 0.98; GRU N=2, T=10, H=1024 (12 MB) 1.10.
+ONE_ROW_DIRECT_BYTES = 4 << 20
 
 
 @jit
@@ -175,19 +181,24 @@ def step_panels(b, chunk_samples, lengths):
     (empty: every step goes to BLAS) when no chunk has more than one sample and either the
     sequences are shorter than ONE_ROW_PANEL_STEPS or one chunk lets BLAS use every core
     (b of SPREAD_STEP_BYTES or more). For b = w.T (a forward's W_hh^T) and chunks of at most
-    DIRECT_STEP_ROWS samples, some with two, shorter than CHUNK_PANEL_STEPS: panels of shape
-    (1, 0, NR), for which ``gemm_step`` reads w in place. chunk_samples (K+1,): the chunks'
-    first state indices; lengths (N,): the samples' lengths."""
+    DIRECT_STEP_ROWS samples shorter than CHUNK_PANEL_STEPS (of one sample each: b below
+    ONE_ROW_DIRECT_BYTES, and not spread): panels of shape (1, 0, NR), for which
+    ``gemm_step`` reads w in place. chunk_samples (K+1,): the chunks' first state indices;
+    lengths (N,): the samples' lengths."""
     widest = 0
     for ch in range(chunk_samples.shape[0] - 1):
         widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])
     longest = 0  # a loop: np.max compiled in 0.4 s of each cold start
     for length in lengths:
         longest = max(longest, length)
-    one_row = longest >= ONE_ROW_PANEL_STEPS and not (
-        chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
-    )
-    if 1 < widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS and b.strides[0] == b.itemsize:
+    spread = chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
+    one_row = longest >= ONE_ROW_PANEL_STEPS and not spread
+    short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS
+    if (
+        short
+        and b.strides[0] == b.itemsize
+        and (widest > 1 or b.nbytes < ONE_ROW_DIRECT_BYTES and not spread)
+    ):
         return np.zeros((1, 0, panel_width(b)), b.dtype)  # b = w.T: ``few_rows_nt`` reads w
     if widest > 1 or one_row:
         return pack_transposed_parallel(b.T)
