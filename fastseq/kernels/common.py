@@ -541,8 +541,9 @@ def sum_unit_parts(partial, mask, i, u0, u1, out):
 #: 0.876; LSTM N=2, T=16, H=768 0.811, N=1, T=31, H=256 0.871.
 DIRECT_PROJECTION_ROWS = FEW_ROWS
 #: Rows up to which a short split forward's per-step products read W_hh in place (see
-#: above); from 3 rows the panels' tiles win: LSTM N=3, T=31, H=384 1.15x slower in place,
-#: N=8, T=16, H=512 1.12x.
+#: above), and a short chunked forward's chunks (:func:`step_panels`, CHUNK_PANEL_STEPS);
+#: from 3 rows the panels' tiles win: LSTM N=3, T=31, H=384 1.15x slower in place, N=8,
+#: T=16, H=512 1.12x.
 DIRECT_STEP_ROWS = 2
 
 
