@@ -401,7 +401,9 @@ def gemm_packed(a, panels, out, accumulate):
         # / 181-187, 3-4 rows 190-199 / 266-273; K = 64, M = 256: 504-697 / 618-834; K = 128,
         # M = 512: 2700-2960 / 2770-3280. Layers (A/B medians): forward RNN N=2, T=100, H=128
         # 0.976, GRU N=8, T=200, H=192 random lengths 0.983; training LSTM N=2, H=128 0.967.
-        few_rows(k, a, a_row, a_col, panels, k, 0, out, c_row, accumulate)
+        # (operands sliced, and k0 and accumulate not literals, as in the loop's call: the
+        # types of that call, so that numba compiles few_rows once, not twice)
+        few_rows(k, a[0:, 0:], a_row, a_col, panels, k, k * 0, out[0:, 0:], c_row, accumulate or k < 0)
         return
     for k0 in range(0, max(k, 1), k_block):
         kc = min(k_block, k - k0)
@@ -573,7 +575,7 @@ def gemm_step(a, b, b_panels, out):
     if b_panels.shape[0] == 0:
         np.dot(a, b, out=out)
     elif b_panels.shape[1] == 0:
-        few_rows_nt(a, b.T, out)
+        few_rows_nt(a, b.T, out[:, 0:])  # out's type as in the other calls: compiled once
     else:
         gemm_packed(a, b_panels, out, False)
 
