@@ -183,8 +183,8 @@ def step_panels(b, chunk_samples, lengths):
     (b of SPREAD_STEP_BYTES or more). For b = w.T (a forward's W_hh^T) and chunks of at most
     DIRECT_STEP_ROWS samples shorter than CHUNK_PANEL_STEPS (of one sample each: b below
     ONE_ROW_DIRECT_BYTES, and not spread): panels of shape (1, 0, NR), for which
-    ``gemm_step`` reads w in place. chunk_samples (K+1,): the chunks' first state indices;
-    lengths (N,): the samples' lengths."""
+    ``gemm.gemm_step_forward`` reads w in place. chunk_samples (K+1,): the chunks' first
+    state indices; lengths (N,): the samples' lengths."""
     widest = 0
     for ch in range(chunk_samples.shape[0] - 1):
         widest = max(widest, chunk_samples[ch + 1] - chunk_samples[ch])

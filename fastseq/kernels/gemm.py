@@ -562,8 +562,8 @@ def pack_rows(a, b0, b1, k0, kc, packed):
 @jit
 def gemm_step(a, b, b_panels, out):
     """out (n, M) = a (n, K) @ b (K, M) for a per-step recurrent product, with
-    ``b_panels = pack(b)``, or empty to call BLAS, or of shape (1, 0, NR) to read b = w.T in
-    place (:func:`few_rows_nt`; ``common.step_panels`` decides).
+    ``b_panels = pack(b)``, or empty to call BLAS (``common.step_panels`` decides; forward
+    passes call :func:`gemm_step_forward`).
 
     Rows of a, out contiguous. The panels serve any row count: a few rows run on tiles
     over 2 or 4 panels (:func:`few_rows`). Measured (float32, one thread, Zen 5, b (H, 4H),
@@ -574,10 +574,20 @@ def gemm_step(a, b, b_panels, out):
     """
     if b_panels.shape[0] == 0:
         np.dot(a, b, out=out)
-    elif b_panels.shape[1] == 0:
-        few_rows_nt(a, b.T, out[:, 0:])  # out's type as in the other calls: compiled once
     else:
         gemm_packed(a, b_panels, out, False)
+
+
+@jit
+def gemm_step_forward(a, b, b_panels, out):
+    """:func:`gemm_step` for a forward's per-step product by b = W_hh^T, or with panels of
+    shape (1, 0, NR) reading W_hh = b.T in place (:func:`few_rows_nt`). Its own function so
+    that backward's products by W_hh (whose transpose is no C-contiguous array) do not
+    compile ``few_rows_nt`` for a layout they never run."""
+    if b_panels.shape[0] == 1 and b_panels.shape[1] == 0:
+        few_rows_nt(a, b.T, out[:, 0:])  # out's type as in the other calls: compiled once
+    else:
+        gemm_step(a, b, b_panels, out)
 
 
 @jit

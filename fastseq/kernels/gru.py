@@ -63,6 +63,7 @@ from fastseq.kernels.gemm import (
     gemm_large,
     gemm_packed,
     gemm_step,
+    gemm_step_forward,
     pack,
     pack_weights,
     step_product,
@@ -185,9 +186,9 @@ def gru_forward(
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:
-                gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
+                gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
             else:
-                gemm_step(h_in, w_hrz.T, w_hrz_panels, grz[:n])
+                gemm_step_forward(h_in, w_hrz.T, w_hrz_panels, grz[:n])
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -204,7 +205,7 @@ def gru_forward(
                     if training:
                         copy_units(rh[i], hn[r], 0, hd)
             if not reset_after:
-                gemm_step(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
+                gemm_step_forward(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
                     r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)

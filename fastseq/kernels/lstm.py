@@ -58,7 +58,14 @@ from fastseq.kernels.common import (
     widest_part,
     zero_padding,
 )
-from fastseq.kernels.gemm import gemm_large, gemm_packed, gemm_step, pack_weights, step_product
+from fastseq.kernels.gemm import (
+    gemm_large,
+    gemm_packed,
+    gemm_step,
+    gemm_step_forward,
+    pack_weights,
+    step_product,
+)
 
 
 @jit
@@ -157,7 +164,7 @@ def lstm_forward(
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
                                                       s, reverse, full, block, x_rows)  # fmt: skip
             h_in = masked_rows(h, rmask, s0, n, hm)
-            gemm_step(h_in, w_hh.T, w_hh_panels, gh[:n])
+            gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
