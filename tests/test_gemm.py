@@ -202,28 +202,32 @@ def test_step_panels_for_one_row_chunks():
     big = np.ones((SPREAD_STEP_BYTES // 4 // 64, 64), np.float32)
     long, short = np.array([ONE_ROW_PANEL_STEPS] * 2), np.array([ONE_ROW_PANEL_STEPS - 1] * 2)
     one, two_chunks, one_chunk_of_two = np.array([0, 1]), np.array([0, 1, 2]), np.array([0, 2])
-    assert step_panels(w, one_chunk_of_two, short).shape[0] > 0
-    assert step_panels(w, one, long[:1]).shape[0] > 0
-    assert step_panels(w, two_chunks, long).shape[0] > 0
-    assert step_panels(w, one, short[:1]).shape[0] == 0
-    assert step_panels(w, two_chunks, short).shape[0] == 0
-    assert step_panels(big, one, long[:1]).shape[0] == 0
-    assert step_panels(big, two_chunks, long).shape[0] > 0
+    assert step_panels(w, one_chunk_of_two, short, False).shape[0] > 0
+    assert step_panels(w, one, long[:1], False).shape[0] > 0
+    assert step_panels(w, two_chunks, long, False).shape[0] > 0
+    assert step_panels(w, one, short[:1], False).shape[0] == 0
+    assert step_panels(w, two_chunks, short, False).shape[0] == 0
+    assert step_panels(big, one, long[:1], False).shape[0] == 0
+    assert step_panels(big, two_chunks, long, False).shape[0] > 0
     # a forward's W_hh^T (rows of W_hh contiguous) for chunks of two samples: read in place
     # (panels (1, 0, NR)) below CHUNK_PANEL_STEPS, packed from there; W_hh (backward's dh)
     # is packed whatever the steps
     w_t = np.ones((64, 16), np.float32).T
     below, at = np.array([CHUNK_PANEL_STEPS - 1] * 2), np.array([CHUNK_PANEL_STEPS] * 2)
-    assert step_panels(w_t, one_chunk_of_two, below).shape[:2] == (1, 0)
-    assert step_panels(w_t, np.array([0, 1, 3]), below[[0, 0, 0]]).shape[:2] == (1, 0)
-    assert step_panels(w_t, one_chunk_of_two, at).shape[1] == 16
-    assert step_panels(w, one_chunk_of_two, below).shape[1] == 16
-    assert step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]]).shape[1] == 16  # three samples
+    assert step_panels(w_t, one_chunk_of_two, below, True).shape[:2] == (1, 0)
+    assert step_panels(w_t, np.array([0, 1, 3]), below[[0, 0, 0]], True).shape[:2] == (1, 0)
+    assert step_panels(w_t, one_chunk_of_two, at, True).shape[1] == 16
+    assert step_panels(w, one_chunk_of_two, below, False).shape[1] == 16
+    assert step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]], True).shape[1] == 16  # three samples
     # chunks of one sample: in place below ONE_ROW_DIRECT_BYTES unless one chunk spreads on
     # BLAS; else BLAS as before (empty panels)
-    assert step_panels(w_t, two_chunks, below).shape[:2] == (1, 0)
-    assert step_panels(w_t, one, below[:1]).shape[:2] == (1, 0)
-    assert step_panels(w_t, two_chunks, short).shape[0] == 0
-    assert step_panels(np.ascontiguousarray(big.T).T, one, below[:1]).shape[0] == 0
+    assert step_panels(w_t, two_chunks, below, True).shape[:2] == (1, 0)
+    assert step_panels(w_t, one, below[:1], True).shape[:2] == (1, 0)
+    assert step_panels(w_t, two_chunks, short, True).shape[0] == 0
+    assert step_panels(np.ascontiguousarray(big.T).T, one, below[:1], True).shape[0] == 0
     huge_t = np.ones((64, ONE_ROW_DIRECT_BYTES // 4 // 64), np.float32).T
-    assert step_panels(huge_t, two_chunks, below).shape[0] == 0
+    assert step_panels(huge_t, two_chunks, below, True).shape[0] == 0
+    # backward (W_hh itself) never reads in place, even where W_hh^T's rows are contiguous
+    # too (H = 1)
+    assert step_panels(np.ones((4, 1), np.float32), two_chunks, below, False).shape[0] == 0
+    assert step_panels(np.ones((4, 1), np.float32), one_chunk_of_two, below, False).shape[1] == 4

@@ -175,12 +175,12 @@ ONE_ROW_DIRECT_BYTES = 4 << 20
 
 
 @jit
-def step_panels(b, chunk_samples, lengths):
+def step_panels(b, chunk_samples, lengths, forward):
     """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)`` (packed
     across threads: call it at a kernel's top level, not inside a ``prange``), or none
     (empty: every step goes to BLAS) when no chunk has more than one sample and either the
     sequences are shorter than ONE_ROW_PANEL_STEPS or one chunk lets BLAS use every core
-    (b of SPREAD_STEP_BYTES or more). For b = w.T (a forward's W_hh^T) and chunks of at most
+    (b of SPREAD_STEP_BYTES or more). For a ``forward`` (b = w.T, W_hh^T) and chunks of at most
     DIRECT_STEP_ROWS samples shorter than CHUNK_PANEL_STEPS (of one sample each: b below
     ONE_ROW_DIRECT_BYTES, and not spread): panels of shape (1, 0, NR), for which
     ``gemm.gemm_step_forward`` reads w in place. chunk_samples (K+1,): the chunks' first
@@ -194,11 +194,7 @@ def step_panels(b, chunk_samples, lengths):
     spread = chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
     one_row = longest >= ONE_ROW_PANEL_STEPS and not spread
     short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS
-    if (
-        short
-        and b.strides[0] == b.itemsize
-        and (widest > 1 or b.nbytes < ONE_ROW_DIRECT_BYTES and not spread)
-    ):
+    if forward and short and (widest > 1 or b.nbytes < ONE_ROW_DIRECT_BYTES and not spread):
         return np.zeros((1, 0, panel_width(b)), b.dtype)  # b = w.T: ``few_rows_nt`` reads w
     if widest > 1 or one_row:
         return pack_transposed_parallel(b.T)

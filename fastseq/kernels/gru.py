@@ -161,9 +161,9 @@ def gru_forward(
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
     w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
-    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths)
-    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths)
-    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths)
+    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths, True)
+    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths, True)
+    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths, True)
     full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
     projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
@@ -230,9 +230,9 @@ def gru_backward(
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
     empty = w_hh[:0]  # B operands of the per-step products, packed once (only the variant's)
-    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples, lengths)
-    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples, lengths)
-    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples, lengths)
+    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples, lengths, False)
+    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples, lengths, False)
+    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples, lengths, False)
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)

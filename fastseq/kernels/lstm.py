@@ -146,7 +146,7 @@ def lstm_forward(
     :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
     w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
-    w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths)  # read by every chunk at every step
+    w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
     full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
     projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     for ch in prange(chunk_samples.shape[0] - 1):
@@ -190,7 +190,7 @@ def lstm_backward(
     """
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
-    w_hh_panels = step_panels(w_hh, chunk_samples, lengths)  # B = W_hh of the per-step dh = dG @ W_hh
+    w_hh_panels = step_panels(w_hh, chunk_samples, lengths, False)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], 4 * hd), dh.dtype)
