@@ -292,11 +292,9 @@ def pack_transposed_parallel(w):
     SERIAL_PACK_BYTES of w, packed on the calling thread): for the weights packed once per
     kernel call, outside any ``prange`` (a numba region inside another region would run
     serially at best)."""
-    panels = _empty_panels(w)
     if w.nbytes <= SERIAL_PACK_BYTES:
-        for p in range(panels.shape[0]):
-            pack_panel(w, p, panels)
-        return panels
+        return pack_transposed(w)
+    panels = _empty_panels(w)
     for p in prange(panels.shape[0]):
         pack_panel(w, np.int64(p), panels)  # prange's index is unsigned: one signature, not two
     return panels
