@@ -635,6 +635,20 @@ def few_rows_projection(x, w_ih, gates, x_rows):
 
 
 @jit
+def chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows):
+    """Call at a chunked forward's top level: its input projection set-up. Returns
+    (w_ih_panels, full, projected): the panels of W_ih^T (:func:`input_panels`, none for
+    few rows); ``full`` the whole projection when already computed or to be computed by
+    the chunks (:func:`few_rows_projection`: gates, or a new array of the few rows); and
+    whether it is already computed (few rows, or one chunk: :func:`project_one_chunk`),
+    for :func:`start_chunk`."""
+    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
+    full, direct = few_rows_projection(x, w_ih, gates, x_rows)
+    projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
+    return w_ih_panels, full, projected
+
+
+@jit
 def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
     """Start a one-chunk split forward's input projection: into ``gates`` (R, G*H) at once,
     split by rows, when it has rows (training); else return a buffer for

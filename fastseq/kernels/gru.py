@@ -25,10 +25,10 @@ from fastseq.kernels.common import (
     add_parts,
     add_units,
     add_weight_grad,
+    chunk_projection_start,
     column_sums,
     copy_rows,
     copy_units,
-    few_rows_projection,
     gather_units,
     gemm_split_rows,
     input_panels,
@@ -38,9 +38,7 @@ from fastseq.kernels.common import (
     output_row,
     pack_unit_gate_rows,
     packed_row,
-    packed_rows,
     part_step_operands,
-    project_one_chunk,
     projection_block,
     scatter_units,
     start_chunk,
@@ -160,12 +158,10 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths, True)
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths, True)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths, True)
-    full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
-    projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
+    w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected

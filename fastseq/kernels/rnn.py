@@ -12,10 +12,10 @@ from numba import prange
 from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
+    chunk_projection_start,
     chunk_weight_grads,
     copy_rows,
     copy_units,
-    few_rows_projection,
     gather_units,
     gemm_split_rows,
     input_panels,
@@ -25,9 +25,7 @@ from fastseq.kernels.common import (
     output_row,
     pack_unit_gate_rows,
     packed_row,
-    packed_rows,
     part_step_operands,
-    project_one_chunk,
     projection_block,
     start_chunk,
     step_ordered,
@@ -93,10 +91,8 @@ def rnn_forward(
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity. ``x_rows``:
     see :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
-    w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
-    full, direct = few_rows_projection(x, w_ih, gates, x_rows)  # full: gates, or all rows (few)
-    projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
+    w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected
