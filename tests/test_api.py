@@ -6,7 +6,13 @@ import pytest
 import fastseq
 from fastseq import _engine, _threads
 from fastseq._packing import Packing
-from fastseq.kernels.common import DIRECT_PROJECTION_ROWS, PROJECTION_BLOCK_ROWS, ZERO_PADDING_MAX_BYTES
+from fastseq.kernels.common import (
+    DIRECT_PROJECTION_ROWS,
+    PROJECTION_BLOCK_ROWS,
+    ZERO_PADDING_MAX_BYTES,
+    projects_upfront,
+)
+from fastseq.registry import CELLS
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
 
@@ -265,25 +271,35 @@ def test_lengths_any_order_and_integer_types():
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_few_rows_projection_matches_the_chunks(variant, training):
-    """A chunked forward of at most DIRECT_PROJECTION_ROWS packed rows projects its input at
-    the kernel's top level, W_ih read in place (common.few_rows_projection; in eval the
-    input rows gathered first); the same samples beside others (more rows) project on the
-    chunks' panels. Outputs and final states agree, at unequal lengths, both directions."""
+def test_upfront_projection_matches_the_chunks(variant, training):
+    """A chunked forward of few packed rows projects its whole input at the kernel's top
+    level (common.upfront_projection; in eval the input rows gathered first): W_ih read in
+    place up to DIRECT_PROJECTION_ROWS, packed a block at a time by each thread above that
+    (W_ih of UPFRONT_PROJECTION_BYTES or more); the same samples beside others (more rows)
+    project on the chunks' panels. Outputs and final states agree, at unequal lengths, both
+    directions, two layers."""
     rng = np.random.default_rng(11)
-    layer = make_layer(variant, 6, 9, num_layers=2, bidirectional=True, seed=2, dtype=np.float64)
+    size = 256  # W_ih of the first layer: 256 x 256 float64 for an RNN, UPFRONT_PROJECTION_BYTES
+    layer = make_layer(variant, size, size, num_layers=2, bidirectional=True, seed=2, dtype=np.float64)
     layer.train(training)
-    x = rng.standard_normal((8, 6, 6))
-    lengths = np.array([8, 3, 5, 8, 8, 8])
-    assert lengths[:3].sum() <= DIRECT_PROJECTION_ROWS < lengths.sum()
-    few, few_state = layer(np.ascontiguousarray(x[:, :3]), lengths=lengths[:3])  # eval: rows gathered
+    x = rng.standard_normal((8, 40, size)) * 0.2
+    lengths = np.array([8, 3, 5] + [7] * 17 + [8] * 20)
+    gates = CELLS[VARIANTS[variant][0]].gates
+    for columns in (size, 2 * size):  # W_ih of each layer
+        w_ih = np.empty((gates * size, columns))
+        assert lengths[:3].sum() <= DIRECT_PROJECTION_ROWS < lengths[:20].sum()
+        assert projects_upfront(w_ih, lengths[:20].sum()) and not projects_upfront(w_ih, lengths.sum())
     many, many_state = layer(x, lengths=lengths)
-    np.testing.assert_allclose(few, many[:, :3], rtol=1e-12, atol=1e-14)
-    pairs = (
-        zip(few_state, many_state, strict=True) if isinstance(few_state, tuple) else [(few_state, many_state)]
-    )
-    for a, b in pairs:
-        np.testing.assert_allclose(a, b[:, :3], rtol=1e-12, atol=1e-14)
+    for samples in (3, 20):
+        few, few_state = layer(np.ascontiguousarray(x[:, :samples]), lengths=lengths[:samples])
+        np.testing.assert_allclose(few, many[:, :samples], rtol=1e-12, atol=1e-13)
+        pairs = (
+            zip(few_state, many_state, strict=True)
+            if isinstance(few_state, tuple)
+            else [(few_state, many_state)]
+        )
+        for a, b in pairs:
+            np.testing.assert_allclose(a, b[:, :samples], rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("chunks", [2, 3])

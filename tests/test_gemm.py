@@ -9,10 +9,13 @@ from fastseq.kernels.common import (
     CHUNK_PANEL_STEPS,
     ONE_ROW_DIRECT_BYTES,
     ONE_ROW_PANEL_STEPS,
+    PACKING_BLOCK_BYTES,
     SPREAD_STEP_BYTES,
     WEIGHT_GRAD_ROWS,
     add_weight_grad,
     add_weight_grads,
+    project_all,
+    project_packing,
     step_panels,
 )
 from fastseq.kernels.gemm import (
@@ -27,6 +30,7 @@ from fastseq.kernels.gemm import (
     pack,
     pack_transposed,
     pack_transposed_parallel,
+    panel_width,
     step_product,
 )
 from tests.tolerances import assert_close
@@ -158,6 +162,30 @@ def test_parallel_packing_matches_serial(shape, dtype):
         assert np.array_equal(serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, : shape[0]], view.T)
         assert not serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, shape[0] :].any(), "padding not zero"
         assert serial.shape[0] == -(-shape[0] // nr)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 5, 3), (33, 300, 1000), (100, 1024, 97), (256, 64, 4096)])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_projection_packed_a_block_at_a_time(shape, dtype, parts):
+    """x (n, C) @ w.T for w (M, C), w's panels split across ``parts`` threads and packed
+    PACKING_BLOCK_BYTES at a time (common.project_packing, and project_all, which calls it
+    from DIRECT_PROJECTION_ROWS + 1 rows but on BLAS with AVX2): one block or several per thread
+    (C = 64 to 1024 deep: 2-32 panels a block), a last panel partly padded (M = 1000, 97,
+    3), a thread without panels (M = 3 in one panel, 2-3 parts), into a wider output's
+    rows."""
+    n, k, m = shape
+    rng = np.random.default_rng(n + k + m)
+    x, w = rng.standard_normal((n, k)).astype(dtype), rng.standard_normal((m, k)).astype(dtype)
+    panel_bytes = k * panel_width(w) * w.itemsize
+    assert (m > 100) <= (-(-m // panel_width(w)) > parts * max(1, PACKING_BLOCK_BYTES // panel_bytes))
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
+    out = np.full((n, m), np.nan, dtype)
+    project_packing(x, w, out, parts)
+    assert_close(out, expected, dtype, "project_packing")
+    out[:] = np.nan
+    project_all(x, w, out, parts)  # in place up to DIRECT_PROJECTION_ROWS; BLAS_FOR_LARGE: BLAS
+    assert_close(out, expected, dtype, "project_all")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

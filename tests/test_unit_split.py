@@ -15,10 +15,15 @@ from fastseq.kernels.common import (
     DIRECT_PROJECTION_ROWS,
     DIRECT_STEP_ROWS,
     ONE_ROW_PANEL_STEPS,
+    UPFRONT_LARGE_BYTES,
+    UPFRONT_LARGE_ROWS,
+    UPFRONT_PROJECTION_BYTES,
+    UPFRONT_PROJECTION_ROWS,
     input_panels,
     unit_bounds,
     unit_recurrent_panels,
 )
+from fastseq.registry import CELLS
 from tests.cases import Case, assert_matches, run_in_threads
 from tests.conftest import make_layer
 from tests.test_api import check_padded_outputs_written
@@ -138,13 +143,20 @@ def test_unit_split_finite_differences(
 
 
 def test_short_split_passes_read_the_weights_in_place():
-    """Which weights a split forward packs: W_ih from DIRECT_PROJECTION_ROWS + 1 rows of
-    input, W_hh from ONE_ROW_PANEL_STEPS steps or DIRECT_STEP_ROWS + 1 samples."""
+    """Which weights a forward packs for all to share: W_ih from DIRECT_PROJECTION_ROWS + 1
+    rows of input, from UPFRONT_PROJECTION_ROWS + 1 when it has UPFRONT_PROJECTION_BYTES,
+    from UPFRONT_LARGE_ROWS + 1 with UPFRONT_LARGE_BYTES (fewer rows project up front); a
+    split forward's W_hh from ONE_ROW_PANEL_STEPS steps or DIRECT_STEP_ROWS + 1 samples."""
     w_ih, w_hh = np.ones((12, 5), np.float32), np.ones((12, 3), np.float32)
     units = unit_bounds(3, 2)
-    for rows in (1, DIRECT_PROJECTION_ROWS, DIRECT_PROJECTION_ROWS + 1):
-        packed = input_panels(w_ih, rows).shape[0] > 0
-        assert packed == (rows > DIRECT_PROJECTION_ROWS)
+    mid = np.ones((UPFRONT_PROJECTION_BYTES // 4 // 64, 64), np.float32)
+    large = np.ones((UPFRONT_LARGE_BYTES // 4 // 1024, 1024), np.float32)
+    for weights, most in ((w_ih, DIRECT_PROJECTION_ROWS), (mid[:-1], DIRECT_PROJECTION_ROWS),
+                          (mid, UPFRONT_PROJECTION_ROWS), (large[:-1], UPFRONT_PROJECTION_ROWS),
+                          (large, UPFRONT_LARGE_ROWS)):  # fmt: skip
+        for rows in (1, most, most + 1):
+            packed = input_panels(weights, rows).shape[0] > 0
+            assert packed == (rows > most), (weights.shape, rows)
     for steps in (1, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS):
         for batch in (1, DIRECT_STEP_ROWS, DIRECT_STEP_ROWS + 1):
             packed = unit_recurrent_panels(w_hh, 4, units, steps, batch).shape[1] > 0
@@ -152,7 +164,8 @@ def test_short_split_passes_read_the_weights_in_place():
 
 
 # Steps: short sequences of up to DIRECT_STEP_ROWS samples read W_hh in place at every step,
-# and up to DIRECT_PROJECTION_ROWS rows of input read W_ih in place; longer ones pack them.
+# and up to DIRECT_PROJECTION_ROWS rows of input read W_ih in place; longer ones pack them
+# (small W_ih: larger ones project up front, see test_split_upfront_projection_matches_torch).
 SPLIT_STEPS = [7, ONE_ROW_PANEL_STEPS + 1]
 
 
@@ -164,6 +177,36 @@ def test_unit_split_torch_parity(unit_split, dtype, batch, steps):
     got = case.run()
     assert unit_split["forward"] == 4 and unit_split["backward"] == 4
     assert_matches(case, got, torch_run(case), "torch parity")
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize(
+    ("variant", "batch", "size"), [("lstm", 2, 128), ("gru", 1, 160), ("rnn-tanh", 1, 256)]
+)
+def test_split_upfront_projection_matches_torch(unit_split, one_sample_split, variant, batch, size, training):
+    """A split forward of more than DIRECT_PROJECTION_ROWS rows with W_ih of
+    UPFRONT_PROJECTION_BYTES or more (float64) projects its whole input first, W_ih packed a
+    block at a time by each thread (common.project_packing); torch agrees in inference and in
+    a training step."""
+    case = Case(
+        variant, np.float64, 1, False, False, True, steps=40, batch=batch, input_size=size, hidden_size=size
+    )
+    w_ih = np.empty((CELLS[case.cell].gates * size, size))
+    assert (
+        w_ih.nbytes >= UPFRONT_PROJECTION_BYTES
+        and DIRECT_PROJECTION_ROWS < 40 * batch <= UPFRONT_PROJECTION_ROWS
+    )
+    calls = unit_split if case.cell == "lstm" else one_sample_split
+    expected = torch_run(case)
+    if training:
+        assert_matches(case, case.run(), expected, "torch parity")
+    else:
+        case.layer.eval()
+        out, final = case.layer(case.x, case.hx())
+        assert_close(out, expected[0], np.float64, "split inference vs torch")
+        for a, b in zip(case.states(final), expected[1], strict=True):
+            assert_close(a, b, np.float64, "split inference vs torch")
+    assert calls["forward"] == 1 and calls["backward"] == (1 if training else 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

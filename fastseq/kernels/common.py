@@ -543,13 +543,62 @@ DIRECT_PROJECTION_ROWS = FEW_ROWS
 DIRECT_STEP_ROWS = 2
 
 
+#: Rows of input (T*N) up to which a forward projects all of its input before the recurrence
+#: (:func:`project_all`: W_ih read in place up to DIRECT_PROJECTION_ROWS, else packed a few
+#: panels at a time by the thread that uses them, :func:`project_packing`) instead of
+#: packing W_ih's panels for the chunks (or blocks of steps) to share, when W_ih has at least
+#: UPFRONT_PROJECTION_BYTES (:func:`projects_upfront`). Measured (float32, Zen 5, both
+#: threads, the projection alone, packed a block at a time / packed whole then split by
+#: rows): G*H x C = 3072 x 1024: 40 rows 0.62-0.79, 80 0.69-0.72, 160 0.69-0.78, 320
+#: 0.76-0.84, 640 0.84-0.89; 4096 x 1024: 40-160 rows 0.49-0.73, 320-640 0.85-0.93; 1536 x
+#: 512: 40 0.80-0.89, 80 0.92, 160 0.95-0.99, 320-640 0.99-1.02; 1024 x 256: 40 0.76-0.80,
+#: 80 0.83-0.85, 160 0.93-0.96, 320 0.96-1.07, 640 1.03-1.08. Layers (float32, in process,
+#: A/B medians, upfront / panels), eval forward: T=5, H=1024, N=16: GRU 0.873, RNN 0.778,
+#: LSTM 0.845; GRU N=4, T=30, H=1024 0.913; RNN N=8, T=30, H=512 0.939; GRU N=8, T=30,
+#: H=384 0.913, N=16, T=10, H=256 0.921; split by units: LSTM N=2, T=100, H=512 0.895, GRU
+#: N=1, T=100, H=512 0.950; 0.97-1.01 at 200-240 rows and H=256-512 (LSTM N=8, T=30,
+#: H=512 0.973; N=4, T=50, H=256 1.007); training GRU N=16, T=5, H=1024 0.894, LSTM N=8,
+#: T=30, H=512 0.963. Small weights lost: RNN N=8, T=30, H=64 1.07-1.15, N=16, T=10, H=128
+#: (64 KB) 1.06; GRU N=8, T=20, H=128 (192 KB) 1.008.
+UPFRONT_PROJECTION_ROWS = 256
+UPFRONT_PROJECTION_BYTES = 1 << 19
+#: Rows up to which W_ih of UPFRONT_LARGE_BYTES or more projects up front: the panels of
+#: such a W_ih and W_hh's together fill the L3 cache (32 MB here), and each step of a small
+#: batch then streams W_hh's panels from memory. Measured (same method, eval forward, T x N
+#: rows): LSTM H=1024 (16 MB) N=16, T=40 0.687, T=60 0.777, T=100 (1600 rows) 0.85, N=32,
+#: T=20 0.944, N=64, T=50 (3200 rows) 0.956; RNN H=1024 (4 MB) N=16, T=40 0.942, T=50 0.955;
+#: GRU H=1024 (12 MB) N=16, T=30 0.949, T=60 1.003, H=768 (7 MB) N=16, T=40 1.008; LSTM
+#: N=16, T=50, H=512 (4 MB) 1.011, N=8, T=80, H=256 1.034. Capped so that inference keeps
+#: at most this many rows of projection, about what its blocks of steps hold
+#: (PROJECTION_BLOCK_ROWS per chunk).
+UPFRONT_LARGE_ROWS = 1024
+UPFRONT_LARGE_BYTES = 8 << 20
+#: Bytes of W_ih's panels a thread of :func:`project_packing` packs at a time (they stay in
+#: its L2 while all rows of x pass over them).
+PACKING_BLOCK_BYTES = 1 << 18
+
+
+@jit
+def projects_upfront(w_ih, rows):
+    """Whether a forward of ``rows`` packed rows projects its whole input first
+    (:func:`project_all`): up to DIRECT_PROJECTION_ROWS rows, up to UPFRONT_PROJECTION_ROWS
+    with UPFRONT_PROJECTION_BYTES of W_ih (G*H, C) or more, up to UPFRONT_LARGE_ROWS with
+    UPFRONT_LARGE_BYTES or more."""
+    size = w_ih.nbytes
+    return (
+        rows <= DIRECT_PROJECTION_ROWS
+        or (rows <= UPFRONT_PROJECTION_ROWS and size >= UPFRONT_PROJECTION_BYTES)
+        or (rows <= UPFRONT_LARGE_ROWS and size >= UPFRONT_LARGE_BYTES)
+    )
+
+
 @jit
 def input_panels(w_ih, rows):
     """Panels of W_ih^T (G*H, C) for a forward's input projection of ``rows`` packed rows
-    (``gemm.pack_weights``), or none (empty) for at most DIRECT_PROJECTION_ROWS: then
-    :func:`unit_projection` (split by units) or :func:`few_rows_projection` (chunks) reads
-    w_ih in place."""
-    return pack_weights((w_ih[:0] if rows <= DIRECT_PROJECTION_ROWS else w_ih).T)
+    (``gemm.pack_weights``), or none (empty) when the whole projection runs first
+    (:func:`projects_upfront`; :func:`upfront_projection` for chunks,
+    :func:`unit_projection_start` split by units) and reads w_ih itself."""
+    return pack_weights((w_ih[:0] if projects_upfront(w_ih, rows) else w_ih).T)
 
 
 @jit
@@ -594,72 +643,114 @@ def project_in_place(x, w, out, parts):
             few_rows_nt(x, w[j0:j1], out[:, j0:j1])
 
 
+@jit(parallel=True)
+def project_packing(x, w, out, parts):
+    """out (n, M) = x (n, C) @ w.T for w (M, C), w's panels split across ``parts`` threads,
+    each packing PACKING_BLOCK_BYTES of its panels at a time (``gemm.pack_panel``) and
+    running all rows of x over them (``gemm.gemm_packed``) while they are in its cache: w is
+    read once and its panels never written to memory, where :func:`gemm_split_rows` on
+    ``pack_weights(w.T)`` writes them all, then reads them all on every thread."""
+    n, k = x.shape
+    nr = panel_width(w)
+    total = (w.shape[0] + nr - 1) // nr
+    block = max(1, PACKING_BLOCK_BYTES // max(1, k * nr * w.itemsize))
+    for p in prange(parts):
+        q0, q1 = total * p // parts, total * (p + 1) // parts
+        panels = np.empty((min(block, q1 - q0), k, nr), w.dtype)
+        for b0 in range(q0, q1, block):
+            b1 = min(q1, b0 + block)
+            ws = w[b0 * nr : b1 * nr]  # its rows: B's columns of panels b0..b1-1
+            for q in range(b1 - b0):
+                pack_panel(ws, q, panels)
+            part_out = np.empty((n, ws.shape[0]), out.dtype)
+            gemm_packed(x, panels[: b1 - b0], part_out, False)
+            for r in range(n):
+                copy_units(part_out[r], out[r, b0 * nr :], 0, ws.shape[0])
+
+
+@jit
+def project_all(x, w_ih, out, parts):
+    """out (R, G*H) = x (R, C) @ W_ih^T, the whole input projection at once
+    (:func:`projects_upfront`): W_ih read in place (:func:`project_in_place`) for at most
+    DIRECT_PROJECTION_ROWS, else packed a block at a time (:func:`project_packing`), or by
+    BLAS when BLAS_FOR_LARGE (split by rows, as it packs for itself)."""
+    if x.shape[0] <= DIRECT_PROJECTION_ROWS:
+        project_in_place(x, w_ih, out, parts)
+    elif BLAS_FOR_LARGE:
+        gemm_split_rows(x, w_ih.T, pack_weights(w_ih.T), out, False, parts)
+    else:
+        project_packing(x, w_ih, out, parts)
+
+
 @jit
 def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
-    """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C)):
-    split by rows on the panels, or with W_ih read in place (:func:`input_panels`)."""
-    if x.shape[0] <= DIRECT_PROJECTION_ROWS:
-        project_in_place(x[rows[0] : rows[1]], w_ih, out, parts)
-    else:
-        gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, False, parts)
+    """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C) that
+    does not project up front: :func:`input_panels`), split by rows on the panels."""
+    gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, False, parts)
 
 
-#: Threads :func:`few_rows_projection` splits W_ih's rows across: numba's start-up thread
+#: Threads :func:`upfront_projection` splits its product across: numba's start-up thread
 #: count (each output column is summed the same way whatever the split).
 PROJECTION_PARTS = max(1, numba.config.NUMBA_NUM_THREADS)
 
 
 @jit
-def few_rows_projection(x, w_ih, gates, x_rows):
-    """Call at a chunked kernel's top level. For at most DIRECT_PROJECTION_ROWS packed rows,
-    the whole input projection (R, G*H) with W_ih read in place (:func:`project_in_place`,
-    across PROJECTION_PARTS threads): into ``gates`` when it has rows (training), else into a new
-    array, x's rows gathered through ``x_rows`` when it has entries. Returns (the
-    projection, True); for more rows (``gates``, False): the chunks project then.
-    Measured (float32, Zen 5, in process, A/B medians, new / packing W_ih), eval forward at
-    T=5, H=1024: GRU N=4 0.545, RNN N=4 0.804, LSTM N=1 0.531; N=16 (80 rows, unchanged)
-    1.02; training GRU N=4 0.984, RNN N=3, T=8, H=512 0.954, LSTM N=16, T=2, H=512 1.023."""
+def upfront_projection(x, w_ih, gates, x_rows):
+    """Call at a chunked kernel's top level. When it :func:`projects_upfront`, the whole
+    input projection (R, G*H) (:func:`project_all`, across PROJECTION_PARTS threads): into
+    ``gates`` when it has rows (training), else into a new array, x's rows gathered through
+    ``x_rows`` when it has entries. Returns (the projection, True); otherwise (``gates``,
+    False): the chunks project then.
+    Measured with W_ih read in place up to 32 rows (float32, Zen 5, in process, A/B medians,
+    new / packing W_ih), eval forward at T=5, H=1024: GRU N=4 0.545, RNN N=4 0.804, LSTM N=1
+    0.531; training GRU N=4 0.984, RNN N=3, T=8, H=512 0.954, LSTM N=16, T=2, H=512 1.023."""
     rows = packed_rows(x, x_rows)
-    if rows > DIRECT_PROJECTION_ROWS:
+    if not projects_upfront(w_ih, rows):
         return gates, False
     out = gates if gates.shape[0] else np.empty((rows, w_ih.shape[0]), x.dtype)
-    parts = PROJECTION_PARTS
+    parts = np.int64(PROJECTION_PARTS)  # typed as the split passes' parts: one compiled version
     if x_rows.shape[0]:
         packed = np.empty((rows, x.shape[1]), x.dtype)
         for r in range(rows):
             copy_units(x[x_rows[r]], packed[r], 0, x.shape[1])
-        project_in_place(packed, w_ih, out, parts)
+        project_all(packed, w_ih, out, parts)
     else:
-        project_in_place(x, w_ih, out, parts)
+        project_all(x, w_ih, out, parts)
     return out, True
 
 
 @jit
 def chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows):
     """Call at a chunked forward's top level: its input projection set-up. Returns
-    (w_ih_panels, full, projected): the panels of W_ih^T (:func:`input_panels`, none for
-    few rows); ``full`` the whole projection when already computed or to be computed by
-    the chunks (:func:`few_rows_projection`: gates, or a new array of the few rows); and
-    whether it is already computed (few rows, or one chunk: :func:`project_one_chunk`),
-    for :func:`start_chunk`."""
+    (w_ih_panels, full, projected): the panels of W_ih^T (:func:`input_panels`, none when
+    it :func:`projects_upfront`); ``full`` the whole projection when already computed or to
+    be computed by the chunks (:func:`upfront_projection`: gates, or a new array of all
+    rows); and whether it is already computed (up front, or for one chunk:
+    :func:`project_one_chunk`), for :func:`start_chunk`."""
     w_ih_panels = input_panels(w_ih, packed_rows(x, x_rows))  # B of the input projection x @ W_ih^T
-    full, direct = few_rows_projection(x, w_ih, gates, x_rows)
+    full, direct = upfront_projection(x, w_ih, gates, x_rows)
     projected = True if direct else project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples)
     return w_ih_panels, full, projected
 
 
 @jit
 def unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts):
-    """Start a one-chunk split forward's input projection: into ``gates`` (R, G*H) at once,
-    split by rows, when it has rows (training); else return a buffer for
-    :func:`unit_projection_block`. Returns (block, the first step that needs a block)."""
-    full = gates.shape[0] > 0
-    block = np.empty(
-        (0 if full else block_capacity(lengths.shape[0], x.shape[0]), gates.shape[1]), gates.dtype
-    )
-    if full:
+    """Start a one-chunk split forward's input projection: all of it at once when it
+    :func:`projects_upfront` (:func:`project_all`, into ``gates`` (R, G*H) if it has rows,
+    else into a new array) or when ``gates`` has rows (training: split by rows,
+    :func:`unit_projection`); else return a buffer for :func:`unit_projection_block`.
+    Returns (block, the projection read until the first block, the first step that needs a
+    block)."""
+    upfront = projects_upfront(w_ih, x.shape[0])
+    full = gates.shape[0] > 0 or upfront
+    rows = 0 if full else block_capacity(lengths.shape[0], x.shape[0])
+    block = np.empty((rows, gates.shape[1]), gates.dtype)
+    proj = gates if gates.shape[0] or not upfront else np.empty((x.shape[0], gates.shape[1]), gates.dtype)
+    if upfront:
+        project_all(x, w_ih, proj, parts)
+    elif full:
         unit_projection(x, (0, x.shape[0]), w_ih, w_ih_panels, gates, parts)
-    return block, lengths[0] if full else 0
+    return block, proj, lengths[0] if full else 0
 
 
 @jit

@@ -250,8 +250,8 @@ def lstm_forward_units(
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
     zero_padding(out, out_col, hd, out_rows, lengths, 0, 0, nb)
-    block, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
-    proj, base = gates, 0
+    block, proj, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
+    base = 0
     for s in range(lengths[0]):
         n = batch_sizes[0, s]
         proj, base, s_next = unit_step_start(x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts,
