@@ -285,9 +285,9 @@ def test_upfront_projection_matches_the_chunks(variant, training):
     x = rng.standard_normal((8, 40, size)) * 0.2
     lengths = np.array([8, 3, 5] + [7] * 17 + [8] * 20)
     gates = CELLS[VARIANTS[variant][0]].gates
+    assert lengths[:3].sum() <= DIRECT_PROJECTION_ROWS < lengths[:20].sum()
     for columns in (size, 2 * size):  # W_ih of each layer
         w_ih = np.empty((gates * size, columns))
-        assert lengths[:3].sum() <= DIRECT_PROJECTION_ROWS < lengths[:20].sum()
         assert projects_upfront(w_ih, lengths[:20].sum()) and not projects_upfront(w_ih, lengths.sum())
     many, many_state = layer(x, lengths=lengths)
     for samples in (3, 20):

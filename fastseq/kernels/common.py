@@ -553,24 +553,27 @@ DIRECT_STEP_ROWS = 2
 #: 0.76-0.84, 640 0.84-0.89; 4096 x 1024: 40-160 rows 0.49-0.73, 320-640 0.85-0.93; 1536 x
 #: 512: 40 0.80-0.89, 80 0.92, 160 0.95-0.99, 320-640 0.99-1.02; 1024 x 256: 40 0.76-0.80,
 #: 80 0.83-0.85, 160 0.93-0.96, 320 0.96-1.07, 640 1.03-1.08. Layers (float32, in process,
-#: A/B medians, upfront / panels), eval forward: T=5, H=1024, N=16: GRU 0.873, RNN 0.778,
-#: LSTM 0.845; GRU N=4, T=30, H=1024 0.913; RNN N=8, T=30, H=512 0.939; GRU N=8, T=30,
-#: H=384 0.913, N=16, T=10, H=256 0.921; split by units: LSTM N=2, T=100, H=512 0.895, GRU
-#: N=1, T=100, H=512 0.950; 0.97-1.01 at 200-240 rows and H=256-512 (LSTM N=8, T=30,
-#: H=512 0.973; N=4, T=50, H=256 1.007); training GRU N=16, T=5, H=1024 0.894, LSTM N=8,
-#: T=30, H=512 0.963. Small weights lost: RNN N=8, T=30, H=64 1.07-1.15, N=16, T=10, H=128
-#: (64 KB) 1.06; GRU N=8, T=20, H=128 (192 KB) 1.008.
+#: A/B medians, upfront / panels), eval forward: T=5, H=1024, N=16: GRU 0.873 / 0.883, RNN
+#: 0.778 / 0.924, LSTM 0.845 / 0.875 (two runs); GRU N=4, T=30, H=1024 0.913; RNN N=8,
+#: T=30, H=512 0.939; GRU N=8, T=30, H=384 0.913, N=16, T=10, H=256 0.921; split by units:
+#: LSTM N=2, T=100, H=512 0.895, GRU N=1, T=100, H=512 0.942-0.950; 0.97-1.01 at 200-240
+#: rows and H=256-512 (LSTM N=8, T=30, H=512 0.973; N=4, T=50, H=256 1.007); training GRU
+#: N=16, T=5, H=1024 0.894 then 1.027, LSTM N=8, T=30, H=512 0.963. Small weights lost: RNN
+#: N=8, T=30, H=64 1.07-1.15, N=16, T=10, H=128 (64 KB) 1.06; GRU N=8, T=20, H=128 (192 KB)
+#: 1.008 (below UPFRONT_PROJECTION_BYTES they keep the panels: 0.956-0.977 after).
 UPFRONT_PROJECTION_ROWS = 256
 UPFRONT_PROJECTION_BYTES = 1 << 19
 #: Rows up to which W_ih of UPFRONT_LARGE_BYTES or more projects up front: the panels of
 #: such a W_ih and W_hh's together fill the L3 cache (32 MB here), and each step of a small
 #: batch then streams W_hh's panels from memory. Measured (same method, eval forward, T x N
-#: rows): LSTM H=1024 (16 MB) N=16, T=40 0.687, T=60 0.777, T=100 (1600 rows) 0.85, N=32,
-#: T=20 0.944, N=64, T=50 (3200 rows) 0.956; RNN H=1024 (4 MB) N=16, T=40 0.942, T=50 0.955;
-#: GRU H=1024 (12 MB) N=16, T=30 0.949, T=60 1.003, H=768 (7 MB) N=16, T=40 1.008; LSTM
-#: N=16, T=50, H=512 (4 MB) 1.011, N=8, T=80, H=256 1.034. Capped so that inference keeps
-#: at most this many rows of projection, about what its blocks of steps hold
-#: (PROJECTION_BLOCK_ROWS per chunk).
+#: rows): LSTM H=1024 (16 MB) N=16, T=40 0.687, 0.680 and 0.990 in three runs (the panels
+#: path took 48.5, 49.8 and 27.4 ms, this one 27-33), T=60 0.777 then 0.956, T=100 (1600
+#: rows) 0.85, N=32, T=20 0.944; RNN H=1024 (4 MB) N=16, T=40 0.942, T=50 0.955 then 1.019;
+#: GRU H=1024 (12 MB) N=16, T=30 0.939-0.949, T=60 1.003, H=768 (7 MB) N=16, T=40 1.008;
+#: LSTM N=16, T=50, H=512 (4 MB) 1.011, N=8, T=80, H=256 1.034. Capped so that inference
+#: keeps at most this many rows of projection, about what its blocks of steps hold
+#: (PROJECTION_BLOCK_ROWS per chunk); all 3200 rows up front at N=64, T=50, H=1024 gave
+#: 0.956 then 1.096 (LSTM, full length) and 0.960 / 0.985 (LSTM / GRU, random lengths).
 UPFRONT_LARGE_ROWS = 1024
 UPFRONT_LARGE_BYTES = 8 << 20
 #: Bytes of W_ih's panels a thread of :func:`project_packing` packs at a time (they stay in
