@@ -17,9 +17,11 @@ apply everywhere:
   ~30 arguments, which LLVM does not inline once the callee is vectorised. Measured (float32,
   one thread, the RNN gate loop plus the output row copy, ns per element, called / inlined):
   16 rows x H=64: 0.97 / 0.29; 64 x 128: 0.67 / 0.29; 4 x 4096: 0.51 / 0.29. Used for the
-  RNN's gate loops and the row copies. The LSTM and GRU gate functions stay called: their
-  several short loops (tuned as functions of their own) ran slower inlined, LSTM forward
-  1.05-1.07x and GRU forward 1.22-1.39x the time (32x100x64, 128x50x128), backward 0.96-1.04.
+  RNN's gate loops and the row copies. The LSTM and GRU gate math inlined straight into the
+  layer kernels ran slower, LSTM forward 1.05-1.07x and GRU forward 1.22-1.39x the time
+  (32x100x64, 128x50x128), backward 0.96-1.04; it is inlined instead into a called
+  function that runs all rows of a step (``lstm.lstm_rows_forward`` and its kin), one call
+  per step rather than per row.
 * ``reassociate=False`` (per function): no ``reassoc`` flag, the expressions grouped by
   hand instead. numba links a called function's IR into every kernel that calls it and
   optimises it there, while a kernel loaded from the cache may call another copy: with

@@ -68,10 +68,12 @@ from fastseq.kernels.gemm import (
 )
 
 
-@jit
-def gru_cell_forward(g, gh, b_ih, b_hh, h):
-    """reset_after=True, one sample, one step. g (3H,) in: input projection, out: r, z, n.
-    gh (3H,) in: recurrent GEMM row; out: its n block holds W_hn h + b_hn. h (H,) in/out.
+@jit(inline=True)
+def gru_gates_forward(g, gh, b_ih, b_hh, h):
+    """reset_after=True, one sample, one step (inlined into :func:`gru_cell_forward`, one
+    row per call, and :func:`gru_rows_forward`, a step's rows per call). g (3H,) in: input
+    projection, out: r, z, n. gh (3H,) in: recurrent GEMM row; out: its n block holds W_hn h
+    + b_hn. h (H,) in/out.
 
     Short loops from index 0, for the reasons given in :func:`fastseq.kernels.lstm.
     lstm_cell_forward` (same results to the bit). Measured (float32, one thread, Zen 5, ns
@@ -87,6 +89,21 @@ def gru_cell_forward(g, gh, b_ih, b_hh, h):
         g[2 * hd + j] = tanh(g[2 * hd + j] + b_ih[2 * hd + j] + g[j] * gh[2 * hd + j])
     for j in range(hd):
         h[j] = g[2 * hd + j] + g[hd + j] * (h[j] - g[2 * hd + j])
+
+
+@jit
+def gru_cell_forward(g, gh, b_ih, b_hh, h):
+    """:func:`gru_gates_forward` for one row (the split and streaming kernels)."""
+    gru_gates_forward(g, gh, b_ih, b_hh, h)
+
+
+@jit
+def gru_rows_forward(g, g_rows, gh, b_ih, b_hh, h, k0):
+    """:func:`gru_gates_forward` for the n = len(g_rows) rows of a step in one call: row i
+    reads g[g_rows[i]] (R, 3H), gh[i] (n, 3H) and updates h[k0 + i] (N, H). One call per row
+    cost about 50 ns more per row (see ``lstm.lstm_rows_forward``)."""
+    for i in range(g_rows.shape[0]):
+        gru_gates_forward(g[g_rows[i]], gh[i], b_ih, b_hh, h[k0 + i])
 
 
 @jit
@@ -110,9 +127,10 @@ def gru_cell_update(g, ghn, b_ih, b_hh, h):
         g[2 * hd + j] = ng
 
 
-@jit
-def gru_cell_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
-    """One sample, one step, the part before any recurrent GEMM.
+@jit(inline=True)
+def gru_gates_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
+    """One sample, one step, the part before any recurrent GEMM (inlined into
+    :func:`gru_cell_backward`, one row per call, and :func:`gru_rows_backward`).
 
     g (3H,) in: r, z, n; out: gradients of the pre-activations of z and n, and (reset_after)
     of r. hn (H,) in: W_hn h + b_hn (reset_after), out: its gradient dn * r. dh, dout,
@@ -132,6 +150,24 @@ def gru_cell_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
         if reset_after:
             g[j] = dan * hn[j] * rg * (one - rg)
             hn[j] = dan * rg
+
+
+@jit
+def gru_cell_backward(g, dh, dout, hprev, hn, dh_direct, reset_after):
+    """:func:`gru_gates_backward` for one row (the split kernels)."""
+    gru_gates_backward(g, dh, dout, hprev, hn, dh_direct, reset_after)
+
+
+@jit
+def gru_rows_backward(gates, rows, dh, dout, out_col, hprev, hn, dh_direct, reset_after, k0):
+    """:func:`gru_gates_backward` for the n = len(rows) rows of a step in one call: row i
+    reads and overwrites gates[rows[i]] (R, 3H) and hn there (R, H), reads dout[rows[i],
+    out_col:out_col+H], hprev there and dh[k0 + i] (N, H); writes dh_direct[i] (n, H)."""
+    hd = dh.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        gru_gates_backward(gates[r], dh[k0 + i], dout[r, out_col : out_col + hd], hprev[r], hn[r], dh_direct[i],
+                           reset_after)  # fmt: skip
 
 
 @jit
@@ -174,6 +210,8 @@ def gru_forward(
         rh = np.empty((nc, hd), h.dtype)
         ghn = np.empty((nc, hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
+        # a step's rows of the workspace, of proj
+        rows, proj_rows = np.empty(nc, np.int64), np.empty(nc, np.int64)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
@@ -187,19 +225,22 @@ def gru_forward(
                 gemm_step_forward(h_in, w_hrz.T, w_hrz_panels, grz[:n])
             for i in range(n):
                 k = s0 + i
-                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
+                rows[i] = r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
+                proj_rows[i] = q
                 if training:
                     copy_units(h[k], hprev[r], 0, hd)
-                if reset_after:
-                    gru_cell_forward(proj[q], gh[i], b_ih, b_hh, h[k])
-                    copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
-                    if training:
-                        copy_units(gh[i, 2 * hd :], hn[r], 0, hd)
-                else:
+                if not reset_after:
                     gru_cell_reset(proj[q], grz[i], b_ih, b_hh, h_in[i], rh[i])
                     if training:
                         copy_units(rh[i], hn[r], 0, hd)
+            if reset_after:
+                gru_rows_forward(proj, proj_rows[:n], gh, b_ih, b_hh, h, s0)
+                for i in range(n):
+                    r = rows[i]
+                    copy_units(h[s0 + i], out[output_row(out_rows, r), out_col:], 0, hd)
+                    if training:
+                        copy_units(gh[i, 2 * hd :], hn[r], 0, hd)
             if not reset_after:
                 gemm_step_forward(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
@@ -241,13 +282,14 @@ def gru_backward(
         dn = np.empty((nc, hd), dh.dtype)
         drh = np.empty((nc, hd), dh.dtype)
         dh_direct = np.empty((nc, hd), dh.dtype)
+        rows = np.empty(nc, np.int64)  # a step's rows of the workspace
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
-                k = s0 + i
-                r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                gru_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], hprev[r], hn[r],
-                                  dh_direct[i], reset_after)  # fmt: skip
+                rows[i] = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
+            gru_rows_backward(gates, rows[:n], dh, dout, out_col, hprev, hn, dh_direct, reset_after, s0)
+            for i in range(n):
+                k, r = s0 + i, rows[i]
                 if rmask.shape[0]:
                     hprev[r, :] *= rmask[k, :]
                 if reset_after:
