@@ -245,10 +245,8 @@ def gru_forward(
                 gemm_step_forward(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
-                    r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
-                    q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
-                    gru_cell_update(proj[q], ghn[i], b_ih, b_hh, h[k])
-                    copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
+                    gru_cell_update(proj[proj_rows[i]], ghn[i], b_ih, b_hh, h[k])
+                    copy_units(h[k], out[output_row(out_rows, rows[i]), out_col:], 0, hd)
 
 
 @jit(parallel=True)
@@ -302,8 +300,7 @@ def gru_backward(
             else:
                 gemm_step(dn[:n], w_hn, w_hn_panels, drh[:n])
                 for i in range(n):
-                    k = s0 + i
-                    r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
+                    r = rows[i]
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
                     copy_units(gates[r], dgrz[i], 0, 2 * hd)
                 gemm_step(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
