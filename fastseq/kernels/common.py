@@ -211,7 +211,10 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
 
     x (R, C) packed rows, or with ``x_rows`` (R,) (entries: row of x of each packed row) the
     unpacked (T*N, C) input, whose rows are gathered here, GATHER_ROWS at a time, into a
-    buffer that stays in cache (no packed copy of the input in memory). w_ih (G*H, C) in;
+    buffer that stays in cache (no packed copy of the input in memory), or read in place
+    where a block's rows are :func:`consecutive` in x (a chunk's step at equal lengths:
+    RNN inference at N=1024, T=100, H=16, the kernel alone on one thread 6.6 -> 4.1 ms;
+    layers on both threads, in process, new / old: RNN 0.96, LSTM 0.92, GRU 1.00). w_ih (G*H, C) in;
     w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,): the chunk's row offsets;
     lengths_c: its lengths (state order). full (R, G*H): when it has rows, everything is
     projected there already (training, or a batch in one chunk; then x is packed) and it is
@@ -227,6 +230,10 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     if x_rows.shape[0] == 0 and not ordered:
         gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
         return block, r0 + a, s_end
+    if not ordered and consecutive(x_rows, r0 + a, r0 + b):  # x's rows in place: no gather
+        first = x_rows[r0 + a]
+        gemm_large(x[first : first + b - a], w_ih.T, w_ih_panels, block[: b - a], False)
+        return block, r0 + a, s_end
     gathered = np.empty((min(GATHER_ROWS, b - a), x.shape[1]), x.dtype)
     step, i = s, 0  # step order: sample i of step ``step`` (time order: the packed rows a..b-1)
     for i0 in range(a, b, GATHER_ROWS):
@@ -241,6 +248,15 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
             copy_units(x[x_rows[r] if x_rows.shape[0] else r], gathered[j - i0], 0, x.shape[1])
         gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], False)
     return block, r0 + a, s_end
+
+
+@jit
+def consecutive(rows, a, b):
+    """Whether rows[a:b] (int64) are consecutive integers (True for a >= b)."""
+    ok = True
+    for j in range(a, b):
+        ok &= rows[j] == rows[a] + (j - a)
+    return ok
 
 
 @jit
