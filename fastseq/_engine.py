@@ -13,7 +13,13 @@ import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
 from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
-from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
+from fastseq.kernels.lstm import (
+    lstm_backward,
+    lstm_backward_units,
+    lstm_forward,
+    lstm_forward_columns,
+    lstm_forward_units,
+)
 from fastseq.kernels.rnn import rnn_backward, rnn_backward_units, rnn_forward, rnn_forward_units
 from fastseq.registry import CELLS
 
@@ -69,6 +75,31 @@ def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
     )
 
 
+#: The LSTM's inference runs in the transposed layout (``kernels.lstm.lstm_forward_columns``)
+#: up to this hidden size, when the chunks' steps have COLUMNS_MIN_SAMPLES samples on
+#: average; at unequal lengths only up to COLUMNS_UNEQUAL_MAX_HIDDEN. Measured (float32,
+#: Zen 5, the kernels alone, both threads, T=50, C=H, median time columns / rows): equal
+#: lengths, N=64-1024: H=8 0.28-0.32, H=16 0.54-0.59, H=24 0.67-0.69, H=32 0.80-0.86, H=40
+#: 0.85-0.89, H=48 0.91-0.99, H=64 1.2-1.5; chunks of 16 samples (N=32): H=16 0.81, H=32
+#: 1.25; of 1-8: 1.8-5.0 (a step streams all of W for a panel of NR=32 columns). Random
+#: lengths: H=16: N=256 0.71, N=1024 (T=100) 0.56, N=64 1.08; H=32: N=1024 0.93, N=256 1.01,
+#: N=64 1.53 (the shrinking batch's last steps).
+COLUMNS_MAX_HIDDEN = 40
+COLUMNS_UNEQUAL_MAX_HIDDEN = 16
+COLUMNS_MIN_SAMPLES = 32
+
+
+def runs_in_columns(cell, packing, hidden, training, rmask) -> bool:
+    """Whether a forward pass runs in the transposed layout (see COLUMNS_MAX_HIDDEN): the
+    LSTM in inference, without recurrent dropout, not split by units."""
+    if cell != "lstm" or training or rmask is not None or packing.unit_parts:
+        return False
+    if hidden > (COLUMNS_MAX_HIDDEN if packing.equal_lengths else COLUMNS_UNEQUAL_MAX_HIDDEN):
+        return False
+    chunks, longest = packing.batch_sizes.shape
+    return packing.rows >= COLUMNS_MIN_SAMPLES * chunks * longest
+
+
 def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
             rmask=None, out_rows=None, x_rows=None):  # fmt: skip
     """Run one layer and direction forward.
@@ -112,12 +143,16 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     if x_rows is not None and (not in_blocks or packing.unit_parts):
         raise ValueError("x_rows needs a pass that projects in blocks, split by chunks")
     x_rows = NO_ROWS if x_rows is None else x_rows
+    out_rows = NO_ROWS if out_rows is None else out_rows
+    if runs_in_columns(cell, packing, hd, training, rmask):
+        lstm_forward_columns(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], opts.peephole,
+                             *packing.kernel_args, reverse, out, out_col, out_rows, *states, x_rows)  # fmt: skip
+        return None
     gates = take((0 if in_blocks else rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
     hprev = take((ws_rows, hd), dt)
     pk = (*packing.kernel_args, reverse)
     rmask = no_mask(hd, dt) if rmask is None else rmask
-    out_rows = NO_ROWS if out_rows is None else out_rows
     ws = {"x": x, "gates": gates, "hprev": hprev, "rmask": rmask}
     if cell == "rnn":
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,

@@ -5,9 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
+from fastseq import _engine
 from tests import naive
 from tests.cases import Case, assert_matches
 from tests.conftest import VARIANTS
+from tests.tolerances import assert_close
 
 OPTIONS = list(itertools.product([1, 2], [False, True], [False, True]))  # layers, bidir, lengths
 
@@ -107,3 +109,57 @@ def test_recurrent_dropout_inactive_in_eval_mode(variant):
     case.layer.eval()
     clean.layer.eval()
     np.testing.assert_array_equal(case.layer(case.x)[0], clean.layer(clean.x)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_layers,bidirectional,use_lengths", OPTIONS)
+@pytest.mark.parametrize("variant", ["lstm", "lstm-peephole"])
+def test_lstm_inference_in_columns_matches_naive(
+    variant, num_layers, bidirectional, use_lengths, dtype, monkeypatch
+):
+    """The LSTM's inference in the transposed layout (_engine.runs_in_columns, forced here for
+    any batch): outputs and final states as the reference's, at 70 samples (chunks wider than
+    one panel of NR columns, lengths 1..T), with and without x gathered unpacked."""
+    monkeypatch.setattr(_engine, "COLUMNS_MIN_SAMPLES", 0)
+    monkeypatch.setattr(_engine, "COLUMNS_UNEQUAL_MAX_HIDDEN", _engine.COLUMNS_MAX_HIDDEN)
+    ran = []
+    columns = _engine.lstm_forward_columns
+    monkeypatch.setattr(_engine, "lstm_forward_columns", lambda *a: ran.append(a[-1].shape[0]) or columns(*a))
+    case = Case(
+        variant, dtype, num_layers, bidirectional, use_lengths, True, steps=7, batch=70, hidden_size=6
+    )
+    ref_out, ref_final, *_ = _naive(case)
+    case.layer.eval()
+    for batch_first in (False, True):  # x read unpacked through x_rows / packed first
+        x = np.ascontiguousarray(case.x.transpose(1, 0, 2)) if batch_first else case.x
+        case.layer.batch_first = batch_first
+        out, hn = case.layer(x, case.hx(), case.lengths)
+        out = out.transpose(1, 0, 2) if batch_first else out
+        assert_close(out, ref_out, dtype, "output", "columns inference")
+        for a, b in zip(case.states(hn), ref_final, strict=True):
+            assert_close(a, b, dtype, "final state", "columns inference")
+    calls = num_layers * (2 if bidirectional else 1)
+    assert len(ran) == 2 * calls
+    gathers = not case.layer._packing.identity  # time-major x, unpacked: its rows gathered
+    assert [rows > 0 for rows in ran[::calls]] == [gathers, False]
+
+
+def test_inference_in_columns_only_where_it_pays():
+    """_engine.runs_in_columns: the LSTM in inference at small H and wide chunks, not in
+    training, not the other cells, not past the hidden sizes measured."""
+    from fastseq._packing import Packing
+
+    chunks = 2
+    wide = Packing(np.full(64 * chunks, 10), 10, 64 * chunks, chunks)
+    narrow = Packing(np.full(16 * chunks, 10), 10, 16 * chunks, chunks)
+    lengths = np.random.default_rng(0).integers(1, 11, 256 * chunks)
+    lengths[0] = 10
+    unequal = Packing(lengths, 10, 256 * chunks, chunks)
+    cap = _engine.COLUMNS_MAX_HIDDEN
+    assert _engine.runs_in_columns("lstm", wide, cap, False, None)
+    assert not _engine.runs_in_columns("lstm", wide, cap + 1, False, None)
+    assert not _engine.runs_in_columns("lstm", wide, 16, True, None)
+    assert not _engine.runs_in_columns("gru", wide, 16, False, None)
+    assert not _engine.runs_in_columns("lstm", narrow, 16, False, None)
+    assert _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN, False, None)
+    assert not _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN + 1, False, None)
