@@ -66,6 +66,7 @@ class Packing:
         self.chunk_rows = np.zeros(n_chunks + 1, dtype=np.int64)
         np.cumsum(self.offsets[:, -1], out=self.chunk_rows[1:])
         self.rows = int(self.chunk_rows[-1])
+        self.widest_chunk_rows = int(self.offsets[:, -1].max())  # rows of the largest chunk
         self.identity = full and n_chunks == 1  # rows are x.reshape(T*N, C) as they stand
         if not self.identity:
             state = np.repeat(np.arange(batch), self.lengths)  # grouped by sample

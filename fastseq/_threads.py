@@ -35,7 +35,7 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
 from fastseq.kernels.common import SPREAD_STEP_BYTES
-from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS
+from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, VECTOR_BYTES, VECTORS
 
 _lock = threading.Lock()
 _active = 0
@@ -273,10 +273,22 @@ def kernels_call_blas(packing) -> bool:
     return BLAS_FOR_LARGE or packing.widest_chunk <= 1
 
 
+def weight_grads_call_blas(cell, packing, input_sizes, hidden, dtype) -> bool:
+    """Whether a backward's per-chunk weight gradients (:func:`partial_weight_grads`) call
+    BLAS for some layer: ``gemm.gemm_pair`` (the RNN's and LSTM's) sends outputs of at most
+    half a panel's columns there (C and H <= NR / 2) over chunks of NARROW_BLAS_ROWS rows or
+    more. ``input_sizes``: each layer's C."""
+    half_panel = VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize // 2
+    if cell == "gru" or hidden > half_panel or packing.widest_chunk_rows < NARROW_BLAS_ROWS:
+        return False
+    return any(c <= half_panel and partial_weight_grads(packing, c + hidden) for c in input_sizes)
+
+
 class kernel_threads:
     """Context for the kernels of a ``packing`` (fastseq._packing.Packing) whose per-step
     products read the recurrent weights ``w_hh`` (G*H, H): BLAS at one thread where the
-    kernels call it (:func:`kernels_call_blas`), except for one chunk, not split by units,
+    kernels call it (:func:`kernels_call_blas`, or ``blas``: see
+    :func:`weight_grads_call_blas`), except for one chunk, not split by units,
     with ``w_hh.nbytes >= SPREAD_STEP_BYTES``: numba's team at one thread (thread-local),
     BLAS free. Otherwise numba's workers are kept off the calling thread's CPU
     (:func:`keep_workers_off_caller`). Counted in RUNNING while it lasts.
@@ -285,10 +297,10 @@ class kernel_threads:
     nested generator contexts it cost 3.3 us of a 15 us call's Python (RNN, N=32, T=100,
     H=64, random lengths, kernel replaced by a no-op); 1.45 us as a class."""
 
-    __slots__ = ("_inner", "_packing", "_w_hh")
+    __slots__ = ("_blas", "_inner", "_packing", "_w_hh")
 
-    def __init__(self, packing, w_hh):
-        self._packing, self._w_hh, self._inner = packing, w_hh, None
+    def __init__(self, packing, w_hh, blas=False):
+        self._packing, self._w_hh, self._blas, self._inner = packing, w_hh, blas, None
 
     def __enter__(self):
         RUNNING.append(None)
@@ -297,7 +309,7 @@ class kernel_threads:
                 inner = _numba_threads(1)
             else:
                 keep_workers_off_caller()
-                inner = single_threaded_blas() if kernels_call_blas(self._packing) else None
+                inner = single_threaded_blas() if self._blas or kernels_call_blas(self._packing) else None
             if inner is not None:
                 inner.__enter__()
         except BaseException:

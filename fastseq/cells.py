@@ -18,6 +18,7 @@ from fastseq._threads import (
     num_chunks,
     stream_parts,
     stream_units,
+    weight_grads_call_blas,
 )
 from fastseq.kernels.gru import gru_step, gru_step_units
 from fastseq.kernels.lstm import lstm_step, lstm_step_units
@@ -159,7 +160,8 @@ class _RecurrentCell(Module):
             packing.sort(g) for g in grads[1:]
         )
         dx = np.empty((batch, self.input_size), self.dtype)
-        with kernel_threads(packing, self._weights["w_hh"]):
+        blas = weight_grads_call_blas(self._cell, packing, [self.input_size], self.hidden_size, self.dtype)
+        with kernel_threads(packing, self._weights["w_hh"], blas):
             _engine.backward(self._cell, self._opts, self._weights, ws, dout, 0, dstates, packing, False, dx, False,
                              self._grad_views)  # fmt: skip
         dx = packing.unpack(dx)[0]

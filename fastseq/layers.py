@@ -9,7 +9,7 @@ from fastseq import _validate as v
 from fastseq._module import Module, uniform_init
 from fastseq._packing import reuse_packing
 from fastseq._pool import WorkspacePool
-from fastseq._threads import kernel_threads, num_chunks, unit_parts
+from fastseq._threads import kernel_threads, num_chunks, unit_parts, weight_grads_call_blas
 from fastseq.kernels.common import ZERO_PADDING_MAX_BYTES
 from fastseq.registry import CELLS
 
@@ -381,7 +381,9 @@ class _RecurrentLayer(Module):
                 if d is not None:
                     v.finite("grad_h_n" if spec.n_states == 1 else f"grad_h_n[{k}]", d)
         self._cache = None  # every check passed: this backward consumes the workspace
-        with kernel_threads(packing, self._recurrent_weights):
+        sizes = [self.input_size] + [n_dirs * hd] * (self.num_layers - 1)
+        blas = weight_grads_call_blas(self._cell, packing, sizes, hd, self.dtype)
+        with kernel_threads(packing, self._recurrent_weights, blas):
             for layer in range(self.num_layers - 1, -1, -1):
                 dirs_ws, _ = cache["layers"][layer]
                 cols = self.input_size if layer == 0 else n_dirs * hd

@@ -163,3 +163,24 @@ def test_inference_in_columns_only_where_it_pays():
     assert not _engine.runs_in_columns("lstm", narrow, 16, False, None)
     assert _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN, False, None)
     assert not _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN + 1, False, None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ["rnn-tanh", "lstm-peephole"])
+def test_narrow_weight_gradients_through_blas_match_naive(variant, dtype, monkeypatch):
+    """Chunks of at least gemm.NARROW_BLAS_ROWS rows with C, H <= half a panel: the per-chunk
+    weight gradients go to BLAS (held at one thread, _threads.weight_grads_call_blas); the
+    results as the reference's."""
+    from fastseq import _threads, layers
+    from fastseq.kernels.gemm import NARROW_BLAS_ROWS
+
+    decided = []
+    decide = _threads.weight_grads_call_blas
+    monkeypatch.setattr(
+        layers, "weight_grads_call_blas", lambda *a: decided.append(decide(*a)) or decided[-1]
+    )
+    chunks = _threads.num_chunks(1 << 20)
+    batch = chunks * (NARROW_BLAS_ROWS // 20 + 10)
+    case = Case(variant, dtype, 1, False, False, True, steps=20, batch=batch, input_size=3, hidden_size=4)
+    _compare(case, case.run(), _naive(case))
+    assert decided == [True]

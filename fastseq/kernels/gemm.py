@@ -644,6 +644,18 @@ def gemm(a, b, out, accumulate):
     gemm_large(a, b, pack_for_large(b), out, accumulate)
 
 
+#: Rows from which :func:`gemm_pair` sends outputs of at most half a panel's columns to
+#: BLAS, whose tiles are not padded to NR columns and which reads both operands in place
+#: (packing copies them: past the caches, twice the memory traffic). Measured (float32, Zen
+#: 5, one thread, both products and the bias sums over R rows, panels / BLAS, ms): M = 16
+#: columns, 16 rows of output: R = 512-1024 0.014-0.027 / 0.017-0.031; 2048 0.052 / 0.045;
+#: 4096 0.111 / 0.088; 8192 0.286 / 0.175; 51200 3.19 / 1.17. 64 rows of output: R =
+#: 1024-8192 0.90-0.98 the time; 51200 5.12 / 3.14. At 32 columns BLAS lost (R = 10240: 0.35
+#: / 0.56; 1.05-1.6x at 64-256 columns). Holding BLAS at one thread costs a training step
+#: 7-10 us per switch (``fastseq._threads.kernels_call_blas``).
+NARROW_BLAS_ROWS = 8192
+
+
 @jit
 def gemm_pair(a, b, b2, out, out2):
     """out (n, M) = a @ b (K, M) and out2 (n, M2) = a @ b2 (K, M2) for one ``a`` (n, K), a
@@ -653,7 +665,13 @@ def gemm_pair(a, b, b2, out, out2):
     results are bitwise those of two :func:`gemm` calls. Measured (float32, Zen 5, two
     chunks on both threads, dG^T @ x and dG^T @ h_prev per chunk, two calls / one copy):
     RNN, 3200 rows, H = 512: 20.6 / 19.0 ms; LSTM, 1600 rows, H = 1024: 159.5 / 151.1 ms.
-    Otherwise two :func:`gemm` calls."""
+    Outputs at most half a panel wide (C and H <= NR / 2: 16 in float32 here) over at
+    least NARROW_BLAS_ROWS rows go to BLAS (``fastseq._threads.weight_grads_call_blas``
+    holds it at one thread then). Otherwise two :func:`gemm` calls."""
+    if a.shape[1] >= NARROW_BLAS_ROWS and max(out.shape[1], out2.shape[1]) <= panel_width(out) // 2:
+        np.dot(a, b, out=out)
+        np.dot(a, b2, out=out2)
+        return
     if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS:
         gemm(a, b, out, False)
         gemm(a, b2, out2, False)
