@@ -136,7 +136,9 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     Returns
     -------
     dict or None
-        The workspace backward needs (training), else None.
+        The workspace backward needs (training), else None. The LSTM's inference at small
+        H runs in the transposed layout (:func:`runs_in_columns`): the same outputs and
+        states within rounding, not bitwise.
     """
     rows, hd, dt = packing.rows, states[0].shape[1], x.dtype
     in_blocks = projects_in_blocks(packing, w["w_hh"], reverse, training)
