@@ -12,14 +12,9 @@ from typing import NamedTuple
 import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
+from fastseq.kernels.columns import forward_columns
 from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
-from fastseq.kernels.lstm import (
-    lstm_backward,
-    lstm_backward_units,
-    lstm_forward,
-    lstm_forward_columns,
-    lstm_forward_units,
-)
+from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_backward_units, rnn_forward, rnn_forward_units
 from fastseq.registry import CELLS
 
@@ -75,26 +70,28 @@ def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
     )
 
 
-#: The LSTM's inference runs in the transposed layout (``kernels.lstm.lstm_forward_columns``)
-#: up to this hidden size, when the chunks' steps have COLUMNS_MIN_SAMPLES samples on
+#: The LSTM's and RNN's inference runs in the transposed layout
+#: (``kernels.columns.forward_columns``) up to this hidden size, when the chunks' steps have COLUMNS_MIN_SAMPLES samples on
 #: average; at unequal lengths only up to COLUMNS_UNEQUAL_MAX_HIDDEN. Measured (float32,
 #: Zen 5, the kernels alone, both threads, T=50, C=H, median time columns / rows): equal
 #: lengths, N=64-1024: H=8 0.28-0.32, H=16 0.54-0.59, H=24 0.67-0.69, H=32 0.80-0.86, H=40
 #: 0.85-0.89, H=48 0.91-0.99, H=64 1.2-1.5; chunks of 16 samples (N=32): H=16 0.81, H=32
 #: 1.25; of 1-8: 1.8-5.0 (a step streams all of W for a panel of NR=32 columns). Random
 #: lengths: H=16: N=256 0.71, N=1024 (T=100) 0.56, N=64 1.08; H=32: N=1024 0.93, N=256 1.01,
-#: N=64 1.53 (the shrinking batch's last steps).
-COLUMNS_MAX_HIDDEN = 40
-COLUMNS_UNEQUAL_MAX_HIDDEN = 16
+#: N=64 1.53 (the shrinking batch's last steps). The RNN (fifteenth session, the same way):
+#: H=16: N=64-1024 0.75-0.93 (N=32 0.94), random lengths N=256 0.75, N=1024 (T=100) 0.60;
+#: H=32: 1.00 at N=64-256, 1.17 at N=1024, random lengths 1.21; H=48 0.92, H=64 1.13.
+COLUMNS_MAX_HIDDEN = {"lstm": 40, "rnn": 16}
+COLUMNS_UNEQUAL_MAX_HIDDEN = {"lstm": 16, "rnn": 16}
 COLUMNS_MIN_SAMPLES = 32
 
 
 def runs_in_columns(cell, packing, hidden, training, rmask) -> bool:
     """Whether a forward pass runs in the transposed layout (see COLUMNS_MAX_HIDDEN): the
-    LSTM in inference, without recurrent dropout, not split by units."""
-    if cell != "lstm" or training or rmask is not None or packing.unit_parts:
+    LSTM's and RNN's inference, without recurrent dropout, not split by units."""
+    if cell not in COLUMNS_MAX_HIDDEN or training or rmask is not None or packing.unit_parts:
         return False
-    if hidden > (COLUMNS_MAX_HIDDEN if packing.equal_lengths else COLUMNS_UNEQUAL_MAX_HIDDEN):
+    if hidden > (COLUMNS_MAX_HIDDEN if packing.equal_lengths else COLUMNS_UNEQUAL_MAX_HIDDEN)[cell]:
         return False
     chunks, longest = packing.batch_sizes.shape
     return packing.rows >= COLUMNS_MIN_SAMPLES * chunks * longest
@@ -136,8 +133,8 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     Returns
     -------
     dict or None
-        The workspace backward needs (training), else None. The LSTM's inference at small
-        H runs in the transposed layout (:func:`runs_in_columns`): the same outputs and
+        The workspace backward needs (training), else None. The LSTM's and RNN's inference
+        at small H runs in the transposed layout (:func:`runs_in_columns`): the same outputs and
         states within rounding, not bitwise.
     """
     rows, hd, dt = packing.rows, states[0].shape[1], x.dtype
@@ -147,8 +144,10 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     x_rows = NO_ROWS if x_rows is None else x_rows
     out_rows = NO_ROWS if out_rows is None else out_rows
     if runs_in_columns(cell, packing, hd, training, rmask):
-        lstm_forward_columns(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], opts.peephole,
-                             *packing.kernel_args, reverse, out, out_col, out_rows, *states, x_rows)  # fmt: skip
+        lstm = cell == "lstm"
+        forward_columns(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], lstm,
+                        opts.peephole if lstm else opts.relu, *packing.kernel_args, reverse, out, out_col,
+                        out_rows, states[0], states[-1], x_rows)  # fmt: skip
         return None
     gates = take((0 if in_blocks else rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0

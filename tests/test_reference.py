@@ -113,18 +113,18 @@ def test_recurrent_dropout_inactive_in_eval_mode(variant):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("num_layers,bidirectional,use_lengths", OPTIONS)
-@pytest.mark.parametrize("variant", ["lstm", "lstm-peephole"])
-def test_lstm_inference_in_columns_matches_naive(
+@pytest.mark.parametrize("variant", ["lstm", "lstm-peephole", "rnn-tanh", "rnn-relu"])
+def test_inference_in_columns_matches_naive(
     variant, num_layers, bidirectional, use_lengths, dtype, monkeypatch
 ):
-    """The LSTM's inference in the transposed layout (_engine.runs_in_columns, forced here for
-    any batch): outputs and final states as the reference's, at 70 samples (chunks wider than
+    """Inference in the transposed layout (_engine.runs_in_columns, forced here for any
+    batch): outputs and final states as the reference's, at 70 samples (chunks wider than
     one panel of NR columns, lengths 1..T), with and without x gathered unpacked."""
     monkeypatch.setattr(_engine, "COLUMNS_MIN_SAMPLES", 0)
     monkeypatch.setattr(_engine, "COLUMNS_UNEQUAL_MAX_HIDDEN", _engine.COLUMNS_MAX_HIDDEN)
     ran = []
-    columns = _engine.lstm_forward_columns
-    monkeypatch.setattr(_engine, "lstm_forward_columns", lambda *a: ran.append(a[-1].shape[0]) or columns(*a))
+    columns = _engine.forward_columns
+    monkeypatch.setattr(_engine, "forward_columns", lambda *a: ran.append(a[-1].shape[0]) or columns(*a))
     case = Case(
         variant, dtype, num_layers, bidirectional, use_lengths, True, steps=7, batch=70, hidden_size=6
     )
@@ -145,8 +145,8 @@ def test_lstm_inference_in_columns_matches_naive(
 
 
 def test_inference_in_columns_only_where_it_pays():
-    """_engine.runs_in_columns: the LSTM in inference at small H and wide chunks, not in
-    training, not the other cells, not past the hidden sizes measured."""
+    """_engine.runs_in_columns: the LSTM's and RNN's inference at small H and wide chunks,
+    not in training, not the GRU, not past the hidden sizes measured."""
     from fastseq._packing import Packing
 
     chunks = 2
@@ -155,14 +155,15 @@ def test_inference_in_columns_only_where_it_pays():
     lengths = np.random.default_rng(0).integers(1, 11, 256 * chunks)
     lengths[0] = 10
     unequal = Packing(lengths, 10, 256 * chunks, chunks)
-    cap = _engine.COLUMNS_MAX_HIDDEN
-    assert _engine.runs_in_columns("lstm", wide, cap, False, None)
-    assert not _engine.runs_in_columns("lstm", wide, cap + 1, False, None)
-    assert not _engine.runs_in_columns("lstm", wide, 16, True, None)
+    for cell in ("lstm", "rnn"):
+        cap, unequal_cap = _engine.COLUMNS_MAX_HIDDEN[cell], _engine.COLUMNS_UNEQUAL_MAX_HIDDEN[cell]
+        assert _engine.runs_in_columns(cell, wide, cap, False, None)
+        assert not _engine.runs_in_columns(cell, wide, cap + 1, False, None)
+        assert not _engine.runs_in_columns(cell, wide, 16, True, None)
+        assert not _engine.runs_in_columns(cell, narrow, 16, False, None)
+        assert _engine.runs_in_columns(cell, unequal, unequal_cap, False, None)
+        assert not _engine.runs_in_columns(cell, unequal, unequal_cap + 1, False, None)
     assert not _engine.runs_in_columns("gru", wide, 16, False, None)
-    assert not _engine.runs_in_columns("lstm", narrow, 16, False, None)
-    assert _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN, False, None)
-    assert not _engine.runs_in_columns("lstm", unequal, _engine.COLUMNS_UNEQUAL_MAX_HIDDEN + 1, False, None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -35,7 +35,6 @@ from fastseq.kernels.common import (
     masked_rows,
     one_chunk_pieces,
     output_row,
-    pack_step_columns,
     pack_unit_gate_rows,
     packed_row,
     part_step_operands,
@@ -63,7 +62,6 @@ from fastseq.kernels.gemm import (
     gemm_step,
     gemm_step_forward,
     pack_weights,
-    panel_width,
     step_product,
 )
 
@@ -257,7 +255,7 @@ def lstm_columns_gates(g, bias, w_peep, peephole, cT, hT, n):
 
 @jit
 def lstm_columns_forward(g, bias, w_peep, peephole, cT, hT, n):
-    """The gate math of a step in the transposed layout (:func:`lstm_forward_columns`), for
+    """The gate math of a step in the transposed layout (``columns.forward_columns``), for
     the first n samples. g (4H, >= n) in: the step's product [W_ih | W_hh] @ [x; h], a
     sample per column; overwritten (activations). bias (4H,): b_ih + b_hh. w_peep (3, H).
     cT, hT (H, >= n) in/out: the state, a sample per column. Every loop runs along one
@@ -266,54 +264,6 @@ def lstm_columns_forward(g, bias, w_peep, peephole, cT, hT, n):
         lstm_columns_gates(g, bias, w_peep, True, cT, hT, n)
     else:
         lstm_columns_gates(g, bias, w_peep, False, cT, hT, n)
-
-
-@jit(parallel=True)
-def lstm_forward_columns(
-    x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
-    offsets, lengths, reverse, out, out_col, out_rows, h, c, x_rows,
-):  # fmt: skip
-    """Inference forward of one layer and direction in the transposed layout, for small H:
-    each chunk keeps its state as (H, nc) arrays, a sample per column, and computes each
-    step as one product G^T (4H, n) = [W_ih | W_hh] @ [x rows; h] (C+H, n), so that the
-    gate math runs along rows of n samples (:func:`lstm_columns_forward`). Arguments as in
-    :func:`lstm_forward` (no workspace, no recurrent dropout)."""
-    hd, cin = h.shape[1], x.shape[1]
-    w_cat = np.empty((4 * hd, cin + hd), h.dtype)
-    bias = np.empty(4 * hd, h.dtype)
-    for u in range(4 * hd):
-        copy_units(w_ih[u], w_cat[u], 0, cin)
-        for k in range(hd):
-            w_cat[u, cin + k] = w_hh[u, k]
-        bias[u] = b_ih[u] + b_hh[u]
-    nr = panel_width(w_cat)
-    for ch in prange(chunk_samples.shape[0] - 1):
-        r0, s0 = chunk_rows[ch], chunk_samples[ch]
-        nc = chunk_samples[ch + 1] - s0
-        zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
-        panels = np.zeros(((nc + nr - 1) // nr, cin + hd, nr), h.dtype)
-        g_flat = np.empty(4 * hd * nc, h.dtype)
-        hT, cT = np.empty((hd, nc), h.dtype), np.empty((hd, nc), h.dtype)
-        for i in range(nc):
-            for j in range(hd):
-                hT[j, i], cT[j, i] = h[s0 + i, j], c[s0 + i, j]
-        rows, x_src = np.empty(nc, np.int64), np.empty(nc, np.int64)
-        for s in range(lengths[s0]):
-            n = batch_sizes[ch, s]
-            for i in range(n):
-                rows[i] = r = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
-                x_src[i] = x_rows[r] if x_rows.shape[0] else r
-            pack_step_columns(x, x_src, hT, n, panels)
-            g = g_flat[: 4 * hd * n].reshape((4 * hd, n))
-            gemm_packed(w_cat, panels[: (n + nr - 1) // nr], g, False)
-            lstm_columns_forward(g, bias, w_peep, peephole, cT, hT, n)
-            for i in range(n):
-                dst = out[output_row(out_rows, rows[i]), out_col:]
-                for j in range(hd):
-                    dst[j] = hT[j, i]
-        for i in range(nc):
-            for j in range(hd):
-                h[s0 + i, j], c[s0 + i, j] = hT[j, i], cT[j, i]
 
 
 @jit(parallel=True)

@@ -83,6 +83,31 @@ def rnn_cell_backward(g, dh, dout, relu):
             g[j] = grad * (one - y * y)
 
 
+@jit(inline=True)
+def rnn_columns_gates(g, bias, relu, hT, n):
+    """Body of :func:`rnn_columns_forward`, inlined with ``relu`` a literal."""
+    zero = hT.dtype.type(0)
+    for j in range(hT.shape[0]):
+        row, hr, bj = g[j], hT[j], bias[j]
+        for i in range(n):
+            a = row[i] + bj
+            if relu:
+                hr[i] = zero if a < zero else a  # NaN passes through, as in torch
+            else:
+                hr[i] = tanh(a)
+
+
+@jit
+def rnn_columns_forward(g, bias, relu, hT, n):
+    """A step's nonlinearity in the transposed layout (``columns.forward_columns``), for the
+    first n samples: hT (H, >= n) out = act(g + bias), g (H, >= n) in: the step's product
+    [W_ih | W_hh] @ [x; h], a sample per column; bias (H,): b_ih + b_hh."""
+    if relu:
+        rnn_columns_gates(g, bias, True, hT, n)
+    else:
+        rnn_columns_gates(g, bias, False, hT, n)
+
+
 @jit(parallel=True)
 def rnn_forward(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
