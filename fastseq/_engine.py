@@ -71,8 +71,9 @@ def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
 
 
 #: The LSTM's and RNN's inference runs in the transposed layout
-#: (``kernels.columns.forward_columns``) up to this hidden size, when the chunks' steps have COLUMNS_MIN_SAMPLES samples on
-#: average; at unequal lengths only up to COLUMNS_UNEQUAL_MAX_HIDDEN. Measured (float32,
+#: (``kernels.columns.forward_columns``) up to this hidden size, when the chunks' steps have
+#: COLUMNS_MIN_SAMPLES samples on average; at unequal lengths only up to
+#: COLUMNS_UNEQUAL_MAX_HIDDEN. Measured (float32,
 #: Zen 5, the kernels alone, both threads, T=50, C=H, median time columns / rows): equal
 #: lengths, N=64-1024: H=8 0.28-0.32, H=16 0.54-0.59, H=24 0.67-0.69, H=32 0.80-0.86, H=40
 #: 0.85-0.89, H=48 0.91-0.99, H=64 1.2-1.5; chunks of 16 samples (N=32): H=16 0.81, H=32

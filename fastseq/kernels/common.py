@@ -919,24 +919,3 @@ def copy_rows(src, dst):
     for i in range(src.shape[0]):
         for j in range(src.shape[1]):
             dst[i, j] = src[i, j]
-
-
-@jit
-def pack_step_columns(x, x_src, hT, n, panels):
-    """Panels (P, C+H, NR) of a step's operand B = [x rows; state] (C+H, n) for the
-    transposed step product G^T = [W_ih | W_hh] @ B (``gemm.gemm_packed``): column i holds
-    x[x_src[i]] (C,) then hT[:, i]. x (R, C) in; x_src (>= n,) int64: x's row of each of
-    the step's samples; hT (H, >= n) in: the state, a sample per column. Panel columns at
-    n and beyond keep what they held (the product's columns there are not written)."""
-    c, hd, nr = x.shape[1], hT.shape[0], panels.shape[2]
-    for p in range((n + nr - 1) // nr):
-        c0 = p * nr
-        w = min(nr, n - c0)
-        for q in range(w):
-            src = x[x_src[c0 + q]]
-            for k in range(c):
-                panels[p, k, q] = src[k]
-        for k in range(hd):
-            src, dst = hT[k, c0:], panels[p, c + k]
-            for q in range(w):
-                dst[q] = src[q]
