@@ -12,7 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
-from fastseq.kernels.columns import forward_columns
+from fastseq.kernels.columns import backward_columns, forward_columns
+from fastseq.kernels.gemm import VECTOR_BYTES, VECTORS
 from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_backward_units, rnn_forward, rnn_forward_units
@@ -85,17 +86,41 @@ def projects_in_blocks(packing, w_hh, reverse, training) -> bool:
 COLUMNS_MAX_HIDDEN = {"lstm": 40, "rnn": 16}
 COLUMNS_UNEQUAL_MAX_HIDDEN = {"lstm": 16, "rnn": 16}
 COLUMNS_MIN_SAMPLES = 32
+#: Training (the forward keeping its workspace, and backward) runs in the transposed layout
+#: up to COLUMNS_TRAIN_MAX_HIDDEN (COLUMNS_UNEQUAL_MAX_HIDDEN at unequal lengths), when the
+#: chunks' steps have on average at least COLUMNS_TRAIN_MIN_SAMPLES samples and
+#: COLUMNS_TRAIN_SAMPLES_PER_UNIT per hidden unit. Measured (float32, Zen 5, both threads, training step, A/B medians in process,
+#: columns / rows): LSTM, T=50 unless noted: 128 samples per chunk: H=16 0.50-0.56 (T=20
+#: and 100), 24 0.69, 32 0.77, 48 0.71, 64 0.85, 96 0.89, 128 0.93; 512 per chunk: H=16 0.53
+#: (T=20), 0.46 (T=100), 32 0.83, 48 0.79, 64 1.05-1.11 (T=20, 50); 256 per chunk: H=64
+#: 0.89; 1024: H=16 0.60; 64 per chunk: H=64 0.99; 32: H=16 0.56, 32 0.85; 16: H=32 1.25,
+#: 64 1.55 (the target shape 32x100x64); 8: H=32 1.93. Random lengths (128 per chunk): H=16
+#: 0.61, 32 0.95, 48 1.05; 512 per chunk, H=16: 0.53; 2 layers x 2 directions, H=16 0.67.
+#: RNN: H=16: 512 per chunk 0.82 (T=20), 128 0.75-0.93, 32 0.98, 16 1.02; random lengths
+#: 0.95-1.0; H=24 1.18, 32 1.42, 48 1.06 (its row kernels read x and dout in place and keep
+#: less per row).
+COLUMNS_TRAIN_MAX_HIDDEN = {"lstm": 48, "rnn": 16}
+COLUMNS_TRAIN_MIN_SAMPLES = {"lstm": 32, "rnn": 64}
+COLUMNS_TRAIN_SAMPLES_PER_UNIT = 2
 
 
 def runs_in_columns(cell, packing, hidden, training, rmask) -> bool:
-    """Whether a forward pass runs in the transposed layout (see COLUMNS_MAX_HIDDEN): the
-    LSTM's and RNN's inference, without recurrent dropout, not split by units."""
-    if cell not in COLUMNS_MAX_HIDDEN or training or rmask is not None or packing.unit_parts:
+    """Whether a forward pass (and in training its backward) runs in the transposed layout
+    (see COLUMNS_MAX_HIDDEN, COLUMNS_TRAIN_MAX_HIDDEN): the LSTM and the RNN, without
+    recurrent dropout, not split by units."""
+    if cell not in COLUMNS_MAX_HIDDEN or rmask is not None or packing.unit_parts:
         return False
-    if hidden > (COLUMNS_MAX_HIDDEN if packing.equal_lengths else COLUMNS_UNEQUAL_MAX_HIDDEN)[cell]:
+    cap = (COLUMNS_TRAIN_MAX_HIDDEN if training else COLUMNS_MAX_HIDDEN)[cell]
+    if not packing.equal_lengths:
+        cap = min(cap, COLUMNS_UNEQUAL_MAX_HIDDEN[cell])
+    if hidden > cap:
         return False
+    if training:
+        samples = max(COLUMNS_TRAIN_MIN_SAMPLES[cell], COLUMNS_TRAIN_SAMPLES_PER_UNIT * hidden)
+    else:
+        samples = COLUMNS_MIN_SAMPLES
     chunks, longest = packing.batch_sizes.shape
-    return packing.rows >= COLUMNS_MIN_SAMPLES * chunks * longest
+    return packing.rows >= samples * chunks * longest
 
 
 def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
@@ -146,10 +171,11 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     out_rows = NO_ROWS if out_rows is None else out_rows
     if runs_in_columns(cell, packing, hd, training, rmask):
         lstm = cell == "lstm"
+        ws = columns_workspace(cell, packing.batch, x.shape[1], hd, rows if training else 0, take, dt)
         forward_columns(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], lstm,
                         opts.peephole if lstm else opts.relu, *packing.kernel_args, reverse, out, out_col,
-                        out_rows, states[0], states[-1], x_rows)  # fmt: skip
-        return None
+                        out_rows, states[0], states[-1], x_rows, *(ws[k] for k in COLUMNS_KEYS))  # fmt: skip
+        return dict(ws, x=x) if training else None
     gates = take((0 if in_blocks else rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
     hprev = take((ws_rows, hd), dt)
@@ -184,8 +210,26 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     return ws if training else None
 
 
+#: The transposed layout's workspace, in ``columns.forward_columns``' argument order.
+COLUMNS_KEYS = ("gates_t", "cell_t", "c_init", "xh")
+
+
+def columns_workspace(cell, batch, input_size, hidden, rows, take, dtype):
+    """The flat workspace buffers of a pass in the transposed layout (see
+    ``kernels.columns``) over ``rows`` packed rows: gates_t (R*G*H,), cell_t (R*H,) and
+    c_init (N*H,) (LSTM, else empty), xh (R*P*NR,). ``rows`` 0 (inference): all empty."""
+    nr = VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+    lstm = cell == "lstm"
+    return {
+        "gates_t": take((rows * CELLS[cell].gates * hidden,), dtype),
+        "cell_t": take((rows * hidden if lstm else 0,), dtype),
+        "c_init": take((batch * hidden if lstm and rows else 0,), dtype),
+        "xh": take((rows * (input_size + hidden + nr - 1) // nr * nr,), dtype),
+    }
+
+
 #: Workspace entries that belong to the kernels (not the layer input "x").
-SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn")
+SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn", *COLUMNS_KEYS)
 
 
 def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads,
@@ -202,6 +246,19 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     """
     pk = (*packing.kernel_args, reverse)
     w_ih, w_hh = w["w_ih"], w["w_hh"]
+    if "gates_t" in ws:  # the transposed layout (runs_in_columns)
+        lstm = cell == "lstm"
+        parts = (
+            take((packing.n_chunks,) + w_ih.shape, w_ih.dtype),
+            take((packing.n_chunks,) + w_hh.shape, w_hh.dtype),
+        )
+        backward_columns(w_ih, w_hh, w["w_peep"], lstm, opts.peephole if lstm else opts.relu, *pk, dout, out_col,
+                         dstates[0], dstates[-1], *(ws[k] for k in COLUMNS_KEYS), dx, accumulate_dx,
+                         *(grads[k] for k in WEIGHT_KEYS), *parts)  # fmt: skip
+        if give is not None:
+            for part in parts:
+                give(part)
+        return
     n_parts = partial_weight_grads(packing, w_ih.shape[1] + w_hh.shape[1])
     parts = (
         take((n_parts,) + w_ih.shape, w_ih.dtype),

@@ -33,6 +33,25 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def columns_everywhere(monkeypatch):
+    """Every LSTM and RNN pass the transposed layout supports runs in it
+    (``_engine.runs_in_columns``), whatever the batch and hidden size; returns the lists
+    the layout's forward and backward kernels append their calls' training flag to."""
+    from fastseq import _engine
+
+    monkeypatch.setattr(_engine, "COLUMNS_MIN_SAMPLES", 0)
+    monkeypatch.setattr(_engine, "COLUMNS_TRAIN_MIN_SAMPLES", {"lstm": 0, "rnn": 0})
+    monkeypatch.setattr(_engine, "COLUMNS_TRAIN_SAMPLES_PER_UNIT", 0)
+    for name in ("COLUMNS_MAX_HIDDEN", "COLUMNS_UNEQUAL_MAX_HIDDEN", "COLUMNS_TRAIN_MAX_HIDDEN"):
+        monkeypatch.setattr(_engine, name, {"lstm": 64, "rnn": 64})
+    forwards, backwards = [], []
+    forward, backward = _engine.forward_columns, _engine.backward_columns
+    monkeypatch.setattr(_engine, "forward_columns", lambda *a: forwards.append(a[-4].size > 0) or forward(*a))
+    monkeypatch.setattr(_engine, "backward_columns", lambda *a: backwards.append(True) or backward(*a))
+    return forwards, backwards
+
+
 def pytest_terminal_summary(terminalreporter):
     if tolerances.MAX_SEEN:
         terminalreporter.section("largest relative errors seen")

@@ -80,3 +80,14 @@ def test_finite_differences_dropout_fixed_mask(variant, recurrent_dropout):
     case.loss = loss
     names = ("weight_ih_l0", "weight_hh_l1_reverse", "bias_ih_l2", "bias_hh_l0", "weight_hh_l2")
     check_gradients(case, dx, dinit, np.random.default_rng(3), names)
+
+
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("variant", ["lstm", "lstm-peephole", "rnn-tanh", "rnn-relu"])
+def test_finite_differences_in_columns(variant, use_lengths, columns_everywhere):
+    """The transposed layout's training (_engine.runs_in_columns, forced here), 2 layers x 2
+    directions, against central differences."""
+    case = Case(variant, np.float64, 2, True, use_lengths, True, steps=4, batch=5)
+    _, _, dx, dinit = case.run()
+    assert len(columns_everywhere[1]) == 4
+    check_gradients(case, dx, dinit, np.random.default_rng(98))

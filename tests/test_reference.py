@@ -124,7 +124,8 @@ def test_inference_in_columns_matches_naive(
     monkeypatch.setattr(_engine, "COLUMNS_UNEQUAL_MAX_HIDDEN", _engine.COLUMNS_MAX_HIDDEN)
     ran = []
     columns = _engine.forward_columns
-    monkeypatch.setattr(_engine, "forward_columns", lambda *a: ran.append(a[-1].shape[0]) or columns(*a))
+    record = lambda *a: ran.append(a[-5].shape[0]) or columns(*a)  # noqa: E731 (a[-5]: x_rows)
+    monkeypatch.setattr(_engine, "forward_columns", record)
     case = Case(
         variant, dtype, num_layers, bidirectional, use_lengths, True, steps=7, batch=70, hidden_size=6
     )
@@ -144,9 +145,30 @@ def test_inference_in_columns_matches_naive(
     assert [rows > 0 for rows in ran[::calls]] == [gathers, False]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_layers,bidirectional,use_lengths", OPTIONS)
+@pytest.mark.parametrize("sizes", [(3, 6), (20, 20)], ids=["c3h6", "c20h20"])
+@pytest.mark.parametrize("variant", ["lstm", "lstm-peephole", "rnn-tanh", "rnn-relu"])
+def test_training_in_columns_matches_naive(
+    variant, sizes, num_layers, bidirectional, use_lengths, dtype, columns_everywhere
+):
+    """Training in the transposed layout (forced for any batch): outputs, final states and
+    every gradient as the reference's, at 70 samples (chunks wider than a panel), with the
+    rows [x | h] in one panel of NR columns (C=3, H=6) or several (C=H=20)."""
+    forwards, backwards = columns_everywhere
+    c, h = sizes
+    case = Case(variant, dtype, num_layers, bidirectional, use_lengths, True, steps=7, batch=70,
+                input_size=c, hidden_size=h)  # fmt: skip
+    _compare(case, case.run(), _naive(case))
+    calls = num_layers * (2 if bidirectional else 1)
+    assert forwards == [True] * calls
+    assert len(backwards) == calls
+
+
 def test_inference_in_columns_only_where_it_pays():
-    """_engine.runs_in_columns: the LSTM's and RNN's inference at small H and wide chunks,
-    not in training, not the GRU, not past the hidden sizes measured."""
+    """_engine.runs_in_columns: the LSTM's and RNN's inference and training at small H and
+    wide chunks, not with recurrent dropout, not the GRU, not past the hidden sizes
+    measured."""
     from fastseq._packing import Packing
 
     chunks = 2
@@ -155,15 +177,28 @@ def test_inference_in_columns_only_where_it_pays():
     lengths = np.random.default_rng(0).integers(1, 11, 256 * chunks)
     lengths[0] = 10
     unequal = Packing(lengths, 10, 256 * chunks, chunks)
+    very_wide = Packing(np.full(128 * chunks, 10), 10, 128 * chunks, chunks)
+    rmask = np.ones((64 * chunks, 16), np.float32)  # recurrent dropout
     for cell in ("lstm", "rnn"):
         cap, unequal_cap = _engine.COLUMNS_MAX_HIDDEN[cell], _engine.COLUMNS_UNEQUAL_MAX_HIDDEN[cell]
+        train_cap = _engine.COLUMNS_TRAIN_MAX_HIDDEN[cell]
         assert _engine.runs_in_columns(cell, wide, cap, False, None)
         assert not _engine.runs_in_columns(cell, wide, cap + 1, False, None)
-        assert not _engine.runs_in_columns(cell, wide, 16, True, None)
         assert not _engine.runs_in_columns(cell, narrow, 16, False, None)
         assert _engine.runs_in_columns(cell, unequal, unequal_cap, False, None)
         assert not _engine.runs_in_columns(cell, unequal, unequal_cap + 1, False, None)
+        # training: up to its own cap, over wide enough chunks (2 samples per unit), and
+        # never with recurrent dropout
+        assert _engine.runs_in_columns(cell, very_wide, train_cap, True, None)
+        assert not _engine.runs_in_columns(cell, very_wide, train_cap + 1, True, None)
+        assert not _engine.runs_in_columns(cell, narrow, 16, True, None)
+        assert not _engine.runs_in_columns(cell, wide, 16, True, rmask)
+    assert _engine.runs_in_columns("lstm", wide, 32, True, None)
+    assert not _engine.runs_in_columns("lstm", wide, 48, True, None)  # 64 samples < 2 per unit
+    assert _engine.runs_in_columns("rnn", wide, 16, True, None)
+    assert not _engine.runs_in_columns("rnn", Packing(np.full(96, 10), 10, 96, chunks), 16, True, None)
     assert not _engine.runs_in_columns("gru", wide, 16, False, None)
+    assert not _engine.runs_in_columns("gru", wide, 16, True, None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -80,6 +80,24 @@ def test_layer_parity(variant, num_layers, bidirectional, use_lengths, use_hx, b
     compare(case, case.run(), torch_run(case))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("variant", ["rnn-tanh", "rnn-relu", "lstm"])
+def test_columns_layout_parity(variant, use_lengths, dtype, columns_everywhere):
+    """Training and inference in the transposed layout (_engine.runs_in_columns, forced
+    for any batch) against torch, 2 layers x 2 directions, 40 samples."""
+    case = Case(variant, dtype, 2, True, use_lengths, True, steps=7, batch=40, input_size=6, hidden_size=8)
+    compare(case, case.run(), torch_run(case))
+    case.layer.eval()
+    out, hn = case.layer(case.x, case.hx(), case.lengths)
+    ref_out, ref_finals, *_ = torch_run(case)
+    assert_close(out, ref_out, dtype, "output", "columns inference")
+    for a, b in zip(case.states(hn), ref_finals, strict=True):
+        assert_close(a, b, dtype, "final state", "columns inference")
+    forwards, backwards = columns_everywhere
+    assert forwards == [True] * 4 + [False] * 4 and len(backwards) == 4
+
+
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("variant", TORCH_VARIANTS)
 def test_batch_first_parity(variant, use_lengths):
@@ -143,10 +161,14 @@ def test_random_config_parity(variant, dtype, layers, bidir, lengths, use_hx, bi
     compare(case, case.run(), torch_run(case))
 
 
+@pytest.mark.parametrize("layout", ["default", "columns"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("variant", TORCH_VARIANTS)
-def test_cell_parity(variant, dtype, rng):
+def test_cell_parity(variant, dtype, layout, rng, request):
+    """A cell's step and its backward against torch's cell; "columns": in the transposed
+    layout where the cell has it (_engine.runs_in_columns forced)."""
     cell_name, opts = VARIANTS[variant]
+    ran = request.getfixturevalue("columns_everywhere") if layout == "columns" else ([], [])
     cell = make_cell(variant, 5, 6, dtype=dtype, seed=1)
     tcls = getattr(torch.nn, fastseq.registry.CELLS[cell_name].torch_cell)
     tcell = tcls(5, 6, **opts).to(TORCH_DTYPE[np.dtype(dtype)])
@@ -172,6 +194,7 @@ def test_cell_parity(variant, dtype, rng):
         assert_close(a, b.grad.numpy(), dtype, "dhx", kind)
     for name, p in tcell.named_parameters():
         assert_close(cell.grads[name], p.grad.numpy(), dtype, name, kind)
+    assert ran[1] == ([True] if layout == "columns" and cell_name != "gru" else [])
 
 
 def test_every_torch_cell_is_covered():

@@ -1,10 +1,27 @@
-"""Inference in the transposed layout, for small hidden sizes (RNN and LSTM).
+"""The transposed layout, for small hidden sizes (RNN and LSTM), inference and training.
 
 Each chunk keeps its state as (H, nc) arrays, a sample per column, and computes a step as
 one product G^T (G*H, n) = [W_ih | W_hh] @ [x rows; h] (C+H, n), so that the gate math runs
 along rows of n samples (``rnn.rnn_columns_forward``, ``lstm.lstm_columns_forward``)
 instead of along each sample's H units, where every row pays a loop start and run-time
 overlap checks. ``fastseq._engine.runs_in_columns`` decides where it pays.
+
+Training keeps the workspace transposed too, in flat buffers of one block per step: a
+chunk's step s is the block of its packed rows k = r0 + base_s .. k + n - 1 (base_s the
+chunk's rows before step s; these are the step's packed rows except in reverse over unequal
+lengths), each block C-contiguous::
+
+    gates_t  (R*G*H,)    block (G*H, n) at k*G*H: the activations (LSTM i, f, g, o; RNN h'),
+                         the gradients of the pre-activations after backward
+    cell_t   (R*H,)      LSTM: block (H, n) at k*H, c' (the cell state after the step);
+                         empty for the RNN
+    c_init   (N*H,)      LSTM: the initial cell state, block (H, nc) at s0*H per chunk
+    xh       (R*P*NR,)   block (P, n, NR) at k*P*NR: the rows [x | h] (C+H,) the step read,
+                         as P panels of NR columns, zero-padded: the operand B of the weight
+                         gradients [dW_ih | dW_hh] += dG^T @ [x | h]
+
+Backward runs each step's gate gradients along rows too, then [dh^T; dx^T] = [W_hh^T;
+W_ih^T] @ dG^T (H+C, n) and the weight gradients += dG^T @ [x | h], one product each.
 """
 
 from __future__ import annotations
@@ -13,10 +30,10 @@ import numpy as np
 from numba import prange
 
 from fastseq._jit import jit
-from fastseq.kernels.common import copy_units, output_row, packed_row, zero_padding
+from fastseq.kernels.common import add_parts, copy_units, output_row, packed_row, zero_padding
 from fastseq.kernels.gemm import gemm_packed, panel_width
-from fastseq.kernels.lstm import lstm_columns_forward
-from fastseq.kernels.rnn import rnn_columns_forward
+from fastseq.kernels.lstm import lstm_columns_backward, lstm_columns_forward
+from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
 
 
 @jit
@@ -40,17 +57,57 @@ def pack_step_columns(x, x_src, hT, n, panels):
                 dst[q] = src[q]
 
 
+@jit
+def store_step_rows(x, x_src, hT, n, xh):
+    """Training: a step's block of the xh buffer, xh (P, n, NR) = the rows [x[x_src[i]] |
+    hT[:, i]] of its samples i < n, split into P panels of NR columns, zero past C+H."""
+    c, hd, nr = x.shape[1], hT.shape[0], xh.shape[2]
+    zero = xh.dtype.type(0)
+    for p in range(xh.shape[0]):
+        f0 = p * nr
+        xc = max(0, min(nr, c - f0))  # the panel's columns from x, then from h, then zeros
+        hc = max(0, min(nr, c + hd - f0)) - xc
+        for i in range(n):
+            src, dst = x[x_src[i]], xh[p, i]
+            for q in range(xc):
+                dst[q] = src[f0 + q]
+            for q in range(xc + hc, nr):
+                dst[q] = zero
+        for q in range(xc, xc + hc):
+            src = hT[f0 + q - c]
+            for i in range(n):
+                xh[p, i, q] = src[i]
+
+
+@jit
+def step_bases(batch_sizes_c, steps):
+    """bases (steps + 1,): a chunk's rows before each step (its workspace blocks)."""
+    bases = np.empty(steps + 1, np.int64)
+    bases[0] = 0
+    for s in range(steps):
+        bases[s + 1] = bases[s] + batch_sizes_c[s]
+    return bases
+
+
+@jit
+def block(flat, k, rows, n):
+    """The C-contiguous block (rows, n) of a flat workspace buffer at offset k*rows."""
+    return flat[k * rows : (k + n) * rows].reshape((rows, n))
+
+
 @jit(parallel=True)
 def forward_columns(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, lstm, flag, chunk_rows, chunk_samples, batch_sizes,
-    offsets, lengths, reverse, out, out_col, out_rows, h, c, x_rows,
+    offsets, lengths, reverse, out, out_col, out_rows, h, c, x_rows, gates_t, cell_t, c_init, xh,
 ):  # fmt: skip
-    """Inference forward of one layer and direction in the transposed layout. ``lstm``: the
-    LSTM (G = 4, ``flag`` = peephole; ``c`` (N, H) in/out its cell state), else the RNN
-    (G = 1, ``flag`` = relu; ``c`` unread). Other arguments as in ``lstm.lstm_forward`` (no
-    workspace, no recurrent dropout)."""
+    """Forward of one layer and direction in the transposed layout. ``lstm``: the LSTM (G =
+    4, ``flag`` = peephole; ``c`` (N, H) in/out its cell state), else the RNN (G = 1, ``flag``
+    = relu; ``c`` unread). Training when ``gates_t`` has entries: the workspace (see the
+    module docstring) is written; else its buffers are empty. Other arguments as in
+    ``lstm.lstm_forward`` (no recurrent dropout)."""
     hd, cin = h.shape[1], x.shape[1]
     rows_g = w_ih.shape[0]
+    training = gates_t.shape[0] > 0
     w_cat = np.empty((rows_g, cin + hd), h.dtype)
     bias = np.empty(rows_g, h.dtype)
     for u in range(rows_g):
@@ -59,37 +116,141 @@ def forward_columns(
             w_cat[u, cin + k] = w_hh[u, k]
         bias[u] = b_ih[u] + b_hh[u]
     nr = panel_width(w_cat)
+    n_xh = (cin + hd + nr - 1) // nr
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, s0 = chunk_rows[ch], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         panels = np.zeros(((nc + nr - 1) // nr, cin + hd, nr), h.dtype)
-        g_flat = np.empty(rows_g * nc, h.dtype)
+        g_flat = np.empty(0 if training else rows_g * nc, h.dtype)
         hT, cT = np.empty((hd, nc), h.dtype), np.empty((hd if lstm else 0, nc), h.dtype)
+        c0 = block(c_init, s0, cT.shape[0] if training else 0, nc)
         for i in range(nc):
             for j in range(hd):
                 hT[j, i] = h[s0 + i, j]
                 if lstm:
                     cT[j, i] = c[s0 + i, j]
+        for j in range(c0.shape[0]):
+            copy_units(cT[j], c0[j], 0, nc)
         rows, x_src = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        k = r0  # the step's first row of the workspace
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             for i in range(n):
                 rows[i] = r = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
                 x_src[i] = x_rows[r] if x_rows.shape[0] else r
             pack_step_columns(x, x_src, hT, n, panels)
-            g = g_flat[: rows_g * n].reshape((rows_g, n))
+            if training:
+                store_step_rows(x, x_src, hT, n, block(xh, k, n_xh * nr, n).reshape((n_xh, n, nr)))
+                g = block(gates_t, k, rows_g, n)
+            else:
+                g = block(g_flat, 0, rows_g, n)
             gemm_packed(w_cat, panels[: (n + nr - 1) // nr], g, False)
             if lstm:
                 lstm_columns_forward(g, bias, w_peep, flag, cT, hT, n)
             else:
                 rnn_columns_forward(g, bias, flag, hT, n)
+            if training:
+                kept = block(cell_t, k, hd, n) if lstm else g  # c'; the RNN's h'
+                src = cT if lstm else hT
+                for j in range(hd):
+                    copy_units(src[j], kept[j], 0, n)
             for i in range(n):
                 dst = out[output_row(out_rows, rows[i]), out_col:]
                 for j in range(hd):
                     dst[j] = hT[j, i]
+            k += n
         for i in range(nc):
             for j in range(hd):
                 h[s0 + i, j] = hT[j, i]
                 if lstm:
                     c[s0 + i, j] = cT[j, i]
+
+
+@jit(parallel=True)
+def backward_columns(
+    w_ih, w_hh, w_peep, lstm, flag, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
+    dout, out_col, dh, dc, gates_t, cell_t, c_init, xh, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh,
+    dw_peep, part_w_ih, part_w_hh,
+):  # fmt: skip
+    """Backward of :func:`forward_columns` in training, consuming its workspace (``gates_t``
+    is overwritten with the gradients of the pre-activations). ``dh``, ``dc`` (N, H) in/out
+    (``dc`` unread for the RNN); ``part_w_ih`` (K, G*H, C), ``part_w_hh`` (K, G*H, H)
+    scratch for the chunks' weight gradients, added in chunk order. Other arguments as in
+    ``lstm.lstm_backward``."""
+    hd, cin, rows_g = dh.shape[1], w_ih.shape[1], w_ih.shape[0]
+    n_chunks = chunk_samples.shape[0] - 1
+    w_back = np.empty((hd + cin, rows_g), dh.dtype)  # a of [dh^T; dx^T] = [W_hh^T; W_ih^T] @ dG^T
+    for u in range(rows_g):
+        for j in range(hd):
+            w_back[j, u] = w_hh[u, j]
+        for f in range(cin):
+            w_back[hd + f, u] = w_ih[u, f]
+    nr = panel_width(w_back)
+    n_xh = (cin + hd + nr - 1) // nr
+    part_b = np.zeros((n_chunks, rows_g), dh.dtype)
+    part_cat = np.zeros((n_chunks, rows_g, cin + hd), dh.dtype)
+    part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
+    for ch in prange(n_chunks):
+        r0, s0 = chunk_rows[ch], chunk_samples[ch]
+        nc = chunk_samples[ch + 1] - s0
+        steps = lengths[s0]
+        bases = step_bases(batch_sizes[ch], steps)
+        dhT, doutT = np.empty((hd, nc), dh.dtype), np.empty((hd, nc), dh.dtype)
+        dcT = np.empty((hd if lstm else 0, nc), dh.dtype)
+        for i in range(nc):
+            for j in range(hd):
+                dhT[j, i] = dh[s0 + i, j]
+                if lstm:
+                    dcT[j, i] = dc[s0 + i, j]
+        d_panels = np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype)
+        back_flat = np.empty((hd + cin) * nc, dh.dtype)
+        for s in range(steps - 1, -1, -1):
+            n = batch_sizes[ch, s]
+            k = r0 + bases[s]
+            for i in range(n):
+                rows_i = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
+                src = dout[rows_i, out_col:]
+                for j in range(hd):
+                    doutT[j, i] = src[j]
+            gt = block(gates_t, k, rows_g, n)
+            if lstm:
+                cprev = block(cell_t, k - batch_sizes[ch, s - 1], hd, batch_sizes[ch, s - 1]) if s > 0 else (
+                    block(c_init, s0, hd, nc))  # fmt: skip
+                lstm_columns_backward(gt, block(cell_t, k, hd, n), cprev, dhT, doutT, dcT, w_peep, flag,
+                                      part_peep[ch], n)  # fmt: skip
+            else:
+                rnn_columns_backward(gt, dhT, doutT, flag, n)
+            used = (n + nr - 1) // nr
+            for p in range(used):
+                w = min(nr, n - p * nr)
+                for u in range(rows_g):
+                    src, dst = gt[u, p * nr : p * nr + w], d_panels[p, u]
+                    for q in range(w):
+                        dst[q] = src[q]
+                    part_b[ch, u] += np.sum(src)
+            back = block(back_flat, 0, hd + cin, n)
+            gemm_packed(w_back, d_panels[:used], back, False)
+            for j in range(hd):
+                copy_units(back[j], dhT[j], 0, n)
+            for i in range(n):
+                dst = dx[packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)]
+                for f in range(cin):
+                    dst[f] = dst[f] + back[hd + f, i] if accumulate_dx else back[hd + f, i]
+            xh_s = block(xh, k, n_xh * nr, n).reshape((n_xh, n, nr))
+            gemm_packed(gt, xh_s, part_cat[ch], True)
+        for i in range(nc):
+            for j in range(hd):
+                dh[s0 + i, j] = dhT[j, i]
+                if lstm:
+                    dc[s0 + i, j] = dcT[j, i]
+        for u in range(rows_g):
+            copy_units(part_cat[ch, u], part_w_ih[ch, u], 0, cin)
+            for f in range(hd):
+                part_w_hh[ch, u, f] = part_cat[ch, u, cin + f]
+    add_parts(part_w_ih, dw_ih)
+    add_parts(part_w_hh, dw_hh)
+    add_parts(part_b, db_ih)
+    add_parts(part_b, db_hh)
+    if lstm and flag:
+        add_parts(part_peep, dw_peep)

@@ -245,12 +245,16 @@ def lstm_columns_gates(g, bias, w_peep, peephole, cT, hT, n):
             for i in range(n):
                 cv = fg[i] * cr[i] + ig[i] * gg[i]
                 cr[i] = cv
-                hr[i] = sigmoid(og[i] + bo + po * cv) * tanh(cv)
+                ov = sigmoid(og[i] + bo + po * cv)
+                og[i] = ov  # kept for backward in training
+                hr[i] = ov * tanh(cv)
         else:
             for i in range(n):
                 cv = fg[i] * cr[i] + ig[i] * gg[i]
                 cr[i] = cv
-                hr[i] = sigmoid(og[i] + bo) * tanh(cv)
+                ov = sigmoid(og[i] + bo)
+                og[i] = ov
+                hr[i] = ov * tanh(cv)
 
 
 @jit
@@ -259,11 +263,64 @@ def lstm_columns_forward(g, bias, w_peep, peephole, cT, hT, n):
     the first n samples. g (4H, >= n) in: the step's product [W_ih | W_hh] @ [x; h], a
     sample per column; overwritten (activations). bias (4H,): b_ih + b_hh. w_peep (3, H).
     cT, hT (H, >= n) in/out: the state, a sample per column. Every loop runs along one
-    row of n samples: no per-sample loop start or overlap check as in the row layout."""
+    row of n samples: no per-sample loop start or overlap check as in the row layout. On
+    return g holds the activations i, f, g, o (the training forward keeps them)."""
     if peephole:
         lstm_columns_gates(g, bias, w_peep, True, cT, hT, n)
     else:
         lstm_columns_gates(g, bias, w_peep, False, cT, hT, n)
+
+
+@jit(inline=True)
+def lstm_columns_grads(gt, cell, cprev, dhT, doutT, dcT, w_peep, peephole, peep_sums, n):
+    """Body of :func:`lstm_columns_backward`, inlined with ``peephole`` a literal."""
+    hd = dcT.shape[0]
+    one = dcT.dtype.type(1)
+    for j in range(hd):
+        ig, fg, gg, og = gt[j], gt[hd + j], gt[2 * hd + j], gt[3 * hd + j]
+        c1, c0, dh, do, dc = cell[j], cprev[j], dhT[j], doutT[j], dcT[j]
+        pi, pf, po = w_peep[0, j], w_peep[1, j], w_peep[2, j]
+        for i in range(n):
+            tc = tanh(c1[i])
+            grad_h = dh[i] + do[i]
+            o = og[i]
+            dao = (grad_h * tc) * (o * (one - o))
+            grad_c = dc[i] + (grad_h * o) * (one - tc * tc)
+            if peephole:
+                grad_c += dao * po
+            iv, fv, gv = ig[i], fg[i], gg[i]
+            dai = (grad_c * gv) * (iv * (one - iv))
+            daf = (grad_c * c0[i]) * (fv * (one - fv))
+            grad_c0 = grad_c * fv
+            if peephole:
+                grad_c0 += dai * pi + daf * pf
+            dc[i] = grad_c0
+            ig[i] = dai
+            fg[i] = daf
+            gg[i] = (grad_c * iv) * (one - gv * gv)
+            og[i] = dao
+        if peephole:
+            si, sf, so = peep_sums[0, j], peep_sums[1, j], peep_sums[2, j]
+            for i in range(n):
+                si += ig[i] * c0[i]
+                sf += fg[i] * c0[i]
+                so += og[i] * c1[i]
+            peep_sums[0, j], peep_sums[1, j], peep_sums[2, j] = si, sf, so
+
+
+@jit(reassociate=False)
+def lstm_columns_backward(gt, cell, cprev, dhT, doutT, dcT, w_peep, peephole, peep_sums, n):
+    """The gate gradients of a step in the transposed layout (``columns.backward_columns``),
+    for its n samples, the math of :func:`lstm_gates_backward` along rows of samples. gt
+    (4H, n) in: the activations i, f, g, o; out: the gradients of the pre-activations. cell
+    (H, n) in: c'; cprev (H, >= n) in: c. dhT, doutT (H, >= n) in: the gradient from the
+    next step and of this output; dcT (H, >= n) in/out: of c' in, of c out. peep_sums (3,
+    H) += the peephole gradients (when ``peephole``). Without ``reassoc`` like the row
+    kernels (see ``fastseq._jit``)."""
+    if peephole:
+        lstm_columns_grads(gt, cell, cprev, dhT, doutT, dcT, w_peep, True, peep_sums, n)
+    else:
+        lstm_columns_grads(gt, cell, cprev, dhT, doutT, dcT, w_peep, False, peep_sums, n)
 
 
 @jit(parallel=True)

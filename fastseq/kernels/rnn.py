@@ -108,6 +108,33 @@ def rnn_columns_forward(g, bias, relu, hT, n):
         rnn_columns_gates(g, bias, False, hT, n)
 
 
+@jit(inline=True)
+def rnn_columns_grads(gt, dhT, doutT, relu, n):
+    """Body of :func:`rnn_columns_backward`, inlined with ``relu`` a literal."""
+    zero, one = dhT.dtype.type(0), dhT.dtype.type(1)
+    for j in range(dhT.shape[0]):
+        row, dh, do = gt[j], dhT[j], doutT[j]
+        for i in range(n):
+            y = row[i]
+            grad = dh[i] + do[i]
+            if relu:
+                row[i] = grad if y > zero else zero
+            else:
+                row[i] = grad * (one - y * y)
+
+
+@jit
+def rnn_columns_backward(gt, dhT, doutT, relu, n):
+    """A step's gradients in the transposed layout (``columns.backward_columns``), for its n
+    samples, the math of :func:`rnn_cell_backward` along rows of samples: gt (H, n) in: h',
+    out: the gradient of the pre-activation. dhT, doutT (H, >= n) in: the gradient from the
+    next step and of this output."""
+    if relu:
+        rnn_columns_grads(gt, dhT, doutT, True, n)
+    else:
+        rnn_columns_grads(gt, dhT, doutT, False, n)
+
+
 @jit(parallel=True)
 def rnn_forward(
     x, w_ih, w_hh, b_ih, b_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
