@@ -89,16 +89,16 @@ COLUMNS_MIN_SAMPLES = 32
 #: Training (the forward keeping its workspace, and backward) runs in the transposed layout
 #: up to COLUMNS_TRAIN_MAX_HIDDEN (COLUMNS_UNEQUAL_MAX_HIDDEN at unequal lengths), when the
 #: chunks' steps have on average at least COLUMNS_TRAIN_MIN_SAMPLES samples and
-#: COLUMNS_TRAIN_SAMPLES_PER_UNIT per hidden unit. Measured (float32, Zen 5, both threads, training step, A/B medians in process,
-#: columns / rows): LSTM, T=50 unless noted: 128 samples per chunk: H=16 0.50-0.56 (T=20
-#: and 100), 24 0.69, 32 0.77, 48 0.71, 64 0.85, 96 0.89, 128 0.93; 512 per chunk: H=16 0.53
-#: (T=20), 0.46 (T=100), 32 0.83, 48 0.79, 64 1.05-1.11 (T=20, 50); 256 per chunk: H=64
-#: 0.89; 1024: H=16 0.60; 64 per chunk: H=64 0.99; 32: H=16 0.56, 32 0.85; 16: H=32 1.25,
-#: 64 1.55 (the target shape 32x100x64); 8: H=32 1.93. Random lengths (128 per chunk): H=16
-#: 0.61, 32 0.95, 48 1.05; 512 per chunk, H=16: 0.53; 2 layers x 2 directions, H=16 0.67.
-#: RNN: H=16: 512 per chunk 0.82 (T=20), 128 0.75-0.93, 32 0.98, 16 1.02; random lengths
-#: 0.95-1.0; H=24 1.18, 32 1.42, 48 1.06 (its row kernels read x and dout in place and keep
-#: less per row).
+#: COLUMNS_TRAIN_SAMPLES_PER_UNIT per hidden unit. Measured (float32, Zen 5, both threads,
+#: a training step, A/B medians in process, columns / rows), LSTM, T=50 unless said, by
+#: samples per chunk: 128: H=16 0.50-0.56 (T=20, 100), 24 0.69, 32 0.77, 48 0.71, 64 0.85,
+#: 96 0.89, 128 0.93; 512: H=16 0.53 (T=20), 0.46 (T=100), 32 0.83, 48 0.79, 64 1.05-1.11
+#: (T=20, 50); 256: H=64 0.89; 1024: H=16 0.60; 64: H=64 0.99; 32: H=16 0.56, 32 0.85; 16:
+#: H=32 1.25, 64 1.55 (the target shape 32x100x64); 8: H=32 1.93. Random lengths, 128 per
+#: chunk: H=16 0.61, 32 0.95, 48 1.05; 512 per chunk, H=16 0.53; 2 layers x 2 directions,
+#: H=16 0.67. RNN, H=16: 512 per chunk 0.82 (T=20), 128 0.75-0.93, 32 0.98, 16 1.02; random
+#: lengths 0.95-1.0; H=24 1.18, 32 1.42, 48 1.06 (its row kernels read x and dout in place
+#: and keep less per row).
 COLUMNS_TRAIN_MAX_HIDDEN = {"lstm": 48, "rnn": 16}
 COLUMNS_TRAIN_MIN_SAMPLES = {"lstm": 32, "rnn": 64}
 COLUMNS_TRAIN_SAMPLES_PER_UNIT = 2
