@@ -96,9 +96,9 @@ COLUMNS_MIN_SAMPLES = 32
 #: (T=20, 50); 256: H=64 0.89; 1024: H=16 0.60; 64: H=64 0.99; 32: H=16 0.56, 32 0.85; 16:
 #: H=32 1.25, 64 1.55 (the target shape 32x100x64); 8: H=32 1.93. Random lengths, 128 per
 #: chunk: H=16 0.61, 32 0.95, 48 1.05; 512 per chunk, H=16 0.53; 2 layers x 2 directions,
-#: H=16 0.67. RNN, H=16: 512 per chunk 0.82 (T=20), 128 0.75-0.93, 32 0.98, 16 1.02; random
-#: lengths 0.95-1.0; H=24 1.18, 32 1.42, 48 1.06 (its row kernels read x and dout in place
-#: and keep less per row).
+#: H=16 0.67. RNN, H=16: 512 per chunk 0.82 (T=20), 128 0.75 (T=100), 64 0.93, 32 0.98,
+#: 16 1.02; random lengths 0.95-1.0; H=24 1.18, 32 1.42, 48 1.06 (its row kernels read x and
+#: dout in place and keep less per row). See docs/performance.md.
 COLUMNS_TRAIN_MAX_HIDDEN = {"lstm": 48, "rnn": 16}
 COLUMNS_TRAIN_MIN_SAMPLES = {"lstm": 32, "rnn": 64}
 COLUMNS_TRAIN_SAMPLES_PER_UNIT = 2
@@ -159,8 +159,9 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     Returns
     -------
     dict or None
-        The workspace backward needs (training), else None. The LSTM's and RNN's inference
-        at small H runs in the transposed layout (:func:`runs_in_columns`): the same outputs and
+        The workspace backward needs (training), else None. The LSTM and the RNN at small H
+        run in the transposed layout (:func:`runs_in_columns`, with other thresholds in
+        training and inference): where only one of the two does, the same outputs and
         states within rounding, not bitwise.
     """
     rows, hd, dt = packing.rows, states[0].shape[1], x.dtype

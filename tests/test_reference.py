@@ -154,15 +154,22 @@ def test_training_in_columns_matches_naive(
 ):
     """Training in the transposed layout (forced for any batch): outputs, final states and
     every gradient as the reference's, at 70 samples (chunks wider than a panel), with the
-    rows [x | h] in one panel of NR columns (C=3, H=6) or several (C=H=20)."""
+    rows [x | h] in one panel of NR columns (C=3, H=6) or several (C=H=20); the inference
+    in that layout gives bitwise the training forward's outputs and states."""
     forwards, backwards = columns_everywhere
     c, h = sizes
     case = Case(variant, dtype, num_layers, bidirectional, use_lengths, True, steps=7, batch=70,
                 input_size=c, hidden_size=h)  # fmt: skip
-    _compare(case, case.run(), _naive(case))
+    got = case.run()
+    _compare(case, got, _naive(case))
     calls = num_layers * (2 if bidirectional else 1)
     assert forwards == [True] * calls
     assert len(backwards) == calls
+    case.layer.eval()  # the inference in the same layout: bitwise training's forward
+    out, hn = case.layer(case.x, case.hx(), case.lengths)
+    np.testing.assert_array_equal(out, got[0])
+    for a, b in zip(case.states(hn), got[1], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_inference_in_columns_only_where_it_pays():

@@ -26,14 +26,105 @@ W_ih^T] @ dG^T (H+C, n) and the weight gradients += dG^T @ [x | h], one product 
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from fastseq._jit import jit
 from fastseq.kernels.common import add_parts, copy_units, output_row, packed_row, zero_padding
-from fastseq.kernels.gemm import gemm_packed, panel_width
+from fastseq.kernels.gemm import VECTOR_BYTES, gemm_packed, panel_width
 from fastseq.kernels.lstm import lstm_columns_backward, lstm_columns_forward
 from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
+
+
+@intrinsic
+def _tile_transpose(typingctx, src, src_offs, dst, dst_offs):
+    """dst[dst_offs[c] + r] = src[src_offs[r] + c] for r, c < W, W values to a vector register
+    (16 float32 with AVX-512): W vector loads, log2(W) rounds of W shuffles that swap
+    off-diagonal blocks, W vector stores. src, dst: 1-D arrays of one float dtype; the
+    offsets (>= W,) int64, in elements."""
+    if not (isinstance(src.dtype, types.Float) and src.dtype == dst.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dtype = signature.args[0].dtype
+        width = VECTOR_BYTES // (dtype.bitwidth // 8)
+        vty = ir.VectorType(context.get_value_type(dtype), width)
+        pty, i32, i64 = ir.PointerType(vty), ir.IntType(32), ir.IntType(64)
+        src_p, src_o, dst_p, dst_o = (
+            cgutils.create_struct_proxy(signature.args[k])(context, builder, value=args[k]).data
+            for k in range(4)
+        )
+
+        def offset(offsets, k):
+            return builder.load(builder.gep(offsets, [ir.Constant(i64, k)]))
+
+        align = dtype.bitwidth // 8
+        rows = [builder.load(builder.bitcast(builder.gep(src_p, [offset(src_o, r)]), pty), align=align)
+                for r in range(width)]  # fmt: skip
+        block = width // 2
+        while block:
+            low = [p if not p & block else width + p - block for p in range(width)]
+            high = [p + block if not p & block else width + p for p in range(width)]
+            for i in range(width):
+                if not i & block:
+                    a, b = rows[i], rows[i + block]
+                    rows[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, width), low))
+                    rows[i + block] = builder.shuffle_vector(
+                        a, b, ir.Constant(ir.VectorType(i32, width), high)
+                    )
+            block //= 2
+        for c in range(width):
+            builder.store(rows[c], builder.bitcast(builder.gep(dst_p, [offset(dst_o, c)]), pty), align=align)
+        return context.get_dummy_value()
+
+    return types.void(src, src_offs, dst, dst_offs), codegen
+
+
+@jit
+def gather_transpose(src, src_rows, n, cols, dst, d0, d_stride):
+    """dst[d0 + c*d_stride + r] = src[src_rows[r] + c] for r < n, c < cols: n rows of src
+    (flat, starting at src_rows (>= n,) int64) into the columns of dst (flat), by tiles of
+    W x W (:func:`_tile_transpose`; 2.2x faster than a loop of 16 x 512 float32 values)."""
+    width = VECTOR_BYTES // src.itemsize
+    so, do = np.empty(width, np.int64), np.empty(width, np.int64)
+    full_r, full_c = n - n % width, cols - cols % width
+    for r0 in range(0, full_r, width):
+        for c0 in range(0, full_c, width):
+            for t in range(width):
+                so[t] = src_rows[r0 + t] + c0
+                do[t] = d0 + (c0 + t) * d_stride + r0
+            _tile_transpose(src, so, dst, do)
+        for c in range(full_c, cols):
+            for t in range(width):
+                dst[d0 + c * d_stride + r0 + t] = src[src_rows[r0 + t] + c]
+    for r in range(full_r, n):
+        for c in range(cols):
+            dst[d0 + c * d_stride + r] = src[src_rows[r] + c]
+
+
+@jit
+def scatter_transpose(src, s0, s_stride, n, cols, dst, dst_rows):
+    """dst[dst_rows[r] + c] = src[s0 + c*s_stride + r] for r < n, c < cols: the inverse of
+    :func:`gather_transpose`, columns of src (flat) into n rows of dst (flat, starting at
+    dst_rows (>= n,) int64)."""
+    width = VECTOR_BYTES // src.itemsize
+    so, do = np.empty(width, np.int64), np.empty(width, np.int64)
+    full_r, full_c = n - n % width, cols - cols % width
+    for r0 in range(0, full_r, width):
+        for c0 in range(0, full_c, width):
+            for t in range(width):
+                so[t] = s0 + (c0 + t) * s_stride + r0
+                do[t] = dst_rows[r0 + t] + c0
+            _tile_transpose(src, so, dst, do)
+        for c in range(full_c, cols):
+            for t in range(width):
+                dst[dst_rows[r0 + t] + c] = src[s0 + c * s_stride + r0 + t]
+    for r in range(full_r, n):
+        for c in range(cols):
+            dst[dst_rows[r] + c] = src[s0 + c * s_stride + r]
 
 
 @jit
@@ -44,13 +135,14 @@ def pack_step_columns(x, x_src, hT, n, panels):
     the step's samples; hT (H, >= n) in: the state, a sample per column. Panel columns at
     n and beyond keep what they held (the product's columns there are not written)."""
     c, hd, nr = x.shape[1], hT.shape[0], panels.shape[2]
+    x_flat, panels_flat = x.ravel(), panels.ravel()
+    x_off = np.empty(n, np.int64)  # x's rows transposed by tiles (gather_transpose)
+    for i in range(n):
+        x_off[i] = x_src[i] * c
     for p in range((n + nr - 1) // nr):
         c0 = p * nr
         w = min(nr, n - c0)
-        for q in range(w):
-            src = x[x_src[c0 + q]]
-            for k in range(c):
-                panels[p, k, q] = src[k]
+        gather_transpose(x_flat, x_off[c0:], w, c, panels_flat, p * (c + hd) * nr, nr)
         for k in range(hd):
             src, dst = hT[k, c0:], panels[p, c + k]
             for q in range(w):
@@ -63,6 +155,8 @@ def store_step_rows(x, x_src, hT, n, xh):
     hT[:, i]] of its samples i < n, split into P panels of NR columns, zero past C+H."""
     c, hd, nr = x.shape[1], hT.shape[0], xh.shape[2]
     zero = xh.dtype.type(0)
+    hT_flat, xh_flat = hT.ravel(), xh.ravel()
+    h_off = np.empty(n, np.int64)
     for p in range(xh.shape[0]):
         f0 = p * nr
         xc = max(0, min(nr, c - f0))  # the panel's columns from x, then from h, then zeros
@@ -73,12 +167,9 @@ def store_step_rows(x, x_src, hT, n, xh):
                 dst[q] = src[f0 + q]
             for q in range(xc + hc, nr):
                 dst[q] = zero
-        # h a column at a time: a row of hT read in order (measured 0.88x the training step
-        # of an RNN at N=1024, H=16 against writing each row whole, gathering from hT)
-        for q in range(xc, xc + hc):
-            src = hT[f0 + q - c]
-            for i in range(n):
-                xh[p, i, q] = src[i]
+        for i in range(n):  # h's columns, transposed by tiles
+            h_off[i] = (p * n + i) * nr + xc
+        scatter_transpose(hT_flat, (f0 + xc - c) * hT.shape[1], hT.shape[1], n, hc, xh_flat, h_off)
 
 
 @jit
@@ -134,7 +225,8 @@ def forward_columns(
                     cT[j, i] = c[s0 + i, j]
         for j in range(c0.shape[0]):
             copy_units(cT[j], c0[j], 0, nc)
-        rows, x_src = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        rows, x_src, out_off = np.empty(nc, np.int64), np.empty(nc, np.int64), np.empty(nc, np.int64)
+        out_flat = out.ravel()
         k = r0  # the step's first row of the workspace
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
@@ -158,9 +250,8 @@ def forward_columns(
                 for j in range(hd):
                     copy_units(src[j], kept[j], 0, n)
             for i in range(n):
-                dst = out[output_row(out_rows, rows[i]), out_col:]
-                for j in range(hd):
-                    dst[j] = hT[j, i]
+                out_off[i] = output_row(out_rows, rows[i]) * out.shape[1] + out_col
+            scatter_transpose(hT.ravel(), 0, nc, n, hd, out_flat, out_off)
             k += n
         for i in range(nc):
             for j in range(hd):
@@ -207,14 +298,15 @@ def backward_columns(
                     dcT[j, i] = dc[s0 + i, j]
         d_panels = np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype)
         back_flat = np.empty((hd + cin) * nc, dh.dtype)
+        rows, row_off = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        dout_flat, dx_flat = dout.ravel(), dx.ravel()
         for s in range(steps - 1, -1, -1):
             n = batch_sizes[ch, s]
             k = r0 + bases[s]
             for i in range(n):
-                rows_i = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
-                src = dout[rows_i, out_col:]
-                for j in range(hd):
-                    doutT[j, i] = src[j]
+                rows[i] = packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)
+                row_off[i] = rows[i] * dout.shape[1] + out_col
+            gather_transpose(dout_flat, row_off, n, hd, doutT.ravel(), 0, nc)
             gt = block(gates_t, k, rows_g, n)
             if lstm:
                 cprev = block(cell_t, k - batch_sizes[ch, s - 1], hd, batch_sizes[ch, s - 1]) if s > 0 else (
@@ -235,14 +327,15 @@ def backward_columns(
             gemm_packed(w_back, d_panels[:used], back, False)
             for j in range(hd):
                 copy_units(back[j], dhT[j], 0, n)
-            for i in range(n):
-                dst = dx[packed_row(r0, offsets[ch], lengths[s0 + i], i, s, reverse)]
-                if accumulate_dx:
+            if accumulate_dx:
+                for i in range(n):
+                    dst = dx[rows[i]]
                     for f in range(cin):
                         dst[f] += back[hd + f, i]
-                else:
-                    for f in range(cin):
-                        dst[f] = back[hd + f, i]
+            else:
+                for i in range(n):
+                    row_off[i] = rows[i] * cin
+                scatter_transpose(back.ravel(), hd * n, n, n, cin, dx_flat, row_off)
             xh_s = block(xh, k, n_xh * nr, n).reshape((n_xh, n, nr))
             gemm_packed(gt, xh_s, part_cat[ch], True)
         for i in range(nc):
