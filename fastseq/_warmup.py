@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
-from fastseq import _threads, cells, layers
-from fastseq.kernels import common, gru, lstm, rnn
+from fastseq import _engine, _threads, cells, layers
+from fastseq.kernels import columns, common, gru, lstm, rnn
 from fastseq.registry import CELLS
 
 KERNELS = {
@@ -23,6 +24,7 @@ KERNELS = {
     "add_weight_grad": common.add_weight_grad, "weight_grads": common.weight_grads,
     "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
     "team_thread_ids": _threads.team_thread_ids,
+    "forward_columns": columns.forward_columns, "backward_columns": columns.backward_columns,
 }  # fmt: skip
 
 _LAYERS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
@@ -72,6 +74,17 @@ def _exercise(layer_cls, cell_cls, dtype):
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((2, 1, 2), dtype))
         layer.backward(np.ones_like(out))
+    # The LSTM and the RNN at small H over wide chunks run in the transposed layout
+    # (_engine.runs_in_columns): training, and inference reading x unpacked (batch first)
+    if layer_cls._cell in _engine.COLUMNS_TRAIN_MAX_HIDDEN:
+        wide = max(
+            _engine.COLUMNS_TRAIN_MIN_SAMPLES[layer_cls._cell], 2 * _engine.COLUMNS_TRAIN_SAMPLES_PER_UNIT
+        )
+        layer = layer_cls(2, 2, batch_first=True, dtype=dtype, seed=0)
+        x = np.zeros((wide * numba.config.NUMBA_NUM_THREADS, 2, 2), dtype)
+        out, _ = layer(x)
+        layer.backward(np.ones_like(out))
+        layer.eval()(x)
     # Streams with large weights and enough rows split each step by hidden units: the
     # smallest C = H and N that reach the thresholds
     hidden = math.isqrt(_threads.STREAM_SPLIT_BYTES // (2 * gates * dtype.itemsize)) + 1
