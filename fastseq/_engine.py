@@ -13,7 +13,7 @@ import numpy as np
 
 from fastseq._threads import partial_weight_grads, project_whole_input
 from fastseq.kernels.columns import backward_columns, forward_columns
-from fastseq.kernels.gemm import VECTOR_BYTES, VECTORS
+from fastseq.kernels.gemm import panel_columns
 from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
 from fastseq.kernels.lstm import lstm_backward, lstm_backward_units, lstm_forward, lstm_forward_units
 from fastseq.kernels.rnn import rnn_backward, rnn_backward_units, rnn_forward, rnn_forward_units
@@ -219,7 +219,7 @@ def columns_workspace(cell, batch, input_size, hidden, rows, take, dtype):
     """The flat workspace buffers of a pass in the transposed layout (see
     ``kernels.columns``) over ``rows`` packed rows: gates_t (R*G*H,), cell_t (R*H,) and
     c_init (N*H,) (LSTM, else empty), xh (R*P*NR,). ``rows`` 0 (inference): all empty."""
-    nr = VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+    nr = panel_columns(dtype)
     lstm = cell == "lstm"
     return {
         "gates_t": take((rows * CELLS[cell].gates * hidden,), dtype),
@@ -249,16 +249,9 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
     w_ih, w_hh = w["w_ih"], w["w_hh"]
     if "gates_t" in ws:  # the transposed layout (runs_in_columns)
         lstm = cell == "lstm"
-        parts = (
-            take((packing.n_chunks,) + w_ih.shape, w_ih.dtype),
-            take((packing.n_chunks,) + w_hh.shape, w_hh.dtype),
-        )
         backward_columns(w_ih, w_hh, w["w_peep"], lstm, opts.peephole if lstm else opts.relu, *pk, dout, out_col,
                          dstates[0], dstates[-1], *(ws[k] for k in COLUMNS_KEYS), dx, accumulate_dx,
-                         *(grads[k] for k in WEIGHT_KEYS), *parts)  # fmt: skip
-        if give is not None:
-            for part in parts:
-                give(part)
+                         *(grads[k] for k in WEIGHT_KEYS))  # fmt: skip
         return
     n_parts = partial_weight_grads(packing, w_ih.shape[1] + w_hh.shape[1])
     parts = (

@@ -35,7 +35,7 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
 from fastseq.kernels.common import SPREAD_STEP_BYTES
-from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, VECTOR_BYTES, VECTORS
+from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, panel_columns
 
 _lock = threading.Lock()
 _active = 0
@@ -278,7 +278,7 @@ def weight_grads_call_blas(cell, packing, input_sizes, hidden, dtype) -> bool:
     BLAS for some layer: ``gemm.gemm_pair`` (the RNN's and LSTM's) sends outputs of at most
     half a panel's columns there (C and H <= NR / 2) over chunks of NARROW_BLAS_ROWS rows or
     more. ``input_sizes``: each layer's C."""
-    half_panel = VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize // 2
+    half_panel = panel_columns(dtype) // 2
     if cell == "gru" or hidden > half_panel or packing.widest_chunk_rows < NARROW_BLAS_ROWS:
         return False
     return any(c <= half_panel and partial_weight_grads(packing, c + hidden) for c in input_sizes)

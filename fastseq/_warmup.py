@@ -77,10 +77,12 @@ def _exercise(layer_cls, cell_cls, dtype):
     # The LSTM and the RNN at small H over wide chunks run in the transposed layout
     # (_engine.runs_in_columns): training, and inference reading x unpacked (batch first)
     if layer_cls._cell in _engine.COLUMNS_TRAIN_MAX_HIDDEN:
+        hidden = 2
         wide = max(
-            _engine.COLUMNS_TRAIN_MIN_SAMPLES[layer_cls._cell], 2 * _engine.COLUMNS_TRAIN_SAMPLES_PER_UNIT
+            _engine.COLUMNS_TRAIN_MIN_SAMPLES[layer_cls._cell],
+            hidden * _engine.COLUMNS_TRAIN_SAMPLES_PER_UNIT,
         )
-        layer = layer_cls(2, 2, batch_first=True, dtype=dtype, seed=0)
+        layer = layer_cls(2, hidden, batch_first=True, dtype=dtype, seed=0)
         x = np.zeros((wide * numba.config.NUMBA_NUM_THREADS, 2, 2), dtype)
         out, _ = layer(x)
         layer.backward(np.ones_like(out))

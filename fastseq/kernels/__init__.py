@@ -88,4 +88,5 @@ chunk order: the caller passes them so that a training loop reuses them (fresh, 
 page faults every step: 64 MB at H = 1024). With K = 0 the weight gradients are summed over
 all rows at once after the recurrence, split across threads by rows of the gradient
 (``common.add_weight_grads``); ``fastseq._threads.partial_weight_grads`` decides.
+``columns.backward_columns`` (H <= 48) allocates its own per-chunk sums.
 """

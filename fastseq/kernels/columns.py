@@ -264,13 +264,13 @@ def forward_columns(
 def backward_columns(
     w_ih, w_hh, w_peep, lstm, flag, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
     dout, out_col, dh, dc, gates_t, cell_t, c_init, xh, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh,
-    dw_peep, part_w_ih, part_w_hh,
+    dw_peep,
 ):  # fmt: skip
     """Backward of :func:`forward_columns` in training, consuming its workspace (``gates_t``
     is overwritten with the gradients of the pre-activations). ``dh``, ``dc`` (N, H) in/out
-    (``dc`` unread for the RNN); ``part_w_ih`` (K, G*H, C), ``part_w_hh`` (K, G*H, H)
-    scratch for the chunks' weight gradients, added in chunk order. Other arguments as in
-    ``lstm.lstm_backward``."""
+    (``dc`` unread for the RNN). Each chunk sums its weight gradients [dW_ih | dW_hh] over
+    its steps in reverse order; the chunks' sums are added in chunk order. Other arguments
+    as in ``lstm.lstm_backward``."""
     hd, cin, rows_g = dh.shape[1], w_ih.shape[1], w_ih.shape[0]
     n_chunks = chunk_samples.shape[0] - 1
     w_back = np.empty((hd + cin, rows_g), dh.dtype)  # a of [dh^T; dx^T] = [W_hh^T; W_ih^T] @ dG^T
@@ -343,12 +343,9 @@ def backward_columns(
                 dh[s0 + i, j] = dhT[j, i]
                 if lstm:
                     dc[s0 + i, j] = dcT[j, i]
-        for u in range(rows_g):
-            copy_units(part_cat[ch, u], part_w_ih[ch, u], 0, cin)
-            for f in range(hd):
-                part_w_hh[ch, u, f] = part_cat[ch, u, cin + f]
-    add_parts(part_w_ih, dw_ih)
-    add_parts(part_w_hh, dw_hh)
+    for ch in range(n_chunks):  # in chunk order (add_parts), [dW_ih | dW_hh] split
+        dw_ih += part_cat[ch, :, :cin]
+        dw_hh += part_cat[ch, :, cin:]
     add_parts(part_b, db_ih)
     add_parts(part_b, db_hh)
     if lstm and flag:

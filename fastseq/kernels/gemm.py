@@ -264,9 +264,15 @@ _tile_tall2 = _tile_tall[min(1, len(_tile_tall) - 1)]
 _tile_tall3 = _tile_tall[min(2, len(_tile_tall) - 1)]
 
 
+def panel_columns(dtype):
+    """NR: columns per panel for ``dtype`` (VECTORS vectors of VECTOR_BYTES), in Python
+    (workspace sizes); :func:`panel_width` in kernels."""
+    return VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
 @jit
 def panel_width(w):
-    """NR: columns per panel for w's dtype (VECTORS vectors of VECTOR_BYTES)."""
+    """NR: columns per panel for w's dtype (:func:`panel_columns`) in a kernel."""
     return VECTORS * VECTOR_BYTES // w.itemsize
 
 
