@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import fastseq
+from tests import background as background_jobs
 from tests import tolerances
 
 #: Every cell and variant: (cell, layer class, constructor options).
@@ -50,6 +51,32 @@ def columns_everywhere(monkeypatch):
     monkeypatch.setattr(_engine, "forward_columns", lambda *a: forwards.append(a[-4].size > 0) or forward(*a))
     monkeypatch.setattr(_engine, "backward_columns", lambda *a: backwards.append(True) or backward(*a))
     return forwards, backwards
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "background(command=...): run command's subprocess from the session's start (tests/background.py)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the background tests' subprocesses, and run those tests last (they wait)."""
+    waiting = [item for item in items if item.get_closest_marker("background") is not None]
+    for item in waiting:
+        background_jobs.start(item.nodeid, item.get_closest_marker("background").kwargs["command"])
+    items[:] = [item for item in items if item not in waiting] + waiting
+
+
+def pytest_sessionfinish(session):
+    background_jobs.stop_all()
+
+
+@pytest.fixture
+def background(request):
+    """(subprocess.CompletedProcess or None, workdir) of the test's background marker."""
+    marker = request.node.get_closest_marker("background")
+    return background_jobs.result(request.node.nodeid, marker.kwargs["command"])
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -47,15 +47,25 @@ np.savez(sys.argv[1], **results)
 """
 
 
-def test_compiled_and_cached_kernels_give_the_same_gradients(tmp_path):
+def _training_step_env(workdir):
+    return dict(os.environ, NUMBA_CACHE_DIR=str(workdir / "cache"))
+
+
+def _compiling_training_step(workdir):
+    """The training step in a fresh interpreter compiling into an empty cache under workdir."""
+    return [sys.executable, "-c", _TRAINING_STEP, str(workdir / "compiled.npz")], _training_step_env(workdir)
+
+
+@pytest.mark.background(command=_compiling_training_step)  # a minute and more of compiling, from the start
+def test_compiled_and_cached_kernels_give_the_same_gradients(background):
     # A training step in a process that compiles the kernels (an empty cache of its own),
     # then in one that loads them from that cache: bitwise the same (see fastseq._jit on
     # ``reassociate``; the LSTM's gradients differed in the last bits before).
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    for run in ("compiled", "cached"):
-        command = [sys.executable, "-c", _TRAINING_STEP, str(tmp_path / f"{run}.npz")]
-        subprocess.run(command, env=env, check=True, cwd=ROOT)
-    compiled, cached = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "cached.npz")
+    compiling, workdir = background
+    assert compiling.returncode == 0, compiling.stderr[-3000:]
+    command = [sys.executable, "-c", _TRAINING_STEP, str(workdir / "cached.npz")]
+    subprocess.run(command, env=_training_step_env(workdir), check=True, cwd=ROOT)
+    compiled, cached = np.load(workdir / "compiled.npz"), np.load(workdir / "cached.npz")
     assert len(compiled.files) == 11  # dx and 4 + 5 (peephole) parameter gradients
     differing = [k for k in compiled.files if not np.array_equal(compiled[k], cached[k])]
     assert not differing, differing
