@@ -1,53 +1,86 @@
 """Checks that compile the kernels in a fresh interpreter from an empty cache of their own
-(minutes of LLVM work on one core each) start with the session, so that they compile on the
-core the suite's own compiles leave idle; their tests then wait for them.
+(minutes of LLVM work on one core each) start with the session, one after another, so that
+they compile on the core the suite's own compiles leave idle; their tests run last and wait
+for them.
 
-A test opts in with ``@pytest.mark.background(command=command)``: ``command(workdir)`` returns the
-subprocess's ``(argv, env)`` (or None: nothing to run here), ``workdir`` a fresh directory
-of its own (a ``pathlib.Path``); the test takes the ``background`` fixture (tests/conftest.py)
-and gets the finished ``subprocess.CompletedProcess`` (text output) and that directory.
+A test opts in with ``@pytest.mark.background(command=command)``: ``command(workdir)``
+returns the subprocess's ``(argv, env)`` (or None: nothing to run here), ``workdir`` a fresh
+directory of its own (a ``pathlib.Path``); the test takes the ``background`` fixture
+(tests/conftest.py) and gets the finished ``subprocess.CompletedProcess`` (text output, or
+None) and that directory.
 """
 
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_JOBS = {}  # test node id -> (Popen or None, workdir)
+
+
+class _Job:
+    def __init__(self, command):
+        self.workdir = Path(tempfile.mkdtemp(prefix="fastseq-background-"))
+        self.spec = command(self.workdir)
+        self.process = self.result = None
+        self.done = threading.Event()
+
+    def run(self):
+        if self.spec is not None:
+            argv, env = self.spec
+            self.process = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            out, err = self.process.communicate()
+            self.result = subprocess.CompletedProcess(argv, self.process.returncode, out, err)
+        self.done.set()
+
+
+_JOBS = {}  # test node id -> _Job
+_QUEUE = queue.Queue()
+_STOPPING = threading.Event()
+
+
+def _worker():
+    while True:
+        job = _QUEUE.get()
+        if job is None:
+            return
+        if _STOPPING.is_set():
+            job.done.set()
+        else:
+            job.run()
 
 
 def start(node_id, command):
-    """Start ``command``'s subprocess for the test ``node_id`` (once)."""
+    """Queue ``command``'s subprocess for the test ``node_id`` (once); the first call starts
+    the thread that runs the queue in order."""
     if node_id in _JOBS:
         return
-    workdir = Path(tempfile.mkdtemp(prefix="fastseq-background-"))
-    spec = command(workdir)
-    process = None
-    if spec is not None:
-        argv, env = spec
-        with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
-            process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=err, text=True)
-    _JOBS[node_id] = (process, workdir)
+    if not _JOBS:
+        _STOPPING.clear()
+        threading.Thread(target=_worker, name="fastseq-background", daemon=True).start()
+    _JOBS[node_id] = job = _Job(command)
+    _QUEUE.put(job)
 
 
 def result(node_id, command):
-    """The finished subprocess of ``node_id`` (started now if collection did not) and its
-    working directory."""
+    """(the finished subprocess of ``node_id`` or None, its working directory)."""
     start(node_id, command)
-    process, workdir = _JOBS[node_id]
-    if process is None:
-        return None, workdir
-    returncode = process.wait()
-    out, err = ((workdir / name).read_text() for name in ("stdout", "stderr"))
-    return subprocess.CompletedProcess(process.args, returncode, out, err), workdir
+    job = _JOBS[node_id]
+    job.done.wait()
+    return job.result, job.workdir
 
 
 def stop_all():
-    """Kill what still runs (a session stopped early) and remove the working directories."""
-    for process, workdir in _JOBS.values():
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+    """Kill what still runs (a session stopped early), end the thread, remove the directories."""
+    _STOPPING.set()
+    for job in _JOBS.values():
+        if job.process is not None and job.process.poll() is None:
+            job.process.kill()
+    _QUEUE.put(None)
+    for job in _JOBS.values():
+        shutil.rmtree(job.workdir, ignore_errors=True)
     _JOBS.clear()
