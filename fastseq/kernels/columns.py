@@ -344,8 +344,12 @@ def backward_columns(
                 if lstm:
                     dc[s0 + i, j] = dcT[j, i]
     for ch in range(n_chunks):  # in chunk order (add_parts), [dW_ih | dW_hh] split
-        dw_ih += part_cat[ch, :, :cin]
-        dw_hh += part_cat[ch, :, cin:]
+        for u in range(rows_g):  # loops: an array expression here would be a parallel region
+            src, dst_ih, dst_hh = part_cat[ch, u], dw_ih[u], dw_hh[u]
+            for f in range(cin):
+                dst_ih[f] += src[f]
+            for f in range(hd):
+                dst_hh[f] += src[cin + f]
     add_parts(part_b, db_ih)
     add_parts(part_b, db_hh)
     if lstm and flag:
