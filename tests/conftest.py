@@ -58,14 +58,20 @@ def pytest_configure(config):
         "markers",
         "background(command=...): run command's subprocess from the session's start (tests/background.py)",
     )
+    config.addinivalue_line(
+        "markers",
+        "after_compiles: run after the other tests (its subprocesses load the kernels they compiled)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Start the background tests' subprocesses, and run those tests last (they wait)."""
+    """Start the background tests' subprocesses; run the tests marked after_compiles after
+    the others, and the background tests last (they wait)."""
     waiting = [item for item in items if item.get_closest_marker("background") is not None]
-    for item in waiting:
+    for item in waiting if not config.option.collectonly else ():
         background_jobs.start(item.nodeid, item.get_closest_marker("background").kwargs["command"])
-    items[:] = [item for item in items if item not in waiting] + waiting
+    late = [item for item in items if item.get_closest_marker("after_compiles") is not None]
+    items[:] = [item for item in items if item not in waiting and item not in late] + late + waiting
 
 
 def pytest_sessionfinish(session):

@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ASV = [sys.executable, "-m", "asv"]
+pytestmark = pytest.mark.after_compiles  # asv's processes load the kernels from the cache
 
 
 def test_asv_quick_run_and_publish(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.after_compiles  # the examples' processes load the kernels from the cache
 
 SMALL = {
     "char_lm.py": [
