@@ -25,7 +25,7 @@ HASWELL_FEATURES = ",".join(
 
 def _avx2_suite(workdir):
     """A fresh interpreter compiling for Haswell into an empty cache under ``workdir``:
-    checks that the AVX2 paths are chosen, then runs the tests below on them."""
+    checks that the AVX2 paths are chosen, then runs the listed tests on them."""
     if "avx512f" not in _target_features():
         return None
     env = dict(
