@@ -66,9 +66,9 @@ def start(node_id, command):
     _QUEUE.put(job)
 
 
-def result(node_id, command):
-    """(the finished subprocess of ``node_id`` or None, its working directory)."""
-    start(node_id, command)
+def result(node_id):
+    """(the finished subprocess of ``node_id`` or None, its working directory); the job was
+    started when collection ended (tests/conftest.py)."""
     job = _JOBS[node_id]
     job.done.wait()
     return job.result, job.workdir

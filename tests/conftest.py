@@ -64,6 +64,7 @@ def pytest_configure(config):
     )
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only selected tests' jobs
 def pytest_collection_modifyitems(config, items):
     """Start the background tests' subprocesses; run the tests marked after_compiles after
     the others, and the background tests last (they wait)."""
@@ -81,8 +82,7 @@ def pytest_sessionfinish(session):
 @pytest.fixture
 def background(request):
     """(subprocess.CompletedProcess or None, workdir) of the test's background marker."""
-    marker = request.node.get_closest_marker("background")
-    return background_jobs.result(request.node.nodeid, marker.kwargs["command"])
+    return background_jobs.result(request.node.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
