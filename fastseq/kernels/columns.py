@@ -34,7 +34,7 @@ from numba.extending import intrinsic
 
 from fastseq._jit import jit
 from fastseq.kernels.common import add_parts, copy_units, output_row, packed_row, zero_padding
-from fastseq.kernels.gemm import VECTOR_BYTES, gemm_packed, panel_width
+from fastseq.kernels.gemm import ACCUMULATE, OVERWRITE, VECTOR_BYTES, gemm_packed, panel_width
 from fastseq.kernels.lstm import lstm_columns_backward, lstm_columns_forward
 from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
 
@@ -223,7 +223,7 @@ def forward_columns(
                 g = block(gates_t, k, rows_g, n)
             else:
                 g = block(g_flat, 0, rows_g, n)
-            gemm_packed(w_cat, panels[: (n + nr - 1) // nr], g, False)
+            gemm_packed(w_cat, panels[: (n + nr - 1) // nr], g, OVERWRITE)
             if lstm:
                 lstm_columns_forward(g, bias, w_peep, flag, cT, hT, n)
             else:
@@ -308,7 +308,7 @@ def backward_columns(
                         dst[q] = src[q]
                     part_b[ch, u] += np.sum(src)
             back = block(back_flat, 0, hd + cin, n)
-            gemm_packed(w_back, d_panels[:used], back, False)
+            gemm_packed(w_back, d_panels[:used], back, OVERWRITE)
             for j in range(hd):
                 copy_units(back[j], dhT[j], 0, n)
             if accumulate_dx:
@@ -321,7 +321,7 @@ def backward_columns(
                     row_off[i] = rows[i] * cin
                 transpose_rows(dx_flat, row_off, back.ravel(), hd * n, n, n, cin, True)
             xh_s = block(xh, k, n_xh * nr, n).reshape((n_xh, n, nr))
-            gemm_packed(gt, xh_s, part_cat[ch], True)
+            gemm_packed(gt, xh_s, part_cat[ch], ACCUMULATE)
         for i in range(nc):
             for j in range(hd):
                 dh[s0 + i, j] = dhT[j, i]

@@ -8,8 +8,10 @@ from numba import prange
 
 from fastseq._jit import jit
 from fastseq.kernels.gemm import (
+    ACCUMULATE,
     BLAS_FOR_LARGE,
     FEW_ROWS,
+    OVERWRITE,
     copied_tiles_products,
     few_rows_nt,
     gemm_large,
@@ -103,9 +105,9 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
             if two:
                 dw2[m0:m1] += np.dot(piece, b2)
         elif not two:
-            gemm_packed(dg[:, m0:m1].T, b_panels, dw[m0:m1], True)
+            gemm_packed(dg[:, m0:m1].T, b_panels, dw[m0:m1], ACCUMULATE)
         else:
-            copied_tiles_products(dg[:, m0:m1].T, b_panels, dw[m0:m1], b2_panels, dw2[m0:m1], True)
+            copied_tiles_products(dg[:, m0:m1].T, b_panels, dw[m0:m1], b2_panels, dw2[m0:m1], ACCUMULATE)
         if sums.shape[0]:
             column_sums(dg, m0, sums[m0:m1])
 
@@ -228,11 +230,11 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     ordered = step_ordered(reverse, full, lengths_c)
     a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse and not ordered, block.shape[0])
     if x_rows.shape[0] == 0 and not ordered:
-        gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], False)
+        gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], OVERWRITE)
         return block, r0 + a, s_end
     if not ordered and consecutive(x_rows, r0 + a, r0 + b):  # x's rows in place: no gather
         first = x_rows[r0 + a]
-        gemm_large(x[first : first + b - a], w_ih.T, w_ih_panels, block[: b - a], False)
+        gemm_large(x[first : first + b - a], w_ih.T, w_ih_panels, block[: b - a], OVERWRITE)
         return block, r0 + a, s_end
     gathered = np.empty((min(GATHER_ROWS, b - a), x.shape[1]), x.dtype)
     step, i = s, 0  # step order: sample i of step ``step`` (time order: the packed rows a..b-1)
@@ -246,7 +248,7 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
                 r = packed_row(r0, offsets_c, lengths_c[i], i, step, True)
                 i += 1
             copy_units(x[x_rows[r] if x_rows.shape[0] else r], gathered[j - i0], 0, x.shape[1])
-        gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], False)
+        gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], OVERWRITE)
     return block, r0 + a, s_end
 
 
@@ -357,7 +359,7 @@ def project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples):
     :func:`start_chunk` does not)."""
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])  # 0 when gates has no rows
     if pieces:
-        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, False, pieces)
+        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, OVERWRITE, pieces)
     return pieces > 0
 
 
@@ -374,7 +376,7 @@ def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, proj
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0 and not projected:
-        gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], False)
+        gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], OVERWRITE)
     block = np.empty((block_capacity(nc, r1 - r0) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype)
     return r0, r1, s0, nc, block
 
@@ -644,7 +646,7 @@ def unit_product(h_in, panels, w_hh, gates, p, u0, hu, out):
     (G*H, H) in place a gate block at a time (``gemm.few_rows_nt``)."""
     if panels.shape[1]:
         nr = panels.shape[3]
-        gemm_packed(h_in, panels[p, : (gates * hu + nr - 1) // nr], out, False)
+        gemm_packed(h_in, panels[p, : (gates * hu + nr - 1) // nr], out, OVERWRITE)
         return
     hd = w_hh.shape[0] // gates
     for q in range(gates):
@@ -682,7 +684,7 @@ def project_packing(x, w, out, parts):
             for q in range(b1 - b0):
                 pack_panel(ws, q, panels)
             part_out = np.empty((n, ws.shape[0]), out.dtype)
-            gemm_packed(x, panels[: b1 - b0], part_out, False)
+            gemm_packed(x, panels[: b1 - b0], part_out, OVERWRITE)
             for r in range(n):
                 copy_units(part_out[r], out[r, b0 * nr :], 0, ws.shape[0])
 
@@ -696,7 +698,7 @@ def project_all(x, w_ih, out, parts):
     if x.shape[0] <= DIRECT_PROJECTION_ROWS:
         project_in_place(x, w_ih, out, parts)
     elif BLAS_FOR_LARGE:
-        gemm_split_rows(x, w_ih.T, pack_weights(w_ih.T), out, False, parts)
+        gemm_split_rows(x, w_ih.T, pack_weights(w_ih.T), out, OVERWRITE, parts)
     else:
         project_packing(x, w_ih, out, parts)
 
@@ -705,7 +707,7 @@ def project_all(x, w_ih, out, parts):
 def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
     """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C) that
     does not project up front: :func:`input_panels`), split by rows on the panels."""
-    gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, False, parts)
+    gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, OVERWRITE, parts)
 
 
 #: Threads :func:`upfront_projection` splits its product across: numba's start-up thread

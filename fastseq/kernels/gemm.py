@@ -46,6 +46,13 @@ def _target_features():
     return {flag[1:] for flag in flags.split(",") if flag.startswith("+")}
 
 
+#: ``accumulate`` for the products' callers (:func:`gemm_packed`, :func:`gemm_large`, ...): a
+#: ``False`` or ``True`` written in a jitted call reaches the callee as a literal, and numba
+#: compiles the callee once more for it; these numpy bools are plain booleans to numba. An
+#: LSTM's first training step compiled gemm_packed 4 times, copied_tiles_products 4 times,
+#: gemm_large 3 times before (float32, one dtype, results bitwise the same).
+OVERWRITE, ACCUMULATE = np.False_, np.True_
+
 #: Bytes per vector register the micro-kernel computes in: 64 (zmm) with AVX-512, 32 (ymm)
 #: with AVX, 16 (xmm) otherwise. Numba compiles for this machine's CPU, and its cache is
 #: keyed by that CPU, so a cached kernel always matches these constants.
@@ -579,7 +586,7 @@ def gemm_step(a, b, b_panels, out):
     if b_panels.shape[0] == 0:
         np.dot(a, b, out=out)
     else:
-        gemm_packed(a, b_panels, out, False)
+        gemm_packed(a, b_panels, out, OVERWRITE)
 
 
 @jit
@@ -679,10 +686,10 @@ def gemm_pair(a, b, b2, out, out2):
         np.dot(a, b2, out=out2)
         return
     if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS:
-        gemm(a, b, out, False)
-        gemm(a, b2, out2, False)
+        gemm(a, b, out, OVERWRITE)
+        gemm(a, b2, out2, OVERWRITE)
         return
-    copied_tiles_products(a, pack(b), out, pack(b2), out2, False)
+    copied_tiles_products(a, pack(b), out, pack(b2), out2, OVERWRITE)
 
 
 #: Rows of ``a`` up to which :func:`step_product` computes the product itself

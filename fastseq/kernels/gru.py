@@ -57,6 +57,7 @@ from fastseq.kernels.common import (
     zero_padding,
 )
 from fastseq.kernels.gemm import (
+    OVERWRITE,
     gemm,
     gemm_large,
     gemm_packed,
@@ -200,7 +201,7 @@ def gru_forward(
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
-            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected
+            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = full, 0, 0
@@ -337,15 +338,15 @@ def gru_chunk_weight_grads(x, reset_after, dgates, hprev, hn, part_w_ih, part_w_
     common.chunk_weight_grads). The r, z rows of part_w_hh only: the n rows are computed
     from hn below."""
     hd = hprev.shape[1]
-    gemm(dgates.T, x, part_w_ih, False)
-    gemm_packed(dgates[:, : 2 * hd].T, pack(hprev), part_w_hh[: 2 * hd], False)  # a: no BLAS layout
+    gemm(dgates.T, x, part_w_ih, OVERWRITE)
+    gemm_packed(dgates[:, : 2 * hd].T, pack(hprev), part_w_hh[: 2 * hd], OVERWRITE)  # a: no BLAS layout
     column_sums(dgates, 0, part_b_ih)
     if reset_after:
-        gemm(hn.T, hprev, part_w_hh[2 * hd :], False)
+        gemm(hn.T, hprev, part_w_hh[2 * hd :], OVERWRITE)
         part_b_hh[: 2 * hd] = part_b_ih[: 2 * hd]  # the r, z column sums of dgates, computed above
         column_sums(hn, 0, part_b_hh[2 * hd :])
     else:
-        gemm_packed(dgates[:, 2 * hd :].T, pack(hn), part_w_hh[2 * hd :], False)  # a: no BLAS layout
+        gemm_packed(dgates[:, 2 * hd :].T, pack(hn), part_w_hh[2 * hd :], OVERWRITE)  # a: no BLAS layout
         part_b_hh[:] = part_b_ih
 
 
@@ -503,7 +504,7 @@ def gru_backward_step_units(gates, hn, hprev, rows, dh, dh_direct, partial_in, d
             scatter_units(g, 3, u0, gates[r])
             copy_units(g, dg_p[p, i], 0, 2 * hu)
             copy_units(hn[r, u0:u1], dg_p[p, i, 2 * hu :], 0, hu)
-        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], False)
+        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
 
 
 @jit(parallel=True)

@@ -44,6 +44,7 @@ from fastseq.kernels.common import (
     zero_padding,
 )
 from fastseq.kernels.gemm import (
+    OVERWRITE,
     gemm_large,
     gemm_packed,
     gemm_step,
@@ -147,7 +148,7 @@ def rnn_forward(
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
-            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, ch, projected
+            x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
         zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
         proj, base, s_next = full, 0, 0
@@ -314,7 +315,7 @@ def rnn_backward_step_units(gates, rows, dh, partial_in, done, partial_out, rmas
             r = rows[i]
             rnn_cell_backward(gates[r, u0:u1], dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], relu)
             copy_units(gates[r, u0:u1], dg_p[p, i], 0, hu)
-        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], False)
+        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
 
 
 @jit(parallel=True)
