@@ -5,6 +5,7 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads
+from fastseq._module import PARAM_ALIGN
 from fastseq._packing import Packing
 from fastseq.kernels.common import (
     DIRECT_PROJECTION_ROWS,
@@ -36,6 +37,23 @@ def test_parameter_names_shapes_and_init(variant):
     values = np.concatenate([p.ravel() for p in layer.params.values()])
     assert np.abs(values).max() <= 0.25 and np.abs(values).max() > 0.24  # U(-1/sqrt(16), 1/sqrt(16))
     assert abs(values.mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_start_on_a_cache_line(dtype):
+    """Weights read in place (streaming steps) load whole vectors from each row's start."""
+    from fastseq.nn import Linear, Sequential
+
+    modules = [fastseq.LSTMCell(3, 5, dtype=dtype), fastseq.GRU(7, 6, num_layers=2, dtype=dtype)]
+    model = Sequential(fastseq.LSTM(16, 16, dtype=dtype), Linear(16, 16, dtype=dtype))
+    for module in modules:
+        for name, p in module.params.items():
+            assert p.ctypes.data % PARAM_ALIGN == 0, name
+    assert model.flat_params.ctypes.data % PARAM_ALIGN == 0
+    assert model.flat_grads.ctypes.data % PARAM_ALIGN == 0
+    # 16 x 16 weights and 16-value biases: every view of the flat buffer starts aligned too
+    for name, p in model.params.items():
+        assert p.ctypes.data % PARAM_ALIGN == 0, name
 
 
 def test_seed_reproducible_and_distinct():

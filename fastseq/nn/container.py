@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastseq._module import Module
+from fastseq._module import Module, aligned_empty
 from fastseq.layers import GRU, LSTM, RNN, _RecurrentLayer
 from fastseq.nn.modules import Dropout, Embedding, Linear
 from fastseq.nn.sequence import LastStep
@@ -36,7 +36,9 @@ def _flatten(owner, children):
         )
     dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
     total = sum(p.size for m in children.values() for p in m.params.values())
-    flat_params, flat_grads = np.empty(total, dtype), np.empty(total, dtype)
+    # starting PARAM_ALIGN bytes aligned: so does every view when the arrays before it are
+    # multiples of 64 bytes (the usual weight shapes)
+    flat_params, flat_grads = aligned_empty(total, dtype), aligned_empty(total, dtype)
     params, grads, offset = {}, {}, 0
     for prefix, module in children.items():
         for name, p in module.params.items():
