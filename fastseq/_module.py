@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fastseq.kernels.gemm import ALIGN_BYTES
+
 
 class Module:
     """Base of every object with parameters.
@@ -98,30 +100,29 @@ class Module:
         self.params, self.grads = params, grads
 
 
-#: Bytes to which parameter arrays are aligned (a cache line; an AVX-512 vector). numpy
-#: aligns its allocations to 16 bytes, so the rows of a weight matrix read in place (the
-#: streaming step's products, ``gemm.few_rows_nt``) started 16 or 48 bytes into a cache line
-#: in some processes, and a 32-byte load from there spans two lines. Measured (float32, Intel
-#: Xeon, one input row by (M, 128) weights, us, rows at 0 / 16 / 32 bytes into a line):
-#: M = 128 0.77 / 1.01 / 0.76; M = 512 3.0 / 3.8 / 3.0; M = 1024 6.1 / 7.6 / 6.0.
-#: ``Stream.step`` at N=1, H=128, LSTM: 10.3 us with W_hh at 16 and W_ih at 48 bytes, 8.9-9.0
-#: aligned; GRU 7.5 / 7.0-7.2 (processes before and after this change, interleaved).
-PARAM_ALIGN = 64
-
-
 def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array of ``shape`` whose data starts PARAM_ALIGN bytes
-    aligned (a view of a slightly larger byte buffer)."""
+    """An uninitialised C-contiguous array of ``shape`` whose data starts ALIGN_BYTES (a cache
+    line) into memory, a view of a slightly larger byte buffer: parameters, the layers'
+    workspaces (``_pool``), like the kernels' panels (``kernels.gemm.aligned_empty``).
+
+    numpy aligns to 16 bytes, so the rows of a weight matrix read in place (the streaming
+    step's products, ``gemm.few_rows_nt``) started 16 or 48 bytes into a cache line in some
+    processes, and a 32-byte load from there spans two lines. Measured (float32, Intel Xeon,
+    one input row by (M, 128) weights, us, rows at 0 / 16 / 32 bytes into a line): M = 128
+    0.77 / 1.01 / 0.76; M = 512 3.0 / 3.8 / 3.0; M = 1024 6.1 / 7.6 / 6.0. ``Stream.step`` at
+    N=1, H=128, LSTM: 10.3 us with W_hh at 16 and W_ih at 48 bytes, 8.9-9.0 aligned; GRU 7.5
+    / 7.0-7.2 (processes before and after, interleaved).
+    """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buffer = np.empty(nbytes + PARAM_ALIGN, np.uint8)
-    start = -buffer.ctypes.data % PARAM_ALIGN
+    buffer = np.empty(nbytes + ALIGN_BYTES, np.uint8)
+    start = -buffer.ctypes.data % ALIGN_BYTES
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def uniform_init(rng, shapes: dict, hidden_size: int, dtype) -> dict:
     """torch's default init: every array drawn from U(-1/sqrt(H), 1/sqrt(H)), in dict order,
-    into arrays aligned to PARAM_ALIGN bytes."""
+    into arrays aligned to ALIGN_BYTES (:func:`aligned_empty`)."""
     bound = 1.0 / np.sqrt(hidden_size)
     params = {}
     for name, shape in shapes.items():

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastseq._module import aligned_empty
+
 
 class WorkspacePool:
     """Arrays no longer in use, by (shape, dtype), ready to be handed out again."""
@@ -31,9 +33,10 @@ class WorkspacePool:
                 del self._free[key]
 
     def take(self, shape, dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array: a pooled one if one fits, else a new one."""
+        """An uninitialised C-contiguous array: a pooled one if one fits, else a new one
+        (aligned like the parameters: the kernels load vectors from its rows)."""
         stack = self._free.get((tuple(shape), np.dtype(dtype)))
-        return stack.pop()[1] if stack else np.empty(shape, dtype)
+        return stack.pop()[1] if stack else aligned_empty(shape, dtype)
 
     def give(self, array: np.ndarray) -> None:
         """Return an array nobody else references any more."""

@@ -5,7 +5,6 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads
-from fastseq._module import PARAM_ALIGN
 from fastseq._packing import Packing
 from fastseq.kernels.common import (
     DIRECT_PROJECTION_ROWS,
@@ -13,6 +12,7 @@ from fastseq.kernels.common import (
     ZERO_PADDING_MAX_BYTES,
     projects_upfront,
 )
+from fastseq.kernels.gemm import ALIGN_BYTES
 from fastseq.registry import CELLS
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
@@ -48,12 +48,12 @@ def test_parameters_start_on_a_cache_line(dtype):
     model = Sequential(fastseq.LSTM(16, 16, dtype=dtype), Linear(16, 16, dtype=dtype))
     for module in modules:
         for name, p in module.params.items():
-            assert p.ctypes.data % PARAM_ALIGN == 0, name
-    assert model.flat_params.ctypes.data % PARAM_ALIGN == 0
-    assert model.flat_grads.ctypes.data % PARAM_ALIGN == 0
+            assert p.ctypes.data % ALIGN_BYTES == 0, name
+    assert model.flat_params.ctypes.data % ALIGN_BYTES == 0
+    assert model.flat_grads.ctypes.data % ALIGN_BYTES == 0
     # 16 x 16 weights and 16-value biases: every view of the flat buffer starts aligned too
     for name, p in model.params.items():
-        assert p.ctypes.data % PARAM_ALIGN == 0, name
+        assert p.ctypes.data % ALIGN_BYTES == 0, name
 
 
 def test_seed_reproducible_and_distinct():

@@ -12,6 +12,7 @@ from fastseq.kernels.gemm import (
     BLAS_FOR_LARGE,
     FEW_ROWS,
     OVERWRITE,
+    aligned_empty,
     copied_tiles_products,
     few_rows_nt,
     gemm_large,
@@ -490,7 +491,7 @@ def pack_unit_rows(w, gates, units):
     (gate-major, so the product's row holds gate q of unit j at ``q * hu + j - units[p]``).
     Use ``panels[p, :ceil(G * hu / NR)]``."""
     parts, k, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
-    panels = np.empty((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
+    panels = aligned_empty((parts, (gates * widest_part(units) + nr - 1) // nr, k, nr), w.dtype)
     for p in prange(parts):
         # the part's rows copied together first, then packed in blocks by pack_panel (float32,
         # Zen 5, 2 parts on two threads: H=512 0.42 ms element by element -> 0.19 ms, H=1024
@@ -512,7 +513,7 @@ def pack_unit_gate_rows(w, gates, units):
     (:func:`pack_panel`)."""
     parts, m, nr = units.shape[0] - 1, w.shape[1], panel_width(w)
     wide = widest_part(units)
-    panels = np.empty((parts, (m + nr - 1) // nr, gates * wide, nr), w.dtype)
+    panels = aligned_empty((parts, (m + nr - 1) // nr, gates * wide, nr), w.dtype)
     for p in prange(parts):
         u0, hu = units[p], units[p + 1] - units[p]
         rows = np.zeros((gates * wide, m), w.dtype)
@@ -677,7 +678,7 @@ def project_packing(x, w, out, parts):
     block = max(1, PACKING_BLOCK_BYTES // max(1, k * nr * w.itemsize))
     for p in prange(parts):
         q0, q1 = total * p // parts, total * (p + 1) // parts
-        panels = np.empty((min(block, q1 - q0), k, nr), w.dtype)
+        panels = aligned_empty((min(block, q1 - q0), k, nr), w.dtype)
         for b0 in range(q0, q1, block):
             b1 = min(q1, b0 + block)
             ws = w[b0 * nr : b1 * nr]  # its rows: B's columns of panels b0..b1-1

@@ -36,7 +36,7 @@ def _flatten(owner, children):
         )
     dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
     total = sum(p.size for m in children.values() for p in m.params.values())
-    # starting PARAM_ALIGN bytes aligned: so does every view when the arrays before it are
+    # starting ALIGN_BYTES aligned: so does every view when the arrays before it are
     # multiples of 64 bytes (the usual weight shapes)
     flat_params, flat_grads = aligned_empty(total, dtype), aligned_empty(total, dtype)
     params, grads, offset = {}, {}, 0
