@@ -12,7 +12,7 @@ from fastseq.kernels.common import (
     ZERO_PADDING_MAX_BYTES,
     projects_upfront,
 )
-from fastseq.kernels.gemm import ALIGN_BYTES
+from fastseq.kernels.gemm import ALIGN_BYTES, pack
 from fastseq.registry import CELLS
 from tests.cases import Case
 from tests.conftest import VARIANTS, make_layer
@@ -54,6 +54,9 @@ def test_parameters_start_on_a_cache_line(dtype):
     # 16 x 16 weights and 16-value biases: every view of the flat buffer starts aligned too
     for name, p in model.params.items():
         assert p.ctypes.data % ALIGN_BYTES == 0, name
+    # the kernels' panels (numba's own np.empty aligns to 32 bytes)
+    for k, m in ((3, 5), (64, 300), (256, 1024)):
+        assert pack(np.ones((k, m), dtype)).ctypes.data % ALIGN_BYTES == 0, (k, m)
 
 
 def test_seed_reproducible_and_distinct():
