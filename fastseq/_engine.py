@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastseq._module import aligned_empty
 from fastseq._threads import partial_weight_grads, project_whole_input
 from fastseq.kernels.columns import backward_columns, forward_columns
 from fastseq.kernels.gemm import panel_columns
@@ -124,7 +123,7 @@ def runs_in_columns(cell, packing, hidden, training, rmask) -> bool:
     return packing.rows >= samples * chunks * longest
 
 
-def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=aligned_empty,
+def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
             rmask=None, out_rows=None, x_rows=None):  # fmt: skip
     """Run one layer and direction forward.
 
@@ -145,7 +144,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         Output; columns ``out_col:out_col+H`` are written.
     reverse, training : bool
     take : callable (shape, dtype) -> ndarray
-        Allocator for the workspace (a layer's pool, or aligned_empty).
+        Allocator for the workspace (a layer's pool, or np.empty).
     rmask : ndarray (N, H), optional
         Recurrent (variational) dropout mask in state order, applied to the state every
         recurrent GEMM reads, the same at every step; kept in the workspace for backward.
@@ -235,7 +234,7 @@ SCRATCH_KEYS = ("gates", "hprev", "cprev", "cnew", "hn", *COLUMNS_KEYS)
 
 
 def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, accumulate_dx, grads,
-             take=aligned_empty, give=None):  # fmt: skip
+             take=np.empty, give=None):  # fmt: skip
     """Run one layer and direction backward, consuming ``ws`` (its buffers are overwritten).
 
     ``dout`` (R, D*H): gradient of the packed output (columns ``out_col:out_col+H`` read).

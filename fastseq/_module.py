@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -101,7 +102,7 @@ class Module:
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array of ``shape`` whose data starts ALIGN_BYTES (a cache
+    """An uninitialised C-contiguous array of ``shape`` (a tuple) whose data starts ALIGN_BYTES (a cache
     line) into memory, a view of a slightly larger byte buffer: parameters, the layers'
     workspaces (``_pool``), like the kernels' panels (``kernels.gemm.aligned_empty``).
 
@@ -114,7 +115,9 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     / 7.0-7.2 (processes before and after, interleaved).
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # math.prod: np.prod of a tuple took 2.8 us
+    if nbytes == 0:  # the empty workspaces of inference: no data to align, no address lookup
+        return np.empty(shape, dtype)
     buffer = np.empty(nbytes + ALIGN_BYTES, np.uint8)
     start = -buffer.ctypes.data % ALIGN_BYTES
     return buffer[start : start + nbytes].view(dtype).reshape(shape)

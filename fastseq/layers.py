@@ -6,7 +6,7 @@ import numpy as np
 
 from fastseq import _engine
 from fastseq import _validate as v
-from fastseq._module import Module, aligned_empty, uniform_init
+from fastseq._module import Module, uniform_init
 from fastseq._packing import reuse_packing
 from fastseq._pool import WorkspacePool
 from fastseq._threads import kernel_threads, num_chunks, unit_parts, weight_grads_call_blas
@@ -273,7 +273,7 @@ class _RecurrentLayer(Module):
         ``x_rows``: the first layer's input is unpacked (see :meth:`_gathers_input`)."""
         n_dirs, hd = self.num_directions, self.hidden_size
         layers_ws = []
-        take = self._pool.take if training else aligned_empty  # workspaces (none in eval)
+        take = self._pool.take if training else np.empty  # workspaces (none in eval)
         for layer in range(self.num_layers):
             out_rows = None
             if layer == self.num_layers - 1 and output is not None:

@@ -38,7 +38,7 @@ def _flatten(owner, children):
     total = sum(p.size for m in children.values() for p in m.params.values())
     # starting ALIGN_BYTES aligned: so does every view when the arrays before it are
     # multiples of 64 bytes (the usual weight shapes)
-    flat_params, flat_grads = aligned_empty(total, dtype), aligned_empty(total, dtype)
+    flat_params, flat_grads = aligned_empty((total,), dtype), aligned_empty((total,), dtype)
     params, grads, offset = {}, {}, 0
     for prefix, module in children.items():
         for name, p in module.params.items():
