@@ -19,6 +19,7 @@ from fastseq.kernels.common import (
     step_panels,
 )
 from fastseq.kernels.gemm import (
+    ALIAS_STRIDE_BYTES,
     FEW_ROWS_SPLIT_K,
     K_BLOCK_PACKED,
     MR,
@@ -38,15 +39,17 @@ from tests.tolerances import assert_close
 # (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
 # panels of columns), K across the K blocks, and the recurrent and weight-gradient shapes.
 # The transposed views below are copied into tiles (gemm_packed) from PACK_A_COLUMNS
-# columns on: (32, 256, 1024), and the last two, with partial tiles and panels, the last
-# with K across two K_BLOCK_PACKED passes. Rows left after the full tiles run on few_rows
+# columns on: (32, 256, 1024), (21, 70, 512) and (5, 4100, 515), with partial tiles and
+# panels, the last with K across two K_BLOCK_PACKED passes; and at any width when their
+# column stride is a multiple of ALIAS_STRIDE_BYTES: (1024, 40, 70). Rows left after the
+# full tiles run on few_rows
 # per group of panels, split in two from FEW_ROWS_SPLIT_K deep: (14, 300, 200), (13, 256, 130);
 # MR + 1 to MR + 3 rows, and 3 more after MR + MR/2, on a tall tile: (MR + 1, 64, 33), (10,
 # 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512).
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
           (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
           (5, 4100, 515), (2, 64, 300), (10, 70, 200), (4, 33, 100), (19, 40, 130),
-          (14, 300, 200), (13, 256, 130)]  # fmt: skip
+          (14, 300, 200), (13, 256, 130), (1024, 40, 70)]  # fmt: skip
 
 
 def _operands(shape, dtype, rng):
@@ -72,7 +75,7 @@ def test_gemm_matches_numpy(shape, dtype):
     assert_close(out, expected + 1, dtype, "1 + a @ w.T, packed panels")
     assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
     # the chunk-level gemm (BLAS or packed here), a transposed view, accumulating
-    assert PACK_A_COLUMNS <= 512 and K_BLOCK_PACKED < 4100
+    assert PACK_A_COLUMNS <= 512 and K_BLOCK_PACKED < 4100 and ALIAS_STRIDE_BYTES == 4096
     b = np.ascontiguousarray(w.T)
     out = np.ones(expected.shape, dtype)
     gemm(np.ascontiguousarray(a.T).T, b, out, True)
@@ -119,12 +122,14 @@ def test_weight_gradients_over_all_rows(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    "shape", [(600, 20, 512, 515), (K_BLOCK_PACKED + 5, 9, 520, 512), (700, 11, 512, 40)]
+    "shape",
+    [(600, 20, 512, 515), (K_BLOCK_PACKED + 5, 9, 520, 512), (700, 11, 512, 40), (300, 1024, 40, 70)],
 )
 def test_gemm_pair_matches_two_products(shape, dtype):
     """a @ b and a @ b2 for a transposed a (dG^T of a chunk's weight gradients): one copy of
     a's tiles for both when both are wide (the first two shapes; the second across two
-    K_BLOCK_PACKED passes), two products otherwise; bitwise the same as two gemm calls."""
+    K_BLOCK_PACKED passes) or a's column stride is a multiple of ALIAS_STRIDE_BYTES (the
+    last), two products otherwise; bitwise the same as two gemm calls."""
     rows, n, m, m2 = shape
     rng = np.random.default_rng(rows)
     dg, b, b2 = (rng.standard_normal((rows, c)).astype(dtype) for c in (n, m, m2))

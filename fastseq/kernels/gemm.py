@@ -19,7 +19,7 @@ fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
 (:func:`few_rows`), each group of panels right after its full tiles; with AVX-512, 1-3
 rows left over join the last full tile instead (:func:`tall_tile`). A transposed ``a``
 (dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
-(:data:`PACK_A_COLUMNS`). Measured rates against BLAS on both kinds of CPU:
+(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`). Measured rates against BLAS on both kinds of CPU:
 docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
@@ -407,6 +407,16 @@ K_BLOCK_TRANSPOSED = 256
 #: 1024 deep instead of whole ran 193-216 where whole ran 210-228; 128-512 deep, worse still.
 PACK_A_COLUMNS = 512
 K_BLOCK_PACKED = 4096
+#: A transposed ``a`` whose column stride is a multiple of ALIAS_STRIDE_BYTES is copied into
+#: tiles at any width: each k of a tile then reads a line 4 KB past the last, all in one set
+#: of the L1 cache (and of the TLB's pages), so the tile runs on misses. That is the LSTM's
+#: dG^T at H=256 (rows of 4H = 1024 floats) in its weight gradients, whose outputs (C or H
+#: = 256 columns) are under PACK_A_COLUMNS. Measured (float32, Intel Xeon, both threads,
+#: an LSTM's two weight-gradient products per chunk of 3200 rows, H=256, GFLOP/s, in place /
+#: copied): 121-161 / 200; LSTM training step at N=64, T=100 (A/B, six processes each way):
+#: 0.944 of the time; 2 layers x 2 directions 0.921-0.950. Not for other strides: rows of
+#: 2 KB (LSTM H=128) and 2.3 KB (GRU H=192) ran 1.07-1.10x slower copied.
+ALIAS_STRIDE_BYTES = 4096
 
 
 @jit
@@ -422,7 +432,7 @@ def gemm_packed(a, panels, out, accumulate):
     nr = panels.shape[2]
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
-    if a_col != 1 and m >= PACK_A_COLUMNS:  # a transposed a, wide enough: its tiles copied
+    if a_col != 1 and (m >= PACK_A_COLUMNS or a_col * isz % ALIAS_STRIDE_BYTES == 0):  # its tiles copied
         copied_tiles_products(a, panels, out, panels[:0], out[:0], accumulate)
         return
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
@@ -695,7 +705,8 @@ NARROW_BLAS_ROWS = 8192
 def gemm_pair(a, b, b2, out, out2):
     """out (n, M) = a @ b (K, M) and out2 (n, M2) = a @ b2 (K, M2) for one ``a`` (n, K), a
     transposed view (dG^T in the chunks' weight gradients). Where :func:`gemm_packed` would
-    copy a's tiles for both products (a transposed ``a``, M and M2 >= PACK_A_COLUMNS, no
+    copy a's tiles for both products (a transposed ``a``, M and M2 >= PACK_A_COLUMNS or a
+    column stride of ALIAS_STRIDE_BYTES, no
     BLAS_FOR_LARGE), it copies them once for both, in the same blocks and order, so the
     results are bitwise those of two :func:`gemm` calls. Measured (float32, Zen 5, two
     chunks on both threads, dG^T @ x and dG^T @ h_prev per chunk, two calls / one copy):
@@ -707,7 +718,8 @@ def gemm_pair(a, b, b2, out, out2):
         np.dot(a, b, out=out)
         np.dot(a, b2, out=out2)
         return
-    if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS:
+    narrow = min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS and a.strides[1] % ALIAS_STRIDE_BYTES != 0
+    if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or narrow:
         gemm(a, b, out, OVERWRITE)
         gemm(a, b2, out2, OVERWRITE)
         return
