@@ -28,11 +28,13 @@ class _Job:
         self.done = threading.Event()
 
     def run(self):
-        if self.spec is not None:
-            argv, env = self.spec
-            self.process = subprocess.Popen(
-                argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+        with _LOCK:  # started before stop_all's kills, or not at all
+            if self.spec is not None and not _STOPPING.is_set():
+                argv, env = self.spec
+                self.process = subprocess.Popen(
+                    argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+        if self.process is not None:
             out, err = self.process.communicate()
             self.result = subprocess.CompletedProcess(argv, self.process.returncode, out, err)
         self.done.set()
@@ -41,6 +43,7 @@ class _Job:
 _JOBS = {}  # test node id -> _Job
 _QUEUE = queue.Queue()
 _STOPPING = threading.Event()
+_LOCK = threading.Lock()  # orders a job's start against stop_all
 
 
 def _worker():
@@ -48,10 +51,7 @@ def _worker():
         job = _QUEUE.get()
         if job is None:
             return
-        if _STOPPING.is_set():
-            job.done.set()
-        else:
-            job.run()
+        job.run()  # after stop_all: marked done without starting
 
 
 def start(node_id, command):
@@ -76,10 +76,11 @@ def result(node_id):
 
 def stop_all():
     """Kill what still runs (a session stopped early), end the thread, remove the directories."""
-    _STOPPING.set()
-    for job in _JOBS.values():
-        if job.process is not None and job.process.poll() is None:
-            job.process.kill()
+    with _LOCK:
+        _STOPPING.set()
+        for job in _JOBS.values():
+            if job.process is not None and job.process.poll() is None:
+                job.process.kill()
     _QUEUE.put(None)
     for job in _JOBS.values():
         shutil.rmtree(job.workdir, ignore_errors=True)
