@@ -8,6 +8,9 @@ from fastseq import _engine, _threads
 from fastseq._packing import Packing
 from fastseq.kernels.common import (
     DIRECT_PROJECTION_ROWS,
+    GATHER_ROWS,
+    GATHER_ROWS_WIDE,
+    GATHER_WIDE_BYTES,
     PROJECTION_BLOCK_ROWS,
     ZERO_PADDING_MAX_BYTES,
     projects_upfront,
@@ -197,6 +200,28 @@ def test_inference_gathering_the_input_matches_training(
     for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(x, kept)
+
+
+@pytest.mark.parametrize("variant", ["rnn-tanh", "lstm", "gru"])
+def test_inference_gathering_wide_weights_matches_training(variant, monkeypatch):
+    """With W_ih of GATHER_WIDE_BYTES, inference gathers x's rows GATHER_ROWS_WIDE at a time
+    (a block of 200 rows per chunk here, more than GATHER_ROWS); the outputs and final
+    states are bitwise training's."""
+    hidden = 64
+    gates = CELLS[VARIANTS[variant][0]].gates
+    inputs = -(-GATHER_WIDE_BYTES // (4 * gates * hidden))  # W_ih (G*H, C) float32 of that size
+    assert GATHER_ROWS < 200 <= GATHER_ROWS_WIDE
+    case = Case(variant, np.float32, steps=10, batch=40, input_size=inputs, hidden_size=hidden)
+    train_out, train_h = case.layer(case.x)
+    calls = []
+    forward = _engine.forward
+    monkeypatch.setattr(_engine, "forward", lambda *a, **k: calls.append(a[13]) or forward(*a, **k))
+    case.layer.eval()
+    eval_out, eval_h = case.layer(case.x)
+    assert len(calls) == 1 and calls[0] is not None  # x's rows gathered
+    np.testing.assert_array_equal(train_out, eval_out)
+    for a, b in zip(case.states(train_h), case.states(eval_h), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])  # x gathered unpacked / packed first
