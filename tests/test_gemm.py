@@ -42,8 +42,8 @@ from tests.tolerances import assert_close
 # columns on: (32, 256, 1024), (21, 70, 512) and (5, 4100, 515), with partial tiles and
 # panels, the last with K across two K_BLOCK_PACKED passes; and at any width when their
 # column stride is a multiple of ALIAS_STRIDE_BYTES: (1024, 40, 70). Rows left after the
-# full tiles run on few_rows
-# per group of panels, split in two from FEW_ROWS_SPLIT_K deep: (14, 300, 200), (13, 256, 130);
+# full tiles run on few_rows per group of panels, split in two from FEW_ROWS_SPLIT_K deep:
+# (14, 300, 200), (13, 256, 130);
 # MR + 1 to MR + 3 rows, and 3 more after MR + MR/2, on a tall tile: (MR + 1, 64, 33), (10,
 # 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512).
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),

@@ -215,10 +215,10 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     x (R, C) packed rows, or with ``x_rows`` (R,) (entries: row of x of each packed row) the
     unpacked (T*N, C) input, whose rows are gathered here, GATHER_ROWS at a time (or
     GATHER_ROWS_WIDE), into a buffer that stays in cache (no packed copy of the input in
-    memory), or read in place
-    where a block's rows are :func:`consecutive` in x (a chunk's step at equal lengths:
-    RNN inference at N=1024, T=100, H=16, the kernel alone on one thread 6.6 -> 4.1 ms;
-    layers on both threads, in process, new / old: RNN 0.96, LSTM 0.92, GRU 1.00). w_ih (G*H, C) in;
+    memory), or read in place where a block's rows are :func:`consecutive` in x (a
+    chunk's step at equal lengths: RNN inference at N=1024, T=100, H=16, the kernel alone
+    on one thread 6.6 -> 4.1 ms; layers on both threads, in process, new / old: RNN 0.96,
+    LSTM 0.92, GRU 1.00). w_ih (G*H, C) in;
     w_ih_panels: ``gemm.pack_weights(w_ih.T)``. offsets_c (S+1,): the chunk's row offsets;
     lengths_c: its lengths (state order). full (R, G*H): when it has rows, everything is
     projected there already (training, or a batch in one chunk; then x is packed) and it is

@@ -19,8 +19,8 @@ fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
 (:func:`few_rows`), each group of panels right after its full tiles; with AVX-512, 1-3
 rows left over join the last full tile instead (:func:`tall_tile`). A transposed ``a``
 (dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
-(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`). Measured rates against BLAS on both kinds of CPU:
-docs/performance.md.
+(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`).
+Measured rates against BLAS on both kinds of CPU: docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
 and do not depend on the number of threads (each call is serial).
@@ -706,8 +706,8 @@ def gemm_pair(a, b, b2, out, out2):
     """out (n, M) = a @ b (K, M) and out2 (n, M2) = a @ b2 (K, M2) for one ``a`` (n, K), a
     transposed view (dG^T in the chunks' weight gradients). Where :func:`gemm_packed` would
     copy a's tiles for both products (a transposed ``a``, M and M2 >= PACK_A_COLUMNS or a
-    column stride of ALIAS_STRIDE_BYTES, no
-    BLAS_FOR_LARGE), it copies them once for both, in the same blocks and order, so the
+    column stride of ALIAS_STRIDE_BYTES, no BLAS_FOR_LARGE), it copies them once for both,
+    in the same blocks and order, so the
     results are bitwise those of two :func:`gemm` calls. Measured (float32, Zen 5, two
     chunks on both threads, dG^T @ x and dG^T @ h_prev per chunk, two calls / one copy):
     RNN, 3200 rows, H = 512: 20.6 / 19.0 ms; LSTM, 1600 rows, H = 1024: 159.5 / 151.1 ms.
