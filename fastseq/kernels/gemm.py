@@ -526,7 +526,7 @@ def copied_tiles_products(a, panels, out, panels2, out2, accumulate):
     pass on; later passes always add."""
     n, k = a.shape
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
-    packed = np.empty(min(rows, n + MR) * min(K_BLOCK_PACKED, k), a.dtype)
+    packed = np.empty((min(rows, n) + MR - 1) // MR * MR * min(K_BLOCK_PACKED, k), a.dtype)  # whole tiles
     for k0 in range(0, max(k, 1), K_BLOCK_PACKED):
         kc = min(K_BLOCK_PACKED, k - k0)
         add = accumulate or k0 > 0
