@@ -419,6 +419,17 @@ K_BLOCK_PACKED = 4096
 ALIAS_STRIDE_BYTES = 4096
 
 
+@jit(inline=True)
+def copies_a_tiles(a, m):
+    """Whether a product of ``a`` (n, K) into m columns copies a's tiles first
+    (:func:`copied_tiles_products`): a transposed ``a`` (a column stride, not 1), m >=
+    PACK_A_COLUMNS or that stride a multiple of ALIAS_STRIDE_BYTES. The one rule for
+    :func:`gemm_packed` and :func:`gemm_pair` (whose one copy must give what two
+    ``gemm_packed`` calls give)."""
+    stride = a.strides[1]
+    return stride != a.itemsize and (m >= PACK_A_COLUMNS or stride % ALIAS_STRIDE_BYTES == 0)
+
+
 @jit
 def gemm_packed(a, panels, out, accumulate):
     """out (n, M) = a (n, K) @ B, or += when ``accumulate``; B (K, M) given as its panels
@@ -432,7 +443,7 @@ def gemm_packed(a, panels, out, accumulate):
     nr = panels.shape[2]
     isz = a.itemsize
     a_row, a_col, c_row = a.strides[0] // isz, a.strides[1] // isz, out.strides[0] // isz
-    if a_col != 1 and (m >= PACK_A_COLUMNS or a_col * isz % ALIAS_STRIDE_BYTES == 0):  # its tiles copied
+    if copies_a_tiles(a, m):
         copied_tiles_products(a, panels, out, panels[:0], out[:0], accumulate)
         return
     rows = ROW_BLOCK_LONG_K if k >= 512 else ROW_BLOCK_SHORT_K
@@ -705,9 +716,8 @@ NARROW_BLAS_ROWS = 8192
 def gemm_pair(a, b, b2, out, out2):
     """out (n, M) = a @ b (K, M) and out2 (n, M2) = a @ b2 (K, M2) for one ``a`` (n, K), a
     transposed view (dG^T in the chunks' weight gradients). Where :func:`gemm_packed` would
-    copy a's tiles for both products (a transposed ``a``, M and M2 >= PACK_A_COLUMNS or a
-    column stride of ALIAS_STRIDE_BYTES, no BLAS_FOR_LARGE), it copies them once for both,
-    in the same blocks and order, so the
+    copy a's tiles for both products (:func:`copies_a_tiles` for both widths, no
+    BLAS_FOR_LARGE), it copies them once for both, in the same blocks and order, so the
     results are bitwise those of two :func:`gemm` calls. Measured (float32, Zen 5, two
     chunks on both threads, dG^T @ x and dG^T @ h_prev per chunk, two calls / one copy):
     RNN, 3200 rows, H = 512: 20.6 / 19.0 ms; LSTM, 1600 rows, H = 1024: 159.5 / 151.1 ms.
@@ -718,8 +728,7 @@ def gemm_pair(a, b, b2, out, out2):
         np.dot(a, b, out=out)
         np.dot(a, b2, out=out2)
         return
-    narrow = min(out.shape[1], out2.shape[1]) < PACK_A_COLUMNS and a.strides[1] % ALIAS_STRIDE_BYTES != 0
-    if BLAS_FOR_LARGE or a.strides[1] == a.itemsize or narrow:
+    if BLAS_FOR_LARGE or not copies_a_tiles(a, min(out.shape[1], out2.shape[1])):
         gemm(a, b, out, OVERWRITE)
         gemm(a, b2, out2, OVERWRITE)
         return
