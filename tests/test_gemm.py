@@ -24,6 +24,7 @@ from fastseq.kernels.gemm import (
     K_BLOCK_PACKED,
     MR,
     PACK_A_COLUMNS,
+    PREFETCH_MIN_K,
     few_rows_nt,
     gemm,
     gemm_packed,
@@ -45,7 +46,9 @@ from tests.tolerances import assert_close
 # full tiles run on few_rows per group of panels, split in two from FEW_ROWS_SPLIT_K deep:
 # (14, 300, 200), (13, 256, 130);
 # MR + 1 to MR + 3 rows, and 3 more after MR + MR/2, on a tall tile: (MR + 1, 64, 33), (10,
-# 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512).
+# 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512). From PREFETCH_MIN_K deep the full
+# tiles prefetch their panels (far_tiles): (17, 1024, 40), (300, 600, 70) (two row blocks,
+# the second ending in few_rows), (5, 4100, 515) (copied tiles, a partial tile).
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
           (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
           (5, 4100, 515), (2, 64, 300), (10, 70, 200), (4, 33, 100), (19, 40, 130),
@@ -76,6 +79,7 @@ def test_gemm_matches_numpy(shape, dtype):
     assert np.all(wide[:, :2] == 7) and np.all(wide[:, 2 + shape[2] :] == 7), "wrote outside out"
     # the chunk-level gemm (BLAS or packed here), a transposed view, accumulating
     assert PACK_A_COLUMNS <= 512 and K_BLOCK_PACKED < 4100 and ALIAS_STRIDE_BYTES == 4096
+    assert PREFETCH_MIN_K <= 600
     b = np.ascontiguousarray(w.T)
     out = np.ones(expected.shape, dtype)
     gemm(np.ascontiguousarray(a.T).T, b, out, True)

@@ -19,7 +19,8 @@ fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
 (:func:`few_rows`), each group of panels right after its full tiles; with AVX-512, 1-3
 rows left over join the last full tile instead (:func:`tall_tile`). A transposed ``a``
 (dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
-(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`).
+(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`). Passes
+of :data:`PREFETCH_MIN_K` or more rows prefetch the panel ahead (:func:`far_tiles`).
 Measured rates against BLAS on both kinds of CPU: docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
@@ -70,18 +71,18 @@ def _declare(module, name, ret, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
 
 
-def _tile_intrinsic(rows_max, panels):
-    """The micro-kernel for tiles of up to ``rows_max`` rows and ``panels`` panels (see
-    :func:`_tile_typing`)."""
+def _tile_intrinsic(rows_max, panels, prefetch=0):
+    """The micro-kernel for tiles of up to ``rows_max`` rows and ``panels`` panels,
+    prefetching B ``prefetch`` rows of the panel ahead (0: none; see :func:`_tile_typing`)."""
 
     @intrinsic
     def tile(typingctx, k, a, a_row, a_col, b, b_off, b_step, c, c_row, mr, nr, accumulate):
-        return _tile_typing(rows_max, panels, a, b, c)
+        return _tile_typing(rows_max, panels, prefetch, a, b, c)
 
     return tile
 
 
-def _tile_typing(MR, PANELS, a, b, c):
+def _tile_typing(MR, PANELS, PREFETCH, a, b, c):
     """c[i*c_row + q*NR + j] (+)= sum_k a[i*a_row + k*a_col] * b[b_off + q*b_step + k*NR + j],
     i < mr, q*NR + j < nr, q < PANELS, j < NR.
 
@@ -89,7 +90,9 @@ def _tile_typing(MR, PANELS, a, b, c):
     one float dtype, addressed from their data pointers in elements (strides in elements); b
     holds panels (rows of NR values, zero-padded) b_step apart. 1 <= mr <= MR, 1 <= nr <=
     PANELS*NR, and all PANELS panels exist; rows i >= mr are computed from row 0 and not
-    stored; columns >= nr of c are neither loaded nor stored.
+    stored; columns >= nr of c are neither loaded nor stored. PREFETCH > 0: at each k, the
+    panel's row k + PREFETCH is prefetched into L1 (a hint: past the panel's end it reads
+    nothing).
     """
     if not (isinstance(a.dtype, types.Float) and a.dtype == b.dtype == c.dtype):
         return None
@@ -174,6 +177,11 @@ def _tile_typing(MR, PANELS, a, b, c):
             for q in range(PANELS)
             for v in range(VECTORS)
         ]
+        line = 64 // (dtype.bitwidth // 8)  # values per cache line
+        for q in range(PANELS if PREFETCH else 0):
+            for v in range(0, VECTORS * width, line):
+                ahead = builder.gep(b_ptr, [builder.add(b_q[q], const(PREFETCH * VECTORS * width + v))])
+                builder.call(prefetch, [builder.bitcast(ahead, i8_ptr), ir.Constant(i32, 0), keep, data])
         k_col = builder.mul(kk, a_col)
         new = []
         for i in range(MR):
@@ -215,6 +223,21 @@ def _tile_typing(MR, PANELS, a, b, c):
 
 #: The micro-kernel: tiles of up to MR rows (see :func:`_tile_typing`).
 _tile = _tile_intrinsic(MR, 1)
+#: Depth of a pass (kc) from which the full tiles prefetch their panel PREFETCH_K rows ahead
+#: into L1 (PREFETCH_K * VECTORS * VECTOR_BYTES = 4 KB with AVX-512; :func:`far_tiles`). A
+#: pass of K_BLOCK_ROWS (1024) panel rows is 128 KB, past L1: each tile streams its panel
+#: from L2 (or L3: W_hh at H=1024 is 16 MB), and the hardware prefetchers left the tile
+#: waiting on those loads (a profile put the hottest samples on the loop's panel loads).
+#: Measured (float32, Intel Xeon, both threads, a chunk's products, GFLOP/s, none /
+#: prefetched 32 rows ahead): H=1024 per-step products (32 x 1024 x 4096, 32 x 4096 x
+#: 1024) 220-240 / 261-286, projection and dx (1600 rows) 237-248 / 262-274, weight
+#: gradients (tiles copied, 1600 deep) 221-227 / 233-243; 16 rows ahead 261-275, 24-64 as
+#: 32, into L2 only 248-261; H=256 dx and dG @ W_hh (K = 1024) 273-279 / 293-306. At K = 64
+#: and 256 the panel stays in cache and prefetching gained nothing or lost up to 10%.
+#: Layers (targets, two processes each way): H=1024 0.80-0.91 of the time, H=256 0.89-0.96.
+PREFETCH_K = 32
+PREFETCH_MIN_K = 512
+_tile_far = _tile_intrinsic(MR, 1, PREFETCH_K)
 #: Rows up to which the last tile of a block runs as a half-height tile: a full tile computes
 #: MR rows whatever ``mr`` is, so a step of a few rows (variable lengths, chunks whose rows
 #: are not a multiple of MR, a batch of one) would pay for MR. The short tiles span 2 or 4
@@ -482,15 +505,34 @@ def gemm_packed(a, panels, out, accumulate):
                 g1 = min(panels.shape[0], g0 + group)
                 for p in range(g0, g1):
                     j0 = p * nr
-                    for i0 in range(b0, tall, MR):
-                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
-                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                    if kc >= PREFETCH_MIN_K:
+                        far_tiles(kc, a[b0:, k0:], 1, a_row, a_col, panels, (p * k + k0) * nr, out[b0:, j0:],
+                                  c_row, tall - b0, b1 - b0, min(nr, m - j0), add)  # fmt: skip
+                    else:
+                        for i0 in range(b0, tall, MR):
+                            _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
+                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
                     if extra:
                         tall_tile(extra, kc, a[tall:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
                                   out[tall:, j0:], c_row, min(nr, m - j0), add)  # fmt: skip
                 for f0 in range(body, b1, HALF_MR):
                     few_rows(kc, a[f0:, k0:], a_row, a_col, panels[g0:g1], k, k0,
                              out[f0 : min(b1, f0 + HALF_MR), g0 * nr :], c_row, add)  # fmt: skip
+
+
+@jit
+def far_tiles(kc, a, row_step, a_row, a_col, panels, b_off, c, c_row, rows, n, nr, accumulate):
+    """The full tiles over rows 0..``rows`` of a block of n rows (MR at a time, the last
+    min(MR, n - i) rows), by one panel, on the tile that prefetches its panel ahead (see
+    PREFETCH_MIN_K): the :func:`_tile` arguments, with a and c from the block's first row;
+    row i of ``a`` starts
+    at a[i * row_step] (1 for a 2-D a; kc for the copied tiles of :func:`pack_rows`). Its
+    own function, not a second loop beside the tile loop of :func:`gemm_packed`: there the
+    shallow products, which never prefetch, ran slower (GRU N=32, T=100, H=64 inference
+    1.035x the time, five processes each way)."""
+    for i0 in range(0, rows, MR):
+        _tile_far(kc, a[i0 * row_step :], a_row, a_col, panels, b_off, 0, c[i0:], c_row, min(MR, n - i0), nr,
+                  accumulate)  # fmt: skip
 
 
 @jit
@@ -520,9 +562,13 @@ def tiles_product(packed, k0, kc, panels, out, accumulate):
     body = n - last if 0 < last <= HALF_MR else n  # full tiles end here
     for p in range(panels.shape[0]):
         j0 = p * nr
-        for i0 in range(0, body, MR):
-            _tile(kc, packed[i0 * kc :], 1, MR, panels, (p * k + k0) * nr, 0,
-                  out[i0:, j0:], c_row, min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
+        if kc >= PREFETCH_MIN_K:
+            far_tiles(kc, packed, kc, 1, MR, panels, (p * k + k0) * nr, out[:, j0:], c_row, body, n,
+                      min(nr, m - j0), accumulate)  # fmt: skip
+        else:
+            for i0 in range(0, body, MR):
+                _tile(kc, packed[i0 * kc :], 1, MR, panels, (p * k + k0) * nr, 0,
+                      out[i0:, j0:], c_row, min(MR, n - i0), min(nr, m - j0), accumulate)  # fmt: skip
     if body < n:
         few_rows(kc, packed[body * kc :], 1, MR, panels, k, k0, out[body:], c_row, accumulate)
 
