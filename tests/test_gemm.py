@@ -48,11 +48,13 @@ from tests.tolerances import assert_close
 # MR + 1 to MR + 3 rows, and 3 more after MR + MR/2, on a tall tile: (MR + 1, 64, 33), (10,
 # 70, 200), (19, 40, 130), (14, 300, 200), (21, 70, 512). From PREFETCH_MIN_K deep the full
 # tiles prefetch their panels (far_tiles): (17, 1024, 40), (300, 600, 70) (two row blocks,
-# the second ending in few_rows), (5, 4100, 515) (copied tiles, a partial tile).
+# the second ending in few_rows), (5, 4100, 515) (copied tiles, a partial tile), and so do
+# the tall tiles: MR + 1 rows in (17, 1024, 40), MR + 2 in (10, 600, 40), MR + 3 in (19,
+# 600, 130).
 SHAPES = [(1, 1, 1), (3, 5, 7), (MR, 64, 32), (MR + 1, 64, 33), (29, 100, 333), (32, 256, 1024),
           (17, 1024, 40), (5, 1100, 41), (12, 64, 3), (300, 600, 70), (21, 70, 512),
           (5, 4100, 515), (2, 64, 300), (10, 70, 200), (4, 33, 100), (19, 40, 130),
-          (14, 300, 200), (13, 256, 130), (1024, 40, 70)]  # fmt: skip
+          (14, 300, 200), (13, 256, 130), (1024, 40, 70), (10, 600, 40), (19, 600, 130)]  # fmt: skip
 
 
 def _operands(shape, dtype, rng):

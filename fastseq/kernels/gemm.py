@@ -292,6 +292,11 @@ _tile_tall = [_tile_intrinsic(MR + extra, 1) for extra in range(1, max(TALL_EXTR
 _tile_tall1 = _tile_tall[0]
 _tile_tall2 = _tile_tall[min(1, len(_tile_tall) - 1)]
 _tile_tall3 = _tile_tall[min(2, len(_tile_tall) - 1)]
+#: The tall tiles that prefetch their panel (:func:`far_tiles`).
+_tile_tall_far = [_tile_intrinsic(MR + extra, 1, PREFETCH_K) for extra in range(1, max(TALL_EXTRA, 1) + 1)]
+_tile_tall_far1 = _tile_tall_far[0]
+_tile_tall_far2 = _tile_tall_far[min(1, len(_tile_tall_far) - 1)]
+_tile_tall_far3 = _tile_tall_far[min(2, len(_tile_tall_far) - 1)]
 
 
 def panel_columns(dtype):
@@ -507,11 +512,11 @@ def gemm_packed(a, panels, out, accumulate):
                     j0 = p * nr
                     if kc >= PREFETCH_MIN_K:
                         far_tiles(kc, a[b0:, k0:], 1, a_row, a_col, panels, (p * k + k0) * nr, out[b0:, j0:],
-                                  c_row, tall - b0, b1 - b0, min(nr, m - j0), add)  # fmt: skip
-                    else:
-                        for i0 in range(b0, tall, MR):
-                            _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
-                                  out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
+                                  c_row, tall - b0, b1 - b0, extra, min(nr, m - j0), add)  # fmt: skip
+                        continue
+                    for i0 in range(b0, tall, MR):
+                        _tile(kc, a[i0:, k0:], a_row, a_col, panels, (p * k + k0) * nr, 0,
+                              out[i0:, j0:], c_row, min(MR, b1 - i0), min(nr, m - j0), add)  # fmt: skip
                     if extra:
                         tall_tile(extra, kc, a[tall:, k0:], a_row, a_col, panels, (p * k + k0) * nr,
                                   out[tall:, j0:], c_row, min(nr, m - j0), add)  # fmt: skip
@@ -521,18 +526,25 @@ def gemm_packed(a, panels, out, accumulate):
 
 
 @jit
-def far_tiles(kc, a, row_step, a_row, a_col, panels, b_off, c, c_row, rows, n, nr, accumulate):
+def far_tiles(kc, a, row_step, a_row, a_col, panels, b_off, c, c_row, rows, n, extra, nr, accumulate):
     """The full tiles over rows 0..``rows`` of a block of n rows (MR at a time, the last
-    min(MR, n - i) rows), by one panel, on the tile that prefetches its panel ahead (see
-    PREFETCH_MIN_K): the :func:`_tile` arguments, with a and c from the block's first row;
-    row i of ``a`` starts
-    at a[i * row_step] (1 for a 2-D a; kc for the copied tiles of :func:`pack_rows`). Its
-    own function, not a second loop beside the tile loop of :func:`gemm_packed`: there the
-    shallow products, which never prefetch, ran slower (GRU N=32, T=100, H=64 inference
-    1.035x the time, five processes each way)."""
+    min(MR, n - i) rows), then, when ``extra``, a tall tile of MR + extra rows (see
+    :func:`tall_tile`) from row ``rows``, by one panel, on tiles that prefetch their panel
+    ahead (see PREFETCH_MIN_K): the :func:`_tile` arguments, with a and c from the block's
+    first row; row i of ``a`` starts at a[i * row_step] (1 for a 2-D a; kc for the copied
+    tiles of :func:`pack_rows`, which have no tall tile). Its own function, not a second
+    loop beside the tile loops of :func:`gemm_packed` (or inside :func:`tall_tile`): there
+    the shallow products, which never prefetch, ran 1.02-1.035x slower (GRU N=32, T=100,
+    H=64 and LSTM N=20, T=100, H=64 inference, three to five processes each way)."""
     for i0 in range(0, rows, MR):
         _tile_far(kc, a[i0 * row_step :], a_row, a_col, panels, b_off, 0, c[i0:], c_row, min(MR, n - i0), nr,
                   accumulate)  # fmt: skip
+    if extra == 1:
+        _tile_tall_far1(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 1, nr, accumulate)
+    elif extra == 2:
+        _tile_tall_far2(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 2, nr, accumulate)
+    elif extra == 3:
+        _tile_tall_far3(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 3, nr, accumulate)
 
 
 @jit
@@ -563,7 +575,7 @@ def tiles_product(packed, k0, kc, panels, out, accumulate):
     for p in range(panels.shape[0]):
         j0 = p * nr
         if kc >= PREFETCH_MIN_K:
-            far_tiles(kc, packed, kc, 1, MR, panels, (p * k + k0) * nr, out[:, j0:], c_row, body, n,
+            far_tiles(kc, packed, kc, 1, MR, panels, (p * k + k0) * nr, out[:, j0:], c_row, body, n, 0,
                       min(nr, m - j0), accumulate)  # fmt: skip
         else:
             for i0 in range(0, body, MR):
