@@ -656,19 +656,24 @@ def pack_rows(a, b0, b1, k0, kc, packed):
     """Copy a[b0:b1, k0:k0+kc] into ``packed`` as MR-row tiles, each (kc, MR) row-major:
     the ``a`` operand of :func:`_tile` with a_row = 1, a_col = MR. For a transposed ``a``
     (dG^T in the weight gradients) the copy reads rows of dG, and the tiles then read
-    contiguous memory instead of one value per dG row (see PACK_A_COLUMNS)."""
+    contiguous memory instead of one value per dG row (see PACK_A_COLUMNS). Each dG row's
+    b1 - b0 values are read once, in order, for every tile: tile by tile, each read a
+    tile's 32 bytes of a row a dG row apart (16 KB at H=1024), and a line came back from L3
+    for each of the two tiles it holds. Measured (float32, Intel Xeon, both threads, dG of
+    1600 x 4096 per thread in blocks of 256 columns, ms, tile by tile / row by row): 11.7-13.7
+    / 6.0-6.3; LSTM training at N=64, T=100, H=256 0.94-0.97 of the time, at N=64, T=50,
+    H=1024 0.97-0.99 (three processes each way)."""
     src = a.T
-    for i0 in range(b0, b1, MR):
-        base = (i0 - b0) * kc
-        if i0 + MR <= b1:
-            for kk in range(kc):
-                row = src[k0 + kk, i0 : i0 + MR]
-                for ii in range(MR):
-                    packed[base + kk * MR + ii] = row[ii]
-        else:
-            for kk in range(kc):
-                for ii in range(b1 - i0):
-                    packed[base + kk * MR + ii] = src[k0 + kk, i0 + ii]
+    full = b0 + (b1 - b0) // MR * MR  # the full tiles end here
+    for kk in range(kc):
+        row = src[k0 + kk, b0:b1]
+        for i0 in range(0, full - b0, MR):
+            base = i0 * kc + kk * MR
+            for ii in range(MR):
+                packed[base + ii] = row[i0 + ii]
+        base = (full - b0) * kc + kk * MR
+        for ii in range(b1 - full):
+            packed[base + ii] = row[full - b0 + ii]
 
 
 @jit
