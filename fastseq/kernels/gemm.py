@@ -539,12 +539,13 @@ def far_tiles(kc, a, row_step, a_row, a_col, panels, b_off, c, c_row, rows, n, e
     for i0 in range(0, rows, MR):
         _tile_far(kc, a[i0 * row_step :], a_row, a_col, panels, b_off, 0, c[i0:], c_row, min(MR, n - i0), nr,
                   accumulate)  # fmt: skip
+    a_tall, c_tall = a[rows * row_step :], c[rows:]
     if extra == 1:
-        _tile_tall_far1(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 1, nr, accumulate)
+        _tile_tall_far1(kc, a_tall, a_row, a_col, panels, b_off, 0, c_tall, c_row, MR + 1, nr, accumulate)
     elif extra == 2:
-        _tile_tall_far2(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 2, nr, accumulate)
+        _tile_tall_far2(kc, a_tall, a_row, a_col, panels, b_off, 0, c_tall, c_row, MR + 2, nr, accumulate)
     elif extra == 3:
-        _tile_tall_far3(kc, a[rows:], a_row, a_col, panels, b_off, 0, c[rows:], c_row, MR + 3, nr, accumulate)
+        _tile_tall_far3(kc, a_tall, a_row, a_col, panels, b_off, 0, c_tall, c_row, MR + 3, nr, accumulate)
 
 
 @jit
