@@ -154,7 +154,8 @@ def _tile_typing(MR, PANELS, PREFETCH, a, b, c):
         # that stays in cache (512 rows, or a step's 8-32 rows): the same.
         i8_ptr = ir.PointerType(ir.IntType(8))
         prefetch = _declare(module, "llvm.prefetch.p0", ir.VoidType(), [i8_ptr, i32, i32, i32])
-        write, keep, data = ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)
+        read, write = ir.Constant(i32, 0), ir.Constant(i32, 1)
+        keep, data = ir.Constant(i32, 3), ir.Constant(i32, 1)
         for i in range(MR):
             for v in range(VECS):
                 ptr = builder.bitcast(builder.gep(c_ptr, [builder.add(c_start[i], const(v * width))]), i8_ptr)
@@ -181,7 +182,7 @@ def _tile_typing(MR, PANELS, PREFETCH, a, b, c):
         for q in range(PANELS if PREFETCH else 0):
             for v in range(0, VECTORS * width, line):
                 ahead = builder.gep(b_ptr, [builder.add(b_q[q], const(PREFETCH * VECTORS * width + v))])
-                builder.call(prefetch, [builder.bitcast(ahead, i8_ptr), ir.Constant(i32, 0), keep, data])
+                builder.call(prefetch, [builder.bitcast(ahead, i8_ptr), read, keep, data])
         k_col = builder.mul(kk, a_col)
         new = []
         for i in range(MR):
@@ -288,15 +289,18 @@ FEW_ROWS_SPLIT_K = 256
 #: N=26 0.972; random lengths 0.99-1.00; chunks of 32 rows unchanged. Compiling
 #: ``gemm_packed`` takes 0.3-0.4 s longer (2.9-3.0 s against 2.5-2.7, one signature).
 TALL_EXTRA = 3 if VECTOR_BYTES == 64 else 0
-_tile_tall = [_tile_intrinsic(MR + extra, 1) for extra in range(1, max(TALL_EXTRA, 1) + 1)]
-_tile_tall1 = _tile_tall[0]
-_tile_tall2 = _tile_tall[min(1, len(_tile_tall) - 1)]
-_tile_tall3 = _tile_tall[min(2, len(_tile_tall) - 1)]
+
+
+def _tall_tiles(prefetch):
+    """The tiles of MR + 1, MR + 2 and MR + 3 rows (each MR + 1 where TALL_EXTRA is 0: never
+    called then), prefetching ``prefetch`` panel rows ahead (:func:`_tile_intrinsic`)."""
+    tiles = [_tile_intrinsic(MR + extra, 1, prefetch) for extra in range(1, max(TALL_EXTRA, 1) + 1)]
+    return tiles[0], tiles[min(1, len(tiles) - 1)], tiles[min(2, len(tiles) - 1)]
+
+
+_tile_tall1, _tile_tall2, _tile_tall3 = _tall_tiles(0)
 #: The tall tiles that prefetch their panel (:func:`far_tiles`).
-_tile_tall_far = [_tile_intrinsic(MR + extra, 1, PREFETCH_K) for extra in range(1, max(TALL_EXTRA, 1) + 1)]
-_tile_tall_far1 = _tile_tall_far[0]
-_tile_tall_far2 = _tile_tall_far[min(1, len(_tile_tall_far) - 1)]
-_tile_tall_far3 = _tile_tall_far[min(2, len(_tile_tall_far) - 1)]
+_tile_tall_far1, _tile_tall_far2, _tile_tall_far3 = _tall_tiles(PREFETCH_K)
 
 
 def panel_columns(dtype):
