@@ -187,8 +187,15 @@ def partial_weight_grads(packing, width: int) -> int:
 #:   H=256);
 #: - N=2 at 384-512 KB: 0.85-1.15; N=4: LSTM H=128 0.76, GRU H=128 0.93, RNN H=256 1.00;
 #: - N=8-32 at 384 KB and more: 0.54-0.97 (LSTM and GRU 0.54-0.78).
+#:
+#: The same comparison on the Intel Xeon (twenty-first session, 3 x 1000 steps a case,
+#: split / serial): a work of 1.5-2 MB gains (GRU H=256 N=1 0.58-0.59, GRU H=192 N=2
+#: 0.83-0.87, GRU H=128 N=4 0.91-0.94, RNN H=320 N=2 0.94), so the bar is 1.5 MB (was 2
+#: MB; Zen 3's GRU H=256 N=1 and H=128 N=4 gained too). Below it the results are mixed:
+#: LSTM and GRU H=192 N=1 0.80-0.93, LSTM H=128 N=2 1.00, RNN H=256 N=2 0.73-1.05, RNN
+#: H=192 N=4 1.10-1.14; at 512 KB and less, N=1 loses (1.12-2.1).
 STREAM_SPLIT_BYTES = 320 * 1024
-STREAM_SPLIT_WORK = 2 << 20
+STREAM_SPLIT_WORK = 1536 * 1024
 
 
 def stream_parts(batch: int, w_ih, w_hh) -> int:

@@ -182,6 +182,9 @@ def test_stream_split_policy():
         ("lstm", 128, 1, 0),  # 512 KB of weights, one row: the region's launch does not pay
         ("lstm", 128, 4, parts),
         ("lstm", 256, 1, parts),
+        ("gru", 256, 1, parts),  # 1.5 MB of weights x rows: STREAM_SPLIT_WORK
+        ("lstm", 128, 3, parts),  # 1.5 MB
+        ("lstm", 128, 2, 0),  # 1 MB: mixed, stays serial
         ("rnn-tanh", 128, 32, 0),  # 128 KB: fits one core's L2
         ("gru", 128, 8, parts),
         ("lstm", 128, FEW_ROWS + 1, 0),  # BLAS spreads the products
