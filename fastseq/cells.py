@@ -8,6 +8,7 @@ import numpy as np
 
 from fastseq import _engine
 from fastseq import _validate as v
+from fastseq._jit import entry_point
 from fastseq._module import Module, uniform_init
 from fastseq._packing import Packing
 from fastseq._threads import (
@@ -264,11 +265,28 @@ class Stream:
         # Both results are bitwise the same (_threads.stream_units), so step() may pick either.
         parts = stream_parts(n, w["w_ih"], w["w_hh"])
         self.unit_parts = 0 if cell._cell == "gru" and not cell._opts.reset_after else parts
-        self._kernel, self._args = self._serial_kernel(cell, weights, spec.gates if self.unit_parts else 1)
-        self._split, self._split_args = self._split_kernel(cell, weights) if self.unit_parts else (None, ())
+        kernel, self._args = self._serial_kernel(cell, weights, spec.gates if self.unit_parts else 1)
+        split, self._split_args = self._split_kernel(cell, weights) if self.unit_parts else (None, ())
+        # Each kernel's compiled function, found at its first step (_jit.entry_point).
+        self._kernel = self._first_call("_kernel", kernel)
+        self._split = None if split is None else self._first_call("_split", split)
         # What step() returns, copied: the state arrays, or their only row when unbatched.
         self._views = tuple(s[0] if self.unbatched else s for s in self._states)
         self._dtype = dt
+
+    def _first_call(self, attribute, kernel):
+        """Stand-in for ``kernel`` until its first step: finds its compiled function for the
+        step's argument types (compiling or loading it), stores that as ``attribute`` (unless
+        something else was stored there meanwhile) and runs it. Steps then call it directly:
+        step() passes the same types every time."""
+
+        def first_call(*args):
+            run = entry_point(kernel, args)
+            if getattr(self, attribute) is first_call:
+                setattr(self, attribute, run)
+            run(*args)
+
+        return first_call
 
     def _serial_kernel(self, cell, weights, blocks):
         n, hd, dt, o = self.batch, cell.hidden_size, cell.dtype, cell._opts
@@ -347,4 +365,7 @@ class Stream:
                 self._kernel(x, *self._args)
         finally:
             running.pop()
-        return self.state
+        views = self._views
+        if len(views) == 1:
+            return views[0].copy()
+        return views[0].copy(), views[1].copy()

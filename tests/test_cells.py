@@ -6,6 +6,7 @@ import pytest
 
 from fastseq import _threads
 from fastseq.kernels.gemm import FEW_ROWS
+from fastseq.kernels.lstm import lstm_step, lstm_step_units
 from tests.cases import run_in_threads
 from tests.conftest import VARIANTS, make_cell, make_layer
 from tests.tolerances import assert_close
@@ -170,6 +171,31 @@ def test_stream_uses_live_weights_reset_and_validation(split, rng, request):
     with pytest.raises(ValueError, match=r"hx\[1\] \(c\) has shape \(2, 5\); expected \(N, H\) = \(2, 4\)"):
         stream.reset((np.zeros((2, 4)), np.zeros((2, 5))))
     stream.step(np.asfortranarray(rng.standard_normal((2, 3))))  # any layout is accepted
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+def test_stream_steps_call_the_compiled_kernel(split, rng, request):
+    """After its first step a stream calls its kernel's compiled function (_jit.entry_point)
+    instead of numba's dispatcher, with bitwise the dispatcher's results, for inputs of any
+    layout (they are copied to the one type the compiled function takes)."""
+    if split:
+        request.getfixturevalue("split_streams")
+    cell = make_cell("lstm", 3, 4, dtype=np.float32, seed=0).eval()
+    direct, dispatched = cell.stream(batch=2), cell.stream(batch=2)
+    attribute, kernel = ("_split", lstm_step_units) if split else ("_kernel", lstm_step)
+    setattr(dispatched, attribute, kernel)
+    x = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    wide = np.zeros((2, 6), np.float32)
+    wide[:, ::2] = x[2]
+    readonly = x[3].copy()
+    readonly.flags.writeable = False
+    inputs = [x[0], np.asfortranarray(x[1]), wide[:, ::2], readonly]
+    for t, given in enumerate(inputs):
+        got, want = direct.step(given), dispatched.step(x[t])
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+        compiled = [overload.entry_point for overload in kernel.overloads.values()]
+        assert any(getattr(direct, attribute) is entry for entry in compiled), t
 
 
 def test_stream_split_policy():
