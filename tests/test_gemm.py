@@ -41,7 +41,9 @@ from tests.tolerances import assert_close
 # panels of columns), K across the K blocks, and the recurrent and weight-gradient shapes.
 # The transposed views below are copied into tiles (gemm_packed) from PACK_A_COLUMNS
 # columns on: (32, 256, 1024), (21, 70, 512) and (5, 4100, 515), with partial tiles and
-# panels, the last with K across two K_BLOCK_PACKED passes; and at any width when their
+# panels, the last with K across two K_BLOCK_PACKED passes (where PACK_A_COLUMNS is 192,
+# off AMD's CPUs, also (29, 100, 333), (2, 64, 300), (10, 70, 200) and (14, 300, 200); the
+# narrower ones read a in place either way); and at any width when their
 # column stride is a multiple of ALIAS_STRIDE_BYTES: (1024, 40, 70). Rows left after the
 # full tiles run on few_rows per group of panels, split in two from FEW_ROWS_SPLIT_K deep:
 # (14, 300, 200), (13, 256, 130);

@@ -19,8 +19,9 @@ fewer than a tile, run MR/2 at a time on shorter tiles over 2 or 4 panels
 (:func:`few_rows`), each group of panels right after its full tiles; with AVX-512, 1-3
 rows left over join the last full tile instead (:func:`tall_tile`). A transposed ``a``
 (dG^T of the weight gradients) is copied into MR-row tiles first when the product is wide
-(:data:`PACK_A_COLUMNS`) or its stride aliases in L1 (:data:`ALIAS_STRIDE_BYTES`). Passes
-of :data:`PREFETCH_MIN_K` or more rows prefetch the panel ahead (:func:`far_tiles`).
+(:data:`PACK_A_COLUMNS`, per kind of CPU) or its stride aliases in L1
+(:data:`ALIAS_STRIDE_BYTES`). Passes of :data:`PREFETCH_MIN_K` or more rows prefetch the
+panel ahead (:func:`far_tiles`).
 Measured rates against BLAS on both kinds of CPU: docs/performance.md.
 
 The sums run over k in order, one FMA per term: results differ from BLAS in the last bits,
@@ -45,6 +46,15 @@ def _target_features():
 
     flags = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
     return {flag[1:] for flag in flags.split(",") if flag.startswith("+")}
+
+
+def _target_cpu():
+    """The CPU numba compiles for (its config's, else the host's), as LLVM names it:
+    "znver5", "sapphirerapids", ..."""
+    from llvmlite import binding
+    from numba.core import config
+
+    return config.CPU_NAME or binding.get_host_cpu_name()
 
 
 #: ``accumulate`` for the products' callers (:func:`gemm_packed`, :func:`gemm_large`, ...): a
@@ -437,7 +447,14 @@ K_BLOCK_TRANSPOSED = 256
 #: 197 / 210; 3072 x 1024: 207 / 228; 1024 x 1024: 184 / 220; 2048 x 512: 195 / 206;
 #: 1024 x 256: 211 / 200; 256-768 x 256: 246-251 / 218-223; 256 x 64: 261 / 157. Passes
 #: 1024 deep instead of whole ran 193-216 where whole ran 210-228; 128-512 deep, worse still.
-PACK_A_COLUMNS = 512
+#: That was before :func:`pack_rows` copied row by row (twice as fast, twentieth session).
+#: Since, on the Intel Xeon (both threads, a chunk's weight-gradient products as the layers
+#: call them, G*H x H over 1600-6400 rows of dG, time copied / in place): H=64 1.14-1.22
+#: (LSTM 0.95-1.04); H=128 RNN 0.94-1.06, GRU 0.98-1.04, LSTM 0.78-0.94; H=192 RNN 0.99,
+#: GRU 0.64, LSTM 0.72; H=256 RNN 1.01, GRU 0.87 (the LSTM copies already, ALIAS_STRIDE_BYTES);
+#: H=320-384 0.70-0.94. So 192 columns on CPUs other than AMD's; the Zen figures above
+#: predate the faster copy and have not been measured again.
+PACK_A_COLUMNS = 512 if _target_cpu().startswith("znver") else 192
 K_BLOCK_PACKED = 4096
 #: A transposed ``a`` whose column stride is a multiple of ALIAS_STRIDE_BYTES is copied into
 #: tiles at any width: each k of a tile then reads a line 4 KB past the last, all in one set
@@ -447,7 +464,8 @@ K_BLOCK_PACKED = 4096
 #: an LSTM's two weight-gradient products per chunk of 3200 rows, H=256, GFLOP/s, in place /
 #: copied): 121-161 / 200; LSTM training step at N=64, T=100 (A/B, six processes each way):
 #: 0.944 of the time; 2 layers x 2 directions 0.921-0.950. Not for other strides: rows of
-#: 2 KB (LSTM H=128) and 2.3 KB (GRU H=192) ran 1.07-1.10x slower copied.
+#: 2 KB (LSTM H=128) and 2.3 KB (GRU H=192) ran 1.07-1.10x slower copied (before the faster
+#: copy; the GRU at H=192 now copies, from PACK_A_COLUMNS).
 ALIAS_STRIDE_BYTES = 4096
 
 
