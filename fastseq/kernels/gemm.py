@@ -674,29 +674,47 @@ def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
                    min(nr, m - p * nr), accumulate)  # fmt: skip
 
 
+#: Rows of dG that :func:`pack_rows` copies together into each tile: a tile then receives
+#: PACK_ROWS_K * MR contiguous values (whole cache lines) at a time rather than MR.
+PACK_ROWS_K = 8
+
+
 @jit
 def pack_rows(a, b0, b1, k0, kc, packed):
     """Copy a[b0:b1, k0:k0+kc] into ``packed`` as MR-row tiles, each (kc, MR) row-major:
     the ``a`` operand of :func:`_tile` with a_row = 1, a_col = MR. For a transposed ``a``
     (dG^T in the weight gradients) the copy reads rows of dG, and the tiles then read
-    contiguous memory instead of one value per dG row (see PACK_A_COLUMNS). Each dG row's
-    b1 - b0 values are read once, in order, for every tile: tile by tile, each read a
-    tile's 32 bytes of a row a dG row apart (16 KB at H=1024), and a line came back from L3
-    for each of the two tiles it holds. Measured (float32, Intel Xeon, both threads, dG of
-    1600 x 4096 per thread in blocks of 256 columns, ms, tile by tile / row by row): 11.7-13.7
-    / 6.0-6.3; LSTM training at N=64, T=100, H=256 0.94-0.97 of the time, at N=64, T=50,
-    H=1024 0.97-0.99 (three processes each way)."""
+    contiguous memory instead of one value per dG row (see PACK_A_COLUMNS).
+
+    Each block of PACK_ROWS_K dG rows is read once, in order, and every full tile receives
+    its PACK_ROWS_K * MR values of the block as one contiguous run. Measured (float32,
+    Intel Xeon, one thread, all of a dG^T in blocks of ROW_BLOCK_LONG_K columns, ms): tile
+    by tile (each tile's 32 bytes of a row, a dG row apart) 11.7-13.7 against 6.0-6.3 row
+    by row for dG 1600 x 4096 on both threads (LSTM training at N=64, T=100, H=256 0.94-0.97
+    of the time); then row by row / in blocks of 4, 8, 16, 32 rows: dG 3200 x 768 1.35-1.66
+    / 1.03, 0.99, 0.97, 1.05; 3200 x 256 0.42-0.54 / 0.33, 0.26, 0.29, 0.28; 1600 x 4096
+    3.6-4.1 / 2.75, 2.76, 3.61, 2.99; 3200 x 1024 1.88-2.32 / 1.39, 1.44, 1.30, 1.54."""
     src = a.T
     full = b0 + (b1 - b0) // MR * MR  # the full tiles end here
-    for kk in range(kc):
-        row = src[k0 + kk, b0:b1]
-        for i0 in range(0, full - b0, MR):
-            base = i0 * kc + kk * MR
+    blocked = kc // PACK_ROWS_K * PACK_ROWS_K
+    for kb in range(0, blocked, PACK_ROWS_K):
+        for i0 in range(b0, full, MR):
+            base = (i0 - b0) * kc + kb * MR
+            for kq in range(PACK_ROWS_K):
+                values = src[k0 + kb + kq, i0 : i0 + MR]  # MR long: copied as one vector
+                for ii in range(MR):
+                    packed[base + kq * MR + ii] = values[ii]
+    for kk in range(blocked, kc):
+        for i0 in range(b0, full, MR):
+            values = src[k0 + kk, i0 : i0 + MR]
+            base = (i0 - b0) * kc + kk * MR
             for ii in range(MR):
-                packed[base + ii] = row[i0 + ii]
+                packed[base + ii] = values[ii]
+    for kk in range(kc):  # the last, partial tile
+        row = src[k0 + kk, full:b1]
         base = (full - b0) * kc + kk * MR
         for ii in range(b1 - full):
-            packed[base + ii] = row[full - b0 + ii]
+            packed[base + ii] = row[ii]
 
 
 @jit
