@@ -363,6 +363,20 @@ def test_chunks_get_sorted_samples_and_balanced_rows(chunks):
         assert mine.size == 16 and np.all(np.diff(mine) <= 0)
 
 
+@pytest.mark.parametrize("lengths", [None, "equal"])
+@pytest.mark.parametrize(("batch", "chunks"), [(32, 2), (7, 2), (10, 3)])
+def test_equal_lengths_give_chunks_contiguous_batch_positions(batch, chunks, lengths):
+    """At equal lengths chunk c takes the c-th contiguous range of batch positions, in
+    order, the ranges at most one sample apart (each thread writes its own part of every
+    step's output rows)."""
+    given = None if lengths is None else np.full(batch, 9)
+    layout = Packing(given, 9, batch, chunks)
+    sizes = np.diff(layout.chunk_samples)
+    assert sizes.max() - sizes.min() <= 1
+    np.testing.assert_array_equal(layout.order, np.arange(batch))
+    np.testing.assert_array_equal(layout.chunk_samples, -(-np.arange(chunks + 1) * batch // chunks))
+
+
 def test_row_layout_reused_only_for_the_same_lengths():
     case = Case("lstm", np.float64, 1, True, True)
     layer, steps = case.layer, case.x.shape[0]
