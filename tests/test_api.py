@@ -14,6 +14,7 @@ from fastseq.kernels.common import (
     PROJECTION_BLOCK_ROWS,
     ZERO_PADDING_MAX_BYTES,
     projects_upfront,
+    zero_padding,
 )
 from fastseq.kernels.gemm import ALIGN_BYTES, pack
 from fastseq.registry import CELLS
@@ -305,6 +306,36 @@ def test_padded_outputs_written_as_zeros(monkeypatch, variant, training, large):
     case = Case(variant, np.float32, 2, True, True, steps=steps, batch=5, hidden_size=40, seed=3)
     assert (steps * 5 * 2 * 40 * 4 > ZERO_PADDING_MAX_BYTES) == large
     check_padded_outputs_written(monkeypatch, case, training)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_padding_zeroed_in_contiguous_parts(chunks):
+    """``zero_padding``'s part p zeroes the padded rows of the p-th contiguous range of
+    batch positions, in its columns only; the parts together zero every padded row once,
+    their shares of padded rows at most one sample's padding apart."""
+    steps, batch, hidden = 20, 11, 3
+    lengths = np.random.default_rng(5).integers(1, steps + 1, batch)
+    layout = Packing(lengths, steps, batch, chunks)
+    padded = np.arange(steps)[:, None] >= lengths[None, :]  # (T, N)
+    owner = np.full((steps, batch), -1)
+    for part in range(chunks):
+        out = np.ones((steps * batch, 2 * hidden), np.float32)
+        zero_padding(out, hidden, hidden, layout.out_rows, layout.lengths, layout.chunk_rows,
+                     layout.chunk_samples, np.int64(part))  # fmt: skip
+        assert np.all(out[:, :hidden] == 1)
+        zeroed = (out[:, hidden:] == 0).reshape(steps, batch, hidden)
+        assert np.all(zeroed == zeroed[:, :, :1])  # whole rows
+        assert np.all(out[:, hidden:][~zeroed.reshape(-1, hidden)] == 1)
+        mine = zeroed[:, :, 0]
+        assert np.all(padded[mine]) and np.all(owner[mine] == -1)
+        owner[mine] = part
+    assert np.all((owner >= 0) == padded)
+    first_part = [owner[:, s][owner[:, s] >= 0].min(initial=chunks) for s in range(batch)]
+    last_part = [owner[:, s].max() for s in range(batch)]
+    order = [p for s in range(batch) for p in (first_part[s], last_part[s]) if 0 <= p < chunks]
+    assert order == sorted(order)  # ranges of positions, in order
+    shares = np.bincount(owner[owner >= 0], minlength=chunks)
+    assert shares.max() - shares.min() <= steps
 
 
 def test_lengths_any_order_and_integer_types():

@@ -214,7 +214,7 @@ def forward_columns(
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, s0 = chunk_rows[ch], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
-        zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
+        zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(ch))
         panels = np.zeros(((nc + nr - 1) // nr, cin + hd, nr), h.dtype)
         g_flat = np.empty(0 if training else rows_g * nc, h.dtype)
         hT, cT = np.empty((hd, nc), h.dtype), np.empty((hd if lstm else 0, nc), h.dtype)

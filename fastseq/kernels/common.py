@@ -325,22 +325,46 @@ ZERO_PADDING_MAX_BYTES = 1 << 20
 
 
 @jit
-def zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc):
-    """Zero columns ``out_col:out_col+hd`` of ``out`` (T*N, D*H) at the padded steps of the
-    chunk's samples (state indices s0..s0+nc-1, first packed row r0), when ``out_rows`` has
-    entries (``out`` unpacked) and ``out`` has at most ZERO_PADDING_MAX_BYTES (then it is
-    uninitialised); else nothing. A sample's row at time 0 (the chunk's row r0 + i) names
-    its place in the batch."""
+def zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, part):
+    """Zero columns ``out_col:out_col+hd`` of ``out`` (T*N, D*H) at the padded steps of
+    part ``part`` of the batch, when ``out_rows`` has entries (``out`` unpacked) and ``out``
+    has at most ZERO_PADDING_MAX_BYTES (then it is uninitialised); else nothing. Call it once
+    per chunk (part = the chunk's index), or once with one chunk.
+
+    The parts are contiguous ranges of batch positions (as many as chunks) with about equal
+    numbers of padded rows, not the chunks' own samples: those are dealt back and forth,
+    and two threads zeroing neighbouring rows of the same pages ran slower than one thread
+    zeroing all of them. Measured (float32, Intel Xeon, RNN forward at N=32, T=100, H=64,
+    lengths uniform in [1, T], 1740 padded rows): the zeroing of both chunks alone, 8-20 us
+    by chunk against 7 us by ranges (10.4 us on one thread); in a profile of the layer's
+    forward, ``memset`` took 65 us of both threads' time per call by chunk, 31 by ranges.
+    chunk_rows, chunk_samples (K+1,): the chunks' first packed rows and state indices; a
+    sample's row at time 0 (its chunk's first row + its place in the chunk) names its
+    place in the batch."""
     if out_rows.shape[0] == 0 or out.nbytes > ZERO_PADDING_MAX_BYTES:
         return
     batch = lengths.shape[0]
+    steps = out.shape[0] // batch
+    parts = chunk_samples.shape[0] - 1
+    length_at = np.empty(batch, np.int64)  # by batch position
+    padded = 0
+    for c in range(parts):
+        for i in range(chunk_samples[c + 1] - chunk_samples[c]):
+            length_at[out_rows[chunk_rows[c] + i]] = lengths[chunk_samples[c] + i]
+            padded += steps - lengths[chunk_samples[c] + i]
+    first, last = padded * part // parts, padded * (part + 1) // parts  # this part's share
     zero = out.dtype.type(0)
-    for i in range(nc):
-        sample = out_rows[r0 + i]  # time 0: row = sample
-        for t in range(lengths[s0 + i], out.shape[0] // batch):
-            row = out[t * batch + sample, out_col : out_col + hd]
-            for j in range(hd):
-                row[j] = zero
+    before = 0  # padded rows of the positions before
+    for sample in range(batch):
+        count = steps - length_at[sample]
+        if before + count > first and before < last:
+            t0 = length_at[sample] + max(0, first - before)
+            t1 = length_at[sample] + min(count, last - before)
+            for t in range(t0, t1):
+                row = out[t * batch + sample, out_col : out_col + hd]
+                for j in range(hd):
+                    row[j] = zero
+        before += count
 
 
 #: Rows per piece when the chunk-level products of a layout with one chunk (a batch of one)

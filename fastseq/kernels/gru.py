@@ -203,7 +203,7 @@ def gru_forward(
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
-        zero_padding(out, out_col, hd, out_rows, lengths, r0, s0, nc)
+        zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(ch))
         proj, base, s_next = full, 0, 0
         ordered = step_ordered(reverse, full, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, 3 * hd), h.dtype)
@@ -405,7 +405,7 @@ def gru_forward_units(
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
     h_in = np.empty((nb, hd), h.dtype)
     rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
-    zero_padding(out, out_col, hd, out_rows, lengths, 0, 0, nb)
+    zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(0))
     block, proj, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
     base = 0
     for s in range(lengths[0]):
