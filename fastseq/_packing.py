@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastseq.kernels.common import gather_rows, scatter_rows
+from fastseq.kernels.common import contiguous_chunks, gather_rows, scatter_rows
 
 
 class Packing:
     """Row layout of a batch of variable-length sequences.
 
-    Samples are sorted by length (longest first) and dealt back and forth into ``n_chunks``
-    chunks (0, 1, ..., K-1, K-1, ..., 1, 0, 0, 1, ...), so each chunk is still sorted and
-    chunks carry similar numbers of valid steps. Dealt round-robin, the first chunk took the
-    longer sample of every K, and its thread ran longest: at N=32, T=100, lengths uniform
-    in [1, T] (the bench's), 761 rows against 699 (735 / 725 dealt back and forth); 917 /
-    890 at N=64, T=50 (899 / 908). Measured (float32, Zen 5, A/B medians, back and forth /
-    round-robin): forward at random lengths, N=32, T=100, H=64: RNN 0.985-0.988, GRU
-    0.973-0.980; training, LSTM 0.927; 64x100x256 and 64x50x1024: 0.98-1.00.
-    At equal lengths every dealing balances, and chunk c takes the c-th contiguous range of
-    batch positions instead: each thread then writes its own part of every step's rows of
-    an unpacked (T, N, F) output, where samples dealt back and forth had the two threads
-    writing neighbouring rows of the same pages. Measured (float32, Intel Xeon, 2 threads,
-    four alternating runs, new / old, full length, T=100): N=32 and 64, H=64: RNN forward
-    0.89-0.98, training 0.89-0.91; LSTM 0.92-0.97; GRU 0.93-0.96; H=256: 0.95-1.00 (GRU,
-    LSTM training 1.00 / 0.99 over six runs). At unequal lengths, contiguous ranges of equal
-    rows left chunks 4% apart (760 / 700 rows) and lost at H=256 (training 1.02-1.05).
+    Each chunk takes a contiguous range of batch positions
+    (:func:`fastseq.kernels.common.contiguous_chunks`:
+    ranges of about equal valid rows, evened by a few swaps of single samples between
+    neighbouring chunks), its samples sorted by length (longest first). Each chunk's thread
+    then writes its own part of every step's rows of an unpacked (T, N, F) output; with
+    the samples dealt among the chunks (sorted by length, 0, 1, ..., K-1, K-1, ..., 1, 0,
+    0, 1, ...), the two threads wrote neighbouring rows of the same pages. Measured
+    (float32, Intel Xeon, 2 threads, four alternating runs, new / dealt; T=100, N=32 and
+    64): full length, H=64: RNN forward 0.89-0.98, training 0.89-0.91, LSTM 0.92-0.97, GRU
+    0.93-0.96; H=256: 0.95-1.00. Lengths uniform in [1, T], H=64 and 256: forward
+    0.90-0.99 (RNN at N=32, H=64 0.90), training 0.97-1.02 (samples dealt among
+    chunks, but zeroing in ranges, against ranges evened by swaps); N=8, T=200, H=192:
+    0.94-1.00; N=64, T=50, H=1024: 0.99-1.04. Contiguous ranges without the swaps left chunks 4%
+    apart (760 / 700 rows at N=32) and lost at H=256 (training 1.02-1.05). Dealing is
+    kept for a batch where some range would be empty. (Dealt back and forth rather than
+    round-robin, whose first chunk took the longer sample of every K: Zen 5, forward at
+    random lengths, N=32, T=100, H=64: RNN 0.985-0.988, GRU 0.973-0.980; training, LSTM
+    0.927.)
     "State order" lists the samples chunk after chunk; each chunk's rows are contiguous,
     time-major inside the chunk.
 
@@ -55,12 +57,13 @@ class Packing:
         self.n_chunks = n_chunks = max(1, min(chunks, batch))
         self.equal_lengths = bool(np.all(lengths == lengths[0]))
         by_length = np.argsort(-lengths, kind="stable")  # equal lengths: 0, 1, ..., N-1
-        if self.equal_lengths:  # contiguous ranges of batch positions
-            place = np.arange(batch) * n_chunks // batch
-        else:  # dealt back and forth: 0, 1, 1, 0, 0, 1, ...
+        chunk_of = contiguous_chunks(np.ascontiguousarray(lengths, dtype=np.int64), n_chunks)
+        if chunk_of.size == 0:  # dealt back and forth: 0, 1, 1, 0, 0, 1, ...
             place = np.arange(batch) % n_chunks
             place = np.where(np.arange(batch) // n_chunks % 2 == 1, n_chunks - 1 - place, place)
-        per_chunk = [by_length[place == c] for c in range(n_chunks)]
+            chunk_of = np.empty(batch, np.int64)
+            chunk_of[by_length] = place
+        per_chunk = [by_length[chunk_of[by_length] == c] for c in range(n_chunks)]
         sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)
         self.widest_chunk = int(sizes.max())  # samples in the largest chunk
         self.order = np.concatenate(per_chunk).astype(np.int64)  # state index -> sample

@@ -7,6 +7,7 @@ import fastseq
 from fastseq import _engine, _threads
 from fastseq._packing import Packing
 from fastseq.kernels.common import (
+    CHUNK_SWAPS,
     DIRECT_PROJECTION_ROWS,
     GATHER_ROWS,
     GATHER_ROWS_WIDE,
@@ -381,17 +382,30 @@ def test_upfront_projection_matches_the_chunks(variant, training):
 
 @pytest.mark.parametrize("chunks", [2, 3])
 def test_chunks_get_sorted_samples_and_balanced_rows(chunks):
-    """Samples dealt back and forth: every sample once, each chunk longest first, and with
-    lengths falling by one per sample the chunks' valid rows differ by less than K (dealt
-    round-robin, the first chunk took K-1 rows more per round, 8 * (K-1) here)."""
+    """Contiguous ranges of batch positions evened by swaps: every sample once, each chunk
+    longest first, and with lengths falling by one per sample (shuffled) the chunks' valid
+    rows differ by less than K (the ranges alone: 32 rows apart at K=2, seed 3); each chunk
+    holds a range of positions but for at most CHUNK_SWAPS samples per neighbour."""
     lengths = np.arange(101 - 16 * chunks, 101)[::-1].copy()
-    layout = Packing(np.random.default_rng(0).permutation(lengths), 100, lengths.size, chunks)
-    assert sorted(layout.order) == list(range(lengths.size))
-    rows = layout.batch_sizes.sum(axis=1)
-    assert rows.max() - rows.min() < chunks
-    for c in range(chunks):
-        mine = layout.lengths[layout.chunk_samples[c] : layout.chunk_samples[c + 1]]
-        assert mine.size == 16 and np.all(np.diff(mine) <= 0)
+    for seed in range(4):
+        layout = Packing(np.random.default_rng(seed).permutation(lengths), 100, lengths.size, chunks)
+        assert sorted(layout.order) == list(range(lengths.size))
+        rows = layout.batch_sizes.sum(axis=1)
+        assert rows.max() - rows.min() < chunks
+        chunk_of = np.repeat(np.arange(chunks), np.diff(layout.chunk_samples))[layout.inverse]
+        out_of_place = np.count_nonzero(chunk_of != np.sort(chunk_of))
+        assert out_of_place <= 2 * CHUNK_SWAPS * (chunks - 1)
+        for c in range(chunks):
+            mine = layout.lengths[layout.chunk_samples[c] : layout.chunk_samples[c + 1]]
+            assert mine.size > 0 and np.all(np.diff(mine) <= 0)
+
+
+def test_chunks_dealt_when_a_range_would_be_empty():
+    """A long last sample after short ones leaves the last range empty: the samples are
+    dealt back and forth instead (longest first: chunk 0, 1, 2)."""
+    layout = Packing(np.array([1, 1, 100]), 100, 3, 3)
+    np.testing.assert_array_equal(layout.order, [2, 0, 1])
+    np.testing.assert_array_equal(layout.chunk_samples, [0, 1, 2, 3])
 
 
 @pytest.mark.parametrize("lengths", [None, "equal"])
@@ -405,7 +419,6 @@ def test_equal_lengths_give_chunks_contiguous_batch_positions(batch, chunks, len
     sizes = np.diff(layout.chunk_samples)
     assert sizes.max() - sizes.min() <= 1
     np.testing.assert_array_equal(layout.order, np.arange(batch))
-    np.testing.assert_array_equal(layout.chunk_samples, -(-np.arange(chunks + 1) * batch // chunks))
 
 
 def test_row_layout_reused_only_for_the_same_lengths():

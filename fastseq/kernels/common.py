@@ -467,6 +467,64 @@ def add_units(src, dst, u0, u1):
         dst[u] += src[u]
 
 
+#: Swaps of single samples between neighbouring chunks that :func:`contiguous_chunks` makes
+#: at most per pair of chunks, and the batch above which it makes none (each swap compares
+#: every pair of the two chunks' samples; past it, one sample's rows are a small share).
+CHUNK_SWAPS = 4
+CHUNK_SWAPS_MAX_BATCH = 256
+
+
+@jit
+def contiguous_chunks(lengths, n_chunks):
+    """The chunk of each sample (N,) of a packing (``fastseq._packing.Packing``): chunk c
+    takes the c-th contiguous range of batch positions, the ranges holding about equal
+    valid rows (each sample goes to the chunk where the middle of its rows falls; at equal
+    lengths, ranges at most one sample apart); then, up to CHUNK_SWAPS times per pair of
+    neighbouring chunks, the swap of one sample each way that evens their rows the most,
+    while it evens them. Empty when a chunk would get no sample. lengths (N,) int64 >= 1."""
+    batch = lengths.shape[0]
+    total = 0
+    for length in lengths:
+        total += length
+    chunk_of = np.empty(batch, np.int64)
+    counts = np.zeros(n_chunks, np.int64)
+    rows = np.zeros(n_chunks, np.int64)
+    end = 0
+    for i in range(batch):
+        end += lengths[i]
+        c = min(n_chunks - 1, (2 * end - lengths[i]) * n_chunks // (2 * total))
+        chunk_of[i] = c
+        counts[c] += 1
+        rows[c] += lengths[i]
+    for c in range(n_chunks):
+        if counts[c] == 0:
+            return chunk_of[:0]
+    if batch > CHUNK_SWAPS_MAX_BATCH:
+        return chunk_of
+    for _ in range(CHUNK_SWAPS):
+        swapped = False
+        for c in range(n_chunks - 1):
+            excess = rows[c] - rows[c + 1]
+            best, best_a, best_b = abs(excess), -1, -1
+            for a in range(batch):
+                if chunk_of[a] != c:
+                    continue
+                for b in range(batch):
+                    if chunk_of[b] == c + 1:
+                        after = abs(excess - 2 * (lengths[a] - lengths[b]))
+                        if after < best:
+                            best, best_a, best_b = after, a, b
+            if best_a >= 0:
+                chunk_of[best_a], chunk_of[best_b] = c + 1, c
+                moved = lengths[best_a] - lengths[best_b]
+                rows[c] -= moved
+                rows[c + 1] += moved
+                swapped = True
+        if not swapped:
+            break
+    return chunk_of
+
+
 @jit(parallel=True)
 def gather_rows(a, row_time, row_sample, out):
     """out[r] = a[row_time[r], row_sample[r]] for a (T, N, F) (any strides), out (R, F):
