@@ -19,11 +19,11 @@ class Packing:
     0, 1, ...), the two threads wrote neighbouring rows of the same pages. Measured
     (float32, Intel Xeon, 2 threads, four alternating runs, new / dealt; T=100, N=32 and
     64): full length, H=64: RNN forward 0.89-0.98, training 0.89-0.91, LSTM 0.92-0.97, GRU
-    0.93-0.96; H=256: 0.95-1.00. Lengths uniform in [1, T], H=64 and 256: forward
-    0.90-0.99 (RNN at N=32, H=64 0.90), training 0.97-1.02 (samples dealt among
-    chunks, but zeroing in ranges, against ranges evened by swaps); N=8, T=200, H=192:
-    0.94-1.00; N=64, T=50, H=1024: 0.99-1.04. Contiguous ranges without the swaps left chunks 4%
-    apart (760 / 700 rows at N=32) and lost at H=256 (training 1.02-1.05). Dealing is
+    0.93-0.96; H=256: 0.95-1.00. Lengths uniform in [1, T] (both builds zeroing the
+    padding in ranges, ``kernels.common.zero_padding``), H=64 and 256: forward 0.90-0.99
+    (RNN at N=32, H=64 0.90), training 0.97-1.02; N=8, T=200, H=192: 0.94-1.00; N=64,
+    T=50, H=1024: 0.99-1.04. Contiguous ranges without the swaps left chunks 4% apart (760
+    / 700 rows at N=32) and lost at H=256 (training 1.02-1.05). Dealing is
     kept for a batch where some range would be empty. (Dealt back and forth rather than
     round-robin, whose first chunk took the longer sample of every K: Zen 5, forward at
     random lengths, N=32, T=100, H=64: RNN 0.985-0.988, GRU 0.973-0.980; training, LSTM
