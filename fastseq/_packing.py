@@ -10,10 +10,9 @@ from fastseq.kernels.common import contiguous_chunks, gather_rows, scatter_rows
 class Packing:
     """Row layout of a batch of variable-length sequences.
 
-    Each chunk takes a contiguous range of batch positions
-    (:func:`fastseq.kernels.common.contiguous_chunks`:
-    ranges of about equal valid rows, evened by a few swaps of single samples between
-    neighbouring chunks), its samples sorted by length (longest first). Each chunk's thread
+    Each chunk takes a contiguous range of batch positions (ranges of about equal valid
+    rows, evened by a few swaps of single samples between neighbouring chunks:
+    :func:`fastseq.kernels.common.contiguous_chunks`), its samples sorted by length (longest first). Each chunk's thread
     then writes its own part of every step's rows of an unpacked (T, N, F) output; with
     the samples dealt among the chunks (sorted by length, 0, 1, ..., K-1, K-1, ..., 1, 0,
     0, 1, ...), the two threads wrote neighbouring rows of the same pages. Measured
@@ -23,8 +22,8 @@ class Packing:
     padding in ranges, ``kernels.common.zero_padding``), H=64 and 256: forward 0.90-0.99
     (RNN at N=32, H=64 0.90), training 0.97-1.02; N=8, T=200, H=192: 0.94-1.00; N=64,
     T=50, H=1024: 0.99-1.04. Contiguous ranges without the swaps left chunks 4% apart (760
-    / 700 rows at N=32) and lost at H=256 (training 1.02-1.05). Dealing is
-    kept for a batch where some range would be empty. (Dealt back and forth rather than
+    / 700 rows at N=32) and lost at H=256 (training 1.02-1.05). Dealing is kept for a
+    batch where some range would be empty. (Dealt back and forth rather than
     round-robin, whose first chunk took the longer sample of every K: Zen 5, forward at
     random lengths, N=32, T=100, H=64: RNN 0.985-0.988, GRU 0.973-0.980; training, LSTM
     0.927.)
