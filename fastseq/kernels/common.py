@@ -427,6 +427,26 @@ def block_capacity(samples, rows):
 
 
 @jit
+def own_rows(state, s0, nc):
+    """A copy of a chunk's rows state[s0:s0+nc] (state (N, H)) in a buffer of the chunk's
+    own, ALIGN_BYTES aligned: the chunk's thread updates its states there at every step and
+    writes them back once (:func:`return_rows`). In place, the two threads' rows of one
+    (N, H) array met at every step; measured in :func:`fastseq.kernels.rnn.rnn_forward`
+    (see docs/performance.md, twenty-third session)."""
+    own = aligned_empty((nc, state.shape[1]), state.dtype)
+    for i in range(nc):
+        copy_units(state[s0 + i], own[i], 0, state.shape[1])
+    return own
+
+
+@jit
+def return_rows(own, state, s0):
+    """state[s0:s0+n] = own (n, H): a chunk's states back from :func:`own_rows`."""
+    for i in range(own.shape[0]):
+        copy_units(own[i], state[s0 + i], 0, state.shape[1])
+
+
+@jit
 def masked_rows(h, mask, s0, n, out):
     """Recurrent (variational) dropout on the state rows a step's GEMM reads.
 

@@ -23,10 +23,12 @@ from fastseq.kernels.common import (
     masked_rows,
     one_chunk_pieces,
     output_row,
+    own_rows,
     pack_unit_gate_rows,
     packed_row,
     part_step_operands,
     projection_block,
+    return_rows,
     start_chunk,
     step_ordered,
     step_panels,
@@ -155,12 +157,13 @@ def rnn_forward(
         ordered = step_ordered(reverse, full, lengths[s0 : s0 + nc])  # rows of proj: see there
         gh = np.empty((nc, hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
+        hc, mask_c = own_rows(h, s0, nc), rmask[s0 : s0 + nc]  # the chunk's states, its own
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
                                                       s, reverse, full, block, x_rows)  # fmt: skip
-            h_in = masked_rows(h, rmask, s0, n, hm)
+            h_in = masked_rows(hc, mask_c, 0, n, hm)
             gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
                 k = s0 + i
@@ -168,8 +171,9 @@ def rnn_forward(
                 q = packed_row(r0, offsets[ch], lengths[k], i, s, reverse and not ordered) - base
                 if training:
                     copy_units(h_in[i], hprev[r], 0, hd)
-                rnn_cell_forward(proj[q], gh[i], b_ih, b_hh, relu, h[k])
-                copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
+                rnn_cell_forward(proj[q], gh[i], b_ih, b_hh, relu, hc[i])
+                copy_units(hc[i], out[output_row(out_rows, r), out_col:], 0, hd)
+        return_rows(hc, h, s0)
 
 
 @jit(parallel=True)
