@@ -358,16 +358,23 @@ def zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples,
     first, last = padded * part // parts, padded * (part + 1) // parts  # this part's share
     zero = out.dtype.type(0)
     before = 0  # padded rows of the positions before
+    t_from = np.empty(batch, np.int64)  # this part's padded steps of each position: t_from..t_to-1
+    t_to = np.empty(batch, np.int64)
+    lo, hi = batch, 0
     for sample in range(batch):
         count = steps - length_at[sample]
+        t_from[sample] = t_to[sample] = 0
         if before + count > first and before < last:
-            t0 = length_at[sample] + max(0, first - before)
-            t1 = length_at[sample] + min(count, last - before)
-            for t in range(t0, t1):
+            t_from[sample] = length_at[sample] + max(0, first - before)
+            t_to[sample] = length_at[sample] + min(count, last - before)
+            lo, hi = min(lo, sample), max(hi, sample + 1)
+        before += count
+    for t in range(steps):  # time-major: a step's rows are neighbours
+        for sample in range(lo, hi):
+            if t_from[sample] <= t < t_to[sample]:
                 row = out[t * batch + sample, out_col : out_col + hd]
                 for j in range(hd):
                     row[j] = zero
-        before += count
 
 
 #: Rows per piece when the chunk-level products of a layout with one chunk (a batch of one)
