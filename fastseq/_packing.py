@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastseq.kernels.common import contiguous_chunks, gather_rows, scatter_rows
+from fastseq.kernels.common import ZERO_PADDING_MAX_BYTES, contiguous_chunks, gather_rows, unpack_rows
 
 
 class Packing:
@@ -143,8 +143,9 @@ class Packing:
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        full = self.padded_array(packed.shape[1], packed.dtype)
-        scatter_rows(packed, self.row_time, self.row_sample, full)
+        full = self.padded_array(packed.shape[1], packed.dtype, kernels_zero_up_to=ZERO_PADDING_MAX_BYTES)
+        unpack_rows(packed, self.out_rows, self.chunk_rows, self.chunk_samples, self.lengths,
+                    full.reshape(self.steps * self.batch, packed.shape[1]))  # fmt: skip
         return full
 
     def sorted_states(self, states, row, hidden, dtype):

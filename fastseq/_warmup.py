@@ -22,7 +22,7 @@ KERNELS = {
     "rnn_step_units": rnn.rnn_step_units, "lstm_step_units": lstm.lstm_step_units,
     "gru_step_units": gru.gru_step_units,
     "add_weight_grad": common.add_weight_grad, "weight_grads": common.weight_grads,
-    "gather_rows": common.gather_rows, "scatter_rows": common.scatter_rows,
+    "gather_rows": common.gather_rows, "unpack_rows": common.unpack_rows,
     "team_thread_ids": _threads.team_thread_ids,
     "forward_columns": columns.forward_columns, "backward_columns": columns.backward_columns,
 }  # fmt: skip
