@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastseq.kernels.common import ZERO_PADDING_MAX_BYTES, contiguous_chunks, gather_rows, unpack_rows
+from fastseq.kernels.common import contiguous_chunks, gather_rows, unpack_rows
 
 
 class Packing:
@@ -128,22 +128,16 @@ class Packing:
         gather_rows(a, self.row_time, self.row_sample, out)
         return out
 
-    def padded_array(self, features, dtype, kernels_zero_up_to=0):
-        """A (T, N, F) array for an unpacked output: zeros if some steps are padded and
-        the array is larger than ``kernels_zero_up_to`` bytes (below that, the caller's
-        kernels write the padding zeros themselves), else uninitialised.
-
-        np.empty may reuse memory already paged in; np.zeros (calloc) maps fresh pages."""
-        shape = (self.steps, self.batch, features)
-        padded = self.rows < self.steps * self.batch
-        small = self.steps * self.batch * features * np.dtype(dtype).itemsize <= kernels_zero_up_to
-        return (np.zeros if padded and not small else np.empty)(shape, dtype)
+    def padded_array(self, features, dtype):
+        """An uninitialised (T, N, F) array for an unpacked output: the kernels that fill it
+        write every row, zeros at the padded steps (``kernels.common.zero_padding``)."""
+        return np.empty((self.steps, self.batch, features), dtype)
 
     def unpack(self, packed):
         """(R, F) -> (T, N, F), zeros at padded steps."""
         if self.identity:
             return packed.reshape(self.steps, self.batch, packed.shape[1])
-        full = self.padded_array(packed.shape[1], packed.dtype, kernels_zero_up_to=ZERO_PADDING_MAX_BYTES)
+        full = self.padded_array(packed.shape[1], packed.dtype)
         unpack_rows(packed, self.out_rows, self.chunk_rows, self.chunk_samples, self.lengths,
                     full.reshape(self.steps * self.batch, packed.shape[1]))  # fmt: skip
         return full

@@ -10,7 +10,6 @@ from fastseq._module import Module, uniform_init
 from fastseq._packing import reuse_packing
 from fastseq._pool import WorkspacePool
 from fastseq._threads import kernel_threads, num_chunks, unit_parts, weight_grads_call_blas
-from fastseq.kernels.common import ZERO_PADDING_MAX_BYTES
 from fastseq.registry import CELLS
 
 
@@ -225,9 +224,8 @@ class _RecurrentLayer(Module):
         output = None
         if not packing.identity:
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
-            # zeros at padded steps included up to ZERO_PADDING_MAX_BYTES: no packed output
-            # to unpack after.
-            output = packing.padded_array(n_dirs * hd, self.dtype, kernels_zero_up_to=ZERO_PADDING_MAX_BYTES)
+            # zeros at padded steps included: no packed output to unpack after.
+            output = packing.padded_array(n_dirs * hd, self.dtype)
         with kernel_threads(packing, w_hh):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()

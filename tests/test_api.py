@@ -13,7 +13,6 @@ from fastseq.kernels.common import (
     GATHER_ROWS_WIDE,
     GATHER_WIDE_BYTES,
     PROJECTION_BLOCK_ROWS,
-    ZERO_PADDING_MAX_BYTES,
     projects_upfront,
     zero_padding,
 )
@@ -283,29 +282,32 @@ class _DirtyEmpty:
 
 def check_padded_outputs_written(monkeypatch, case, training):
     """``case``'s forward with lengths (some padding) writes zeros at every padded step and
-    the same values as with a zeroed output, when fastseq.layers' np.empty returns NaNs."""
+    the same values as with a zeroed output, when np.empty in fastseq.layers and
+    fastseq._packing (which allocates the unpacked output) returns NaNs; in training, so
+    does the backward's gradient of the input."""
     case.layer.train(training)
     ref, _ = case.layer(case.x, lengths=case.lengths)
+    ref_dx = case.layer.backward(case.grad_out)[0] if training else None
     with monkeypatch.context() as patch:
         patch.setattr(fastseq.layers, "np", _DirtyEmpty())
+        patch.setattr(fastseq._packing, "np", _DirtyEmpty())
         out, _ = case.layer(case.x, lengths=case.lengths)
+        dx = case.layer.backward(case.grad_out)[0] if training else None
     padding = np.arange(case.steps)[:, None] >= case.lengths[None, :]
     assert padding.any()
-    assert not np.isnan(out).any()
-    assert not out[padding].any()
-    np.testing.assert_array_equal(out, ref)
+    for got, want in ((out, ref), (dx, ref_dx)) if training else ((out, ref),):
+        assert not np.isnan(got).any()
+        assert not got[padding].any()
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("large", [False, True])
-def test_padded_outputs_written_as_zeros(monkeypatch, variant, training, large):
-    """The kernels write the zeros at padded steps themselves (the output is allocated
-    uninitialised), every direction its own columns (tests/test_unit_split.py: the
-    unit-split path); an output beyond ZERO_PADDING_MAX_BYTES comes zeroed instead."""
-    steps = 7 if not large else ZERO_PADDING_MAX_BYTES // (5 * 2 * 40 * 4) + 5
-    case = Case(variant, np.float32, 2, True, True, steps=steps, batch=5, hidden_size=40, seed=3)
-    assert (steps * 5 * 2 * 40 * 4 > ZERO_PADDING_MAX_BYTES) == large
+def test_padded_outputs_written_as_zeros(monkeypatch, variant, training):
+    """The kernels write the zeros at padded steps themselves (the output, and in training
+    the input's gradient, are allocated uninitialised), every direction its own columns
+    (tests/test_unit_split.py: the unit-split path)."""
+    case = Case(variant, np.float32, 2, True, True, steps=7, batch=5, hidden_size=40, seed=3)
     check_padded_outputs_written(monkeypatch, case, training)
 
 

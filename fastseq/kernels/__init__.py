@@ -55,9 +55,7 @@ Kernel arguments shared by all cells::
                                       written for packed row r (of row r itself when
                                       out_rows has no entries: R' = R, packed); with
                                       out_rows, the same columns of the padded steps'
-                                      rows are written as zeros (forward kernels; up to
-                                      common.ZERO_PADDING_MAX_BYTES, beyond it out comes
-                                      zeroed)
+                                      rows are written as zeros (forward kernels)
     out_rows     (R,) or (0,) in      int64, out's row for each packed row (the last layer
                                       writes the caller's (T*N, D*H) output directly,
                                       allocated uninitialised), or none

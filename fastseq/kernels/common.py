@@ -315,21 +315,12 @@ def output_row(out_rows, r):
     return out_rows[r] if out_rows.shape[0] else r
 
 
-#: Bytes of an unpacked (T*N, D*H) output up to which the forward kernels zero its padded
-#: steps themselves (:func:`zero_padding`; the layer allocates it with ``np.empty``);
-#: larger outputs come zeroed from ``np.zeros`` and the kernels leave the padding alone.
-#: Measured (float32, Zen 5, RNN forward at random lengths, `ab`, in-kernel zeros against
-#: np.zeros): 32x100x64 (0.8 MB) 0.96, with the zeroing itself 3.8% of the call; 64x100x256
-#: (6.5 MB) 1.022: past the caches, np.zeros' fresh pages cost less than writing zeros.
-ZERO_PADDING_MAX_BYTES = 1 << 20
-
-
 @jit
 def zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, part):
     """Zero columns ``out_col:out_col+hd`` of ``out`` (T*N, D*H) at the padded steps of
-    part ``part`` of the batch, when ``out_rows`` has entries (``out`` unpacked) and ``out``
-    has at most ZERO_PADDING_MAX_BYTES (then it is uninitialised); else nothing. Call it once
-    per chunk (part = the chunk's index), or once with one chunk.
+    part ``part`` of the batch, when ``out_rows`` has entries (``out`` unpacked, allocated
+    uninitialised); else nothing. Call it once per chunk (part = the chunk's index), or once
+    with one chunk.
 
     The parts are contiguous ranges of batch positions (as many as chunks) with about equal
     numbers of padded rows, not the chunks' own samples: those are dealt back and forth,
@@ -341,10 +332,21 @@ def zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples,
     With the chunks themselves contiguous ranges (``fastseq._packing.Packing``), zeroing
     each chunk's own samples still ran slower (five alternating runs against ranges: RNN
     1.074, LSTM 1.032, GRU 1.016): the chunks even out valid rows, the ranges padded ones.
+
+    A part's rows are zeroed step by step (a step's padded rows are neighbours, in the
+    pages of that step), not sample by sample (rows T*N*... apart, a page or more each).
+    Measured (Intel Xeon, alternating runs, step by step / sample by sample): RNN forward
+    at N=32, T=100, H=64, random lengths 0.94-0.98 of the time (the zeroing had taken 17
+    us of the call's 157). Outputs of every size are zeroed here: ``np.zeros`` for those
+    beyond 1 MB cleared all of them on the calling thread first (225 us for 6.5 MB, steady
+    state, while the other thread waited); zeroed here instead, N=64, T=100, H=256, random
+    lengths: forward RNN 0.93, LSTM and GRU 0.98; training 0.97-0.99; 2 x 2 layers and
+    H=1024 (T=50) 0.98-1.00. (The Zen 5 run that had set the 1 MB bound found ``np.zeros``
+    ahead at 6.5 MB, 1.022, against zeroing sample by sample.)
     chunk_rows, chunk_samples (K+1,): the chunks' first packed rows and state indices; a
     sample's row at time 0 (its chunk's first row + its place in the chunk) names its
     place in the batch."""
-    if out_rows.shape[0] == 0 or out.nbytes > ZERO_PADDING_MAX_BYTES:
+    if out_rows.shape[0] == 0:
         return
     batch = lengths.shape[0]
     steps = out.shape[0] // batch
@@ -565,10 +567,9 @@ def gather_rows(a, row_time, row_sample, out):
 
 @jit(parallel=True)
 def unpack_rows(packed, out_rows, chunk_rows, chunk_samples, lengths, out):
-    """out (T*N, F) = packed (R, F) unpacked: row r to out[out_rows[r]]; zeros at the padded
-    steps when ``out`` has at most ZERO_PADDING_MAX_BYTES (:func:`zero_padding`, a part of
-    the batch per chunk), larger ones being zeros already. Each chunk's rows and part on a
-    thread of their own. Measured (float32, Intel Xeon, RNN training at N=32, T=100, H=64,
+    """out (T*N, F) = packed (R, F) unpacked: row r to out[out_rows[r]], zeros at the padded
+    steps (:func:`zero_padding`, a part of the batch per chunk). Each chunk's rows and part
+    on a thread of their own. Measured (float32, Intel Xeon, RNN training at N=32, T=100, H=64,
     lengths uniform in [1, T]): the gradient of the input unpacked into ``np.zeros``
     memory took 4% of the step in ``memset``, on the calling thread while the other waited
     (see docs/performance.md, twenty-third session)."""
