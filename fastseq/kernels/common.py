@@ -440,21 +440,13 @@ def block_capacity(samples, rows):
 def own_rows(state, s0, nc):
     """A copy of a chunk's rows state[s0:s0+nc] (state (N, H)) in a buffer of the chunk's
     own, ALIGN_BYTES aligned: the chunk's thread updates its states there at every step and
-    writes them back once (:func:`return_rows`), rather than in its rows of the (N, H) array
+    writes them back once (:func:`copy_rows`), rather than in its rows of the (N, H) array
     the other chunks' threads update too. Used by :func:`fastseq.kernels.rnn.rnn_forward`:
     N=32, T=100, H=64, forward 0.94-0.95 of the time (the LSTM and GRU forward did not gain,
     and update in place); see docs/performance.md, twenty-third session."""
     own = aligned_empty((nc, state.shape[1]), state.dtype)
-    for i in range(nc):
-        copy_units(state[s0 + i], own[i], 0, state.shape[1])
+    copy_rows(state[s0 : s0 + nc], own)
     return own
-
-
-@jit
-def return_rows(own, state, s0):
-    """state[s0:s0+n] = own (n, H): a chunk's states back from :func:`own_rows`."""
-    for i in range(own.shape[0]):
-        copy_units(own[i], state[s0 + i], 0, state.shape[1])
 
 
 @jit

@@ -28,7 +28,6 @@ from fastseq.kernels.common import (
     packed_row,
     part_step_operands,
     projection_block,
-    return_rows,
     start_chunk,
     step_ordered,
     step_panels,
@@ -173,7 +172,7 @@ def rnn_forward(
                     copy_units(h_in[i], hprev[r], 0, hd)
                 rnn_cell_forward(proj[q], gh[i], b_ih, b_hh, relu, hc[i])
                 copy_units(hc[i], out[output_row(out_rows, r), out_col:], 0, hd)
-        return_rows(hc, h, s0)
+        copy_rows(hc, h[s0 : s0 + nc])  # the chunk's final states
 
 
 @jit(parallel=True)
