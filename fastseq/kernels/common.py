@@ -323,9 +323,9 @@ def zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples,
     with one chunk.
 
     The parts are contiguous ranges of batch positions (as many as chunks) with about equal
-    numbers of padded rows, not the chunks' own samples: those are dealt back and forth,
-    and two threads zeroing neighbouring rows of the same pages ran slower than one thread
-    zeroing all of them. Measured (float32, Intel Xeon, RNN forward at N=32, T=100, H=64,
+    numbers of padded rows, not the chunks' own samples. When those were dealt back and
+    forth, two threads zeroing neighbouring rows of the same pages ran slower than one
+    thread zeroing all of them. Measured (float32, Intel Xeon, RNN forward at N=32, T=100, H=64,
     lengths uniform in [1, T], 1740 padded rows): the zeroing of both chunks alone, 8-20 us
     by chunk against 7 us by ranges (10.4 us on one thread); in a profile of the layer's
     forward, ``memset`` took 65 us of both threads' time per call by chunk, 31 by ranges.
