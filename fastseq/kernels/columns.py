@@ -36,6 +36,7 @@ from fastseq._jit import jit
 from fastseq.kernels.common import add_parts, copy_units, output_row, packed_row, zero_padding
 from fastseq.kernels.gemm import ACCUMULATE, OVERWRITE, VECTOR_BYTES, gemm_packed, panel_width
 from fastseq.kernels.lstm import lstm_columns_backward, lstm_columns_forward
+from fastseq.kernels.refs import borrow, hold
 from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
 
 
@@ -202,8 +203,15 @@ def forward_columns(
     hd, cin = h.shape[1], x.shape[1]
     rows_g = w_ih.shape[0]
     training = gates_t.shape[0] > 0
-    w_cat = np.empty((rows_g, cin + hd), h.dtype)
-    bias = np.empty(rows_g, h.dtype)
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_peep, out, out_rows, h, c, x_rows, gates_t, cell_t, c_init, xh = borrow(
+        (x, w_peep, out, out_rows, h, c, x_rows, gates_t, cell_t, c_init, xh)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
+    owned = (np.empty((rows_g, cin + hd), h.dtype), np.empty(rows_g, h.dtype))  # held to the end
+    w_cat, bias = borrow(owned)
     for u in range(rows_g):
         copy_units(w_ih[u], w_cat[u], 0, cin)
         for k in range(hd):
@@ -215,9 +223,13 @@ def forward_columns(
         r0, s0 = chunk_rows[ch], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(ch))
-        panels = np.zeros(((nc + nr - 1) // nr, cin + hd, nr), h.dtype)
-        g_flat = np.empty(0 if training else rows_g * nc, h.dtype)
-        hT, cT = np.empty((hd, nc), h.dtype), np.empty((hd if lstm else 0, nc), h.dtype)
+        scratch = (  # held to the chunk's end
+            np.zeros(((nc + nr - 1) // nr, cin + hd, nr), h.dtype),
+            np.empty(0 if training else rows_g * nc, h.dtype),
+            np.empty((hd, nc), h.dtype),
+            np.empty((hd if lstm else 0, nc), h.dtype),
+        )
+        panels, g_flat, hT, cT = borrow(scratch)
         c0 = block(c_init, s0, cT.shape[0] if training else 0, nc)
         for i in range(nc):
             for j in range(hd):
@@ -226,7 +238,8 @@ def forward_columns(
                     cT[j, i] = c[s0 + i, j]
         for j in range(c0.shape[0]):
             copy_units(cT[j], c0[j], 0, nc)
-        rows, x_src, out_off = np.empty(nc, np.int64), np.empty(nc, np.int64), np.empty(nc, np.int64)
+        index_scratch = (np.empty(nc, np.int64), np.empty(nc, np.int64), np.empty(nc, np.int64))
+        rows, x_src, out_off = borrow(index_scratch)  # held to the chunk's end
         out_flat = out.ravel()
         k = r0  # the step's first row of the workspace
         for s in range(lengths[s0]):
@@ -259,6 +272,9 @@ def forward_columns(
                 h[s0 + i, j] = hT[j, i]
                 if lstm:
                     c[s0 + i, j] = cT[j, i]
+        hold(scratch)
+        hold(index_scratch)
+    hold(owned)
 
 
 @jit(parallel=True)
@@ -274,6 +290,13 @@ def backward_columns(
     as in ``lstm.lstm_backward``."""
     hd, cin, rows_g = dh.shape[1], w_ih.shape[1], w_ih.shape[0]
     n_chunks = chunk_samples.shape[0] - 1
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    w_peep, dout, dh, dc, gates_t, cell_t, c_init, xh, dx = borrow(
+        (w_peep, dout, dh, dc, gates_t, cell_t, c_init, xh, dx)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_back = np.empty((hd + cin, rows_g), dh.dtype)  # a of [dh^T; dx^T] = [W_hh^T; W_ih^T] @ dG^T
     for u in range(rows_g):
         for j in range(hd):
@@ -285,21 +308,31 @@ def backward_columns(
     part_b = np.zeros((n_chunks, rows_g), dh.dtype)
     part_cat = np.zeros((n_chunks, rows_g, cin + hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
+    owned = (w_back, part_b, part_cat, part_peep)  # held to the end
+    w_back, part_b, part_cat, part_peep = borrow(owned)
     for ch in prange(n_chunks):
         r0, s0 = chunk_rows[ch], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
         steps = lengths[s0]
         bases = step_bases(batch_sizes[ch], steps)
-        dhT, doutT = np.empty((hd, nc), dh.dtype), np.empty((hd, nc), dh.dtype)
-        dcT = np.empty((hd if lstm else 0, nc), dh.dtype)
+        scratch = (
+            np.empty((hd, nc), dh.dtype),
+            np.empty((hd, nc), dh.dtype),
+            np.empty((hd if lstm else 0, nc), dh.dtype),
+        )
+        dhT, doutT, dcT = borrow(scratch)  # held to the chunk's end
         for i in range(nc):
             for j in range(hd):
                 dhT[j, i] = dh[s0 + i, j]
                 if lstm:
                     dcT[j, i] = dc[s0 + i, j]
-        d_panels = np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype)
-        back_flat = np.empty((hd + cin) * nc, dh.dtype)
-        rows, row_off = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        more_scratch = (
+            np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype),
+            np.empty((hd + cin) * nc, dh.dtype),
+        )
+        d_panels, back_flat = borrow(more_scratch)  # held to the chunk's end
+        index_scratch = (np.empty(nc, np.int64), np.empty(nc, np.int64))
+        rows, row_off = borrow(index_scratch)  # held to the chunk's end
         dout_flat, dx_flat = dout.ravel(), dx.ravel()
         for s in range(steps - 1, -1, -1):
             n = batch_sizes[ch, s]
@@ -344,6 +377,9 @@ def backward_columns(
                 dh[s0 + i, j] = dhT[j, i]
                 if lstm:
                     dc[s0 + i, j] = dcT[j, i]
+        hold(scratch)
+        hold(more_scratch)
+        hold(index_scratch)
     for ch in range(n_chunks):  # in chunk order (add_parts), [dW_ih | dW_hh] split
         for u in range(rows_g):  # loops: an array expression here would be a parallel region
             src, dst_ih, dst_hh = part_cat[ch, u], dw_ih[u], dw_hh[u]
@@ -355,3 +391,4 @@ def backward_columns(
     add_parts(part_b, db_hh)
     if lstm and flag:
         add_parts(part_peep, dw_peep)
+    hold(owned)

@@ -67,6 +67,7 @@ from fastseq.kernels.gemm import (
     pack_weights,
     step_product,
 )
+from fastseq.kernels.refs import borrow, hold
 
 
 @jit(inline=True)
@@ -191,6 +192,13 @@ def gru_forward(
     """Forward pass of one layer and direction. ``x_rows``: see
     :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, b_ih, b_hh, out, out_rows, h, gates, hprev, hn, rmask, x_rows = borrow(
+        (x, w_ih, w_hh, b_ih, b_hh, out, out_rows, h, gates, hprev, hn, rmask, x_rows)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
@@ -199,6 +207,8 @@ def gru_forward(
     w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths, True)
     w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths, True)
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
+    owned = (w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full)  # held to the end
+    w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full = borrow(owned)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
@@ -213,6 +223,8 @@ def gru_forward(
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         # a step's rows of the workspace, of proj
         rows, proj_rows = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        scratch = (block, gh, grz, rh, ghn, hm, rows, proj_rows)  # held to the chunk's end
+        block, gh, grz, rh, ghn, hm, rows, proj_rows = borrow(scratch)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
@@ -248,6 +260,8 @@ def gru_forward(
                     k = s0 + i
                     gru_cell_update(proj[proj_rows[i]], ghn[i], b_ih, b_hh, h[k])
                     copy_units(h[k], out[output_row(out_rows, rows[i]), out_col:], 0, hd)
+        hold(scratch)
+    hold(owned)
 
 
 @jit(parallel=True)
@@ -262,6 +276,13 @@ def gru_backward(
     has used them: everything after reads the h the GEMMs read.
     """
     hd = dh.shape[1]
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, dout, dh, gates, hprev, hn, dx, rmask, part_w_ih, part_w_hh = borrow(
+        (x, w_ih, w_hh, dout, dh, gates, hprev, hn, dx, rmask, part_w_ih, part_w_hh)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hrz = w_hh[: 2 * hd]
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
@@ -273,6 +294,8 @@ def gru_backward(
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     part_b_hh = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
+    owned = (w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, part_b_ih, part_b_hh)  # held to the end
+    w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, part_b_ih, part_b_hh = borrow(owned)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
@@ -282,6 +305,8 @@ def gru_backward(
         drh = np.empty((nc, hd), dh.dtype)
         dh_direct = np.empty((nc, hd), dh.dtype)
         rows = np.empty(nc, np.int64)  # a step's rows of the workspace
+        scratch = (dg, dgrz, dn, drh, dh_direct, rows)  # held to the chunk's end
+        dg, dgrz, dn, drh, dh_direct, rows = borrow(scratch)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
@@ -315,6 +340,7 @@ def gru_backward(
         if part_w_ih.shape[0]:
             gru_chunk_weight_grads(x[r0:r1], reset_after, gates[r0:r1], hprev[r0:r1], hn[r0:r1], part_w_ih[ch],
                                    part_w_hh[ch], part_b_ih[ch], part_b_hh[ch])  # fmt: skip
+        hold(scratch)
     if pieces:
         gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
     if part_w_ih.shape[0]:
@@ -324,6 +350,7 @@ def gru_backward(
         add_parts(part_b_hh, db_hh)
     else:
         gru_weight_grads(x, reset_after, gates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh)
+    hold(owned)
 
 
 # The weight gradients: dgates (R, 3H), the gradients of the gate pre-activations, are what
@@ -374,6 +401,9 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, bl
     scratch: gx, gh (N, 3H), grz (N, 2H), rh, ghn (N, H); blocks: 1, or 3 to match
     :func:`gru_step_units` bitwise (``gemm.step_product``)."""
     hd = h.shape[1]
+    x, h, w_ih, w_hh, b_ih, b_hh, gx, gh, grz, rh, ghn = borrow(
+        (x, h, w_ih, w_hh, b_ih, b_hh, gx, gh, grz, rh, ghn)
+    )
     step_product(x, w_ih, gx, blocks)
     if reset_after:
         step_product(h, w_hh, gh, blocks)

@@ -65,6 +65,7 @@ from fastseq.kernels.gemm import (
     pack_weights,
     step_product,
 )
+from fastseq.kernels.refs import borrow, hold
 
 
 @jit(inline=True)
@@ -185,8 +186,17 @@ def lstm_forward(
     """Forward pass of one layer and direction. ``x_rows``: see
     :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, b_ih, b_hh, w_peep, out, out_rows, h, c, gates, hprev, cprev, cnew, rmask, x_rows = borrow(
+        (x, w_ih, w_hh, b_ih, b_hh, w_peep, out, out_rows, h, c, gates, hprev, cprev, cnew, rmask, x_rows)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
+    owned = (w_hh_panels, w_ih_panels, full)  # held to the end
+    w_hh_panels, w_ih_panels, full = borrow(owned)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
@@ -198,6 +208,8 @@ def lstm_forward(
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         # a step's rows of the workspace, of proj
         rows, proj_rows = np.empty(nc, np.int64), np.empty(nc, np.int64)
+        scratch = (block, gh, hm, rows, proj_rows)  # held to the chunk's end
+        block, gh, hm, rows, proj_rows = borrow(scratch)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
@@ -218,6 +230,8 @@ def lstm_forward(
                 copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
                 if training:
                     copy_units(c[k], cnew[r], 0, hd)
+        hold(scratch)
+    hold(owned)
 
 
 @jit(inline=True)
@@ -336,16 +350,25 @@ def lstm_backward(
     """
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, w_peep, dout, dh, dc, gates, hprev, cprev, cnew, dx, rmask, part_w_ih, part_w_hh = borrow(
+        (x, w_ih, w_hh, w_peep, dout, dh, dc, gates, hprev, cprev, cnew, dx, rmask, part_w_ih, part_w_hh)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hh_panels = step_panels(w_hh, chunk_samples, lengths, False)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
+    owned = (w_hh_panels, w_ih_panels, part_b, part_peep)  # held to the end
+    w_hh_panels, w_ih_panels, part_b, part_peep = borrow(owned)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
-        dg = np.empty((nc, 4 * hd), dh.dtype)
-        rows = np.empty(nc, np.int64)  # a step's rows of the workspace
+        scratch = (np.empty((nc, 4 * hd), dh.dtype), np.empty(nc, np.int64))  # held to the chunk's end
+        dg, rows = borrow(scratch)  # rows: a step's rows of the workspace
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
@@ -361,11 +384,13 @@ def lstm_backward(
             chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
         if peephole:
             peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
+        hold(scratch)
     if pieces:
         gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
         add_parts(part_peep, dw_peep)
+    hold(owned)
 
 
 @jit
@@ -504,6 +529,9 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, gx, gh, blocks)
     """One inference step for streaming (serial, no workspace). x (N, C); h, c (N, H)
     in/out; gx, gh (N, 4H) scratch; blocks: 1, or 4 to match :func:`lstm_step_units`
     bitwise (``gemm.step_product``)."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, gx, gh = borrow(
+        (x, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, gx, gh)
+    )
     step_product(x, w_ih, gx, blocks)
     step_product(h, w_hh, gh, blocks)
     for i in range(x.shape[0]):

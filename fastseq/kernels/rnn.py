@@ -53,6 +53,7 @@ from fastseq.kernels.gemm import (
     pack_weights,
     step_product,
 )
+from fastseq.kernels.refs import borrow, hold
 
 
 @jit(inline=True)
@@ -145,8 +146,17 @@ def rnn_forward(
     """Forward pass of one layer and direction; ``relu`` selects the nonlinearity. ``x_rows``:
     see :func:`fastseq.kernels.common.projection_block`."""
     hd = h.shape[1]
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, b_ih, b_hh, out, out_rows, h, gates, hprev, rmask, x_rows = borrow(
+        (x, w_ih, w_hh, b_ih, b_hh, out, out_rows, h, gates, hprev, rmask, x_rows)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
+    owned = (w_hh_panels, w_ih_panels, full)  # held to the end
+    w_hh_panels, w_ih_panels, full = borrow(owned)
     for ch in prange(chunk_samples.shape[0] - 1):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
@@ -157,6 +167,8 @@ def rnn_forward(
         gh = np.empty((nc, hd), h.dtype)
         hm = np.empty((nc if rmask.shape[0] else 0, hd), h.dtype)
         hc, mask_c = own_rows(h, s0, nc), rmask[s0 : s0 + nc]  # the chunk's states, its own
+        scratch = (block, gh, hm, hc)  # held to the chunk's end
+        block, gh, hm, hc = borrow(scratch)
         for s in range(lengths[s0]):
             n = batch_sizes[ch, s]
             if s == s_next:
@@ -173,6 +185,8 @@ def rnn_forward(
                 rnn_cell_forward(proj[q], gh[i], b_ih, b_hh, relu, hc[i])
                 copy_units(hc[i], out[output_row(out_rows, r), out_col:], 0, hd)
         copy_rows(hc, h[s0 : s0 + nc])  # the chunk's final states
+        hold(scratch)
+    hold(owned)
 
 
 @jit(parallel=True)
@@ -184,14 +198,24 @@ def rnn_backward(
     """Backward pass of one layer and direction (consumes the forward's workspace)."""
     hd = dh.shape[1]
     n_chunks = chunk_samples.shape[0] - 1
+    # the arrays of the time loops, without reference counts (kernels.refs)
+    x, w_ih, w_hh, dout, dh, gates, hprev, dx, rmask, part_w_ih, part_w_hh = borrow(
+        (x, w_ih, w_hh, dout, dh, gates, hprev, dx, rmask, part_w_ih, part_w_hh)
+    )
+    chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
+        (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
+    )
     w_hh_panels = step_panels(w_hh, chunk_samples, lengths, False)  # B = W_hh of the per-step dh = dG @ W_hh
     w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], hd), dh.dtype)
+    owned = (w_hh_panels, w_ih_panels, part_b)  # held to the end
+    w_hh_panels, w_ih_panels, part_b = borrow(owned)
     for ch in prange(n_chunks):
         r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
         nc = chunk_samples[ch + 1] - s0
-        dg = np.empty((nc, hd), dh.dtype)
+        scratch = np.empty((nc, hd), dh.dtype)  # held to the chunk's end
+        dg = borrow(scratch)
         for s in range(lengths[s0] - 1, -1, -1):
             n = batch_sizes[ch, s]
             for i in range(n):
@@ -205,15 +229,18 @@ def rnn_backward(
             gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
+        hold(scratch)
     if pieces:
         gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
+    hold(owned)
 
 
 @jit
 def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, relu, gx, gh):
     """One inference step for streaming (serial, no workspace). x (N, C); h (N, H) in/out;
     gx, gh (N, H) scratch."""
+    x, h, w_ih, w_hh, b_ih, b_hh, gx, gh = borrow((x, h, w_ih, w_hh, b_ih, b_hh, gx, gh))  # kernels.refs
     step_product(x, w_ih, gx, 1)
     step_product(h, w_hh, gh, 1)
     for i in range(x.shape[0]):
