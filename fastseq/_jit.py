@@ -21,7 +21,8 @@ apply everywhere:
   layer kernels ran slower, LSTM forward 1.05-1.07x and GRU forward 1.22-1.39x the time
   (32x100x64, 128x50x128), backward 0.96-1.04; it is inlined instead into a called
   function that runs all rows of a step (``lstm.lstm_rows_forward`` and its kin), one call
-  per step rather than per row.
+  per step rather than per row. The arrays those per-step calls receive are borrowed
+  (:mod:`fastseq.kernels.refs`): their reference counts cost nothing.
 * ``reassociate=False`` (per function): no ``reassoc`` flag, the expressions grouped by
   hand instead. numba links a called function's IR into every kernel that calls it and
   optimises it there, while a kernel loaded from the cache may call another copy: with
