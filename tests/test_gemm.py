@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fastseq.kernels.columns import transpose_rows
 from fastseq.kernels.common import (
     CHUNK_PANEL_STEPS,
     ONE_ROW_DIRECT_BYTES,
@@ -272,3 +273,36 @@ def test_step_panels_for_one_row_chunks():
     # too (H = 1)
     assert step_panels(np.ones((4, 1), np.float32), two_chunks, below, False).shape[0] == 0
     assert step_panels(np.ones((4, 1), np.float32), one_chunk_of_two, below, False).shape[1] == 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 17, 31, 40])
+@pytest.mark.parametrize("cols", [3, 16, 24, 33])
+def test_transpose_rows_moves_exactly_its_values(n, cols, dtype):
+    """columns.transpose_rows, both ways, against NumPy: full tiles, the masked tiles of the
+    rows past them and the columns past them value by value; nothing else is written (rows
+    not listed, columns past ``cols``, block entries past n)."""
+    rng = np.random.default_rng(n * 100 + cols)
+    row_len, b_stride, b0 = cols + 7, n + 5, 3  # rows wider than cols; block columns padded
+    n_rows = n + 4
+    rows = (rng.permutation(n_rows)[:n] * row_len + 2).astype(np.int64)  # scattered, 2 in
+    row_flat = rng.standard_normal(n_rows * row_len + 4).astype(dtype)
+    block_flat = rng.standard_normal(b0 + cols * b_stride + 8).astype(dtype)
+    values = np.stack([row_flat[r : r + cols] for r in rows])  # (n, cols)
+    expected_block = block_flat.copy()
+    for c in range(cols):
+        expected_block[b0 + c * b_stride : b0 + c * b_stride + n] = values[:, c]
+    out_block = block_flat.copy()
+    transpose_rows(row_flat, rows, out_block, b0, b_stride, n, cols, False)
+    np.testing.assert_array_equal(out_block, expected_block)
+
+    new_values = rng.standard_normal((n, cols)).astype(dtype)
+    source = block_flat.copy()
+    for c in range(cols):
+        source[b0 + c * b_stride : b0 + c * b_stride + n] = new_values[:, c]
+    expected_rows = row_flat.copy()
+    for i, r in enumerate(rows):
+        expected_rows[r : r + cols] = new_values[i]
+    out_rows = row_flat.copy()
+    transpose_rows(out_rows, rows, source, b0, b_stride, n, cols, True)
+    np.testing.assert_array_equal(out_rows, expected_rows)

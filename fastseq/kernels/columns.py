@@ -40,13 +40,15 @@ from fastseq.kernels.refs import borrow, hold
 from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
 
 
-def _tile_transpose_intrinsic(into_rows):
+def _tile_transpose_intrinsic(into_rows, partial=False):
     """The W x W tile of :func:`transpose_rows` (W values to a vector register: 16 float32
     with AVX-512): W vector loads, log2(W) rounds of W shuffles that swap off-diagonal
     blocks, W vector stores. ``row_flat[rows[r0 + r] + c0 + c]`` (r, c < W) moves to
     ``block_flat[base + c*stride + r]``, or back when ``into_rows``. row_flat, block_flat:
     1-D arrays of one float dtype; rows: int64 (>= r0 + W,); offsets in elements, computed
-    here (no offset arrays per call)."""
+    here (no offset arrays per call). ``partial``: the tile takes one more argument, k (1
+    <= k <= W), and moves rows r < k only, by masked loads and stores (rows needs k entries
+    from r0; nothing is read or written for r >= k)."""
 
     @intrinsic
     def tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride):
@@ -57,30 +59,74 @@ def _tile_transpose_intrinsic(into_rows):
             context, builder, signature, args, into_rows
         )
 
-    return tile
+    @intrinsic
+    def partial_tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride, k):
+        if not (isinstance(row_flat.dtype, types.Float) and row_flat.dtype == block_flat.dtype):
+            return None
+        intp = types.intp
+        sig = types.void(row_flat, rows, intp, intp, block_flat, intp, intp, intp)
+        return sig, lambda context, builder, signature, args: _tile_transpose_codegen(
+            context, builder, signature, args, into_rows
+        )
+
+    return partial_tile if partial else tile
 
 
 def _tile_transpose_codegen(context, builder, signature, args, into_rows):
     dtype = signature.args[0].dtype
     width = VECTOR_BYTES // (dtype.bitwidth // 8)
     vty = ir.VectorType(context.get_value_type(dtype), width)
-    pty, i32, i64 = ir.PointerType(vty), ir.IntType(32), ir.IntType(64)
+    pty, i1, i32, i64 = ir.PointerType(vty), ir.IntType(1), ir.IntType(32), ir.IntType(64)
     row_p, rows_p, block_p = (
         cgutils.create_struct_proxy(signature.args[k])(context, builder, value=args[k]).data
         for k in (0, 1, 4)
     )
     r0, c0, base, stride = args[2], args[3], args[5], args[6]
-    row_offs = [
-        builder.add(builder.load(builder.gep(rows_p, [builder.add(r0, ir.Constant(i64, k))])), c0)
-        for k in range(width)
-    ]
-    block_offs = [builder.add(base, builder.mul(stride, ir.Constant(i64, k))) for k in range(width)]
+    partial = len(args) == 8
+    if partial:  # rows r >= k: their entry of ``rows`` is not read (r0's instead), masks off
+        k = args[7]
+        mty = ir.VectorType(i1, width)
+        suffix = f"v{width}f{dtype.bitwidth}"
+        masked_load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [pty, i32, mty, vty]), f"llvm.masked.load.{suffix}.p0"
+        )
+        masked_store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [vty, pty, i32, mty]),
+            f"llvm.masked.store.{suffix}.p0",
+        )
+        valid = [builder.icmp_signed("<", ir.Constant(i64, r), k) for r in range(width)]
+        row_index = [builder.select(valid[r], builder.add(r0, ir.Constant(i64, r)), r0) for r in range(width)]
+        lanes = ir.Constant(mty, None)  # lane r of a block column: row r
+        for r in range(width):
+            lanes = builder.insert_element(lanes, valid[r], ir.Constant(i32, r))
+        whole = [builder.select(valid[r], ir.Constant(mty, [1] * width), ir.Constant(mty, [0] * width))
+                 for r in range(width)]  # fmt: skip
+    else:
+        row_index = [builder.add(r0, ir.Constant(i64, r)) for r in range(width)]
+    row_offs = [builder.add(builder.load(builder.gep(rows_p, [row_index[r]])), c0) for r in range(width)]
+    block_offs = [builder.add(base, builder.mul(stride, ir.Constant(i64, c))) for c in range(width)]
     (src_p, src_offs), (dst_p, dst_offs) = (block_p, block_offs), (row_p, row_offs)
     if not into_rows:
         (src_p, src_offs), (dst_p, dst_offs) = (dst_p, dst_offs), (src_p, src_offs)
     align = dtype.bitwidth // 8
-    vectors = [builder.load(builder.bitcast(builder.gep(src_p, [src_offs[r]]), pty), align=align)
-               for r in range(width)]  # fmt: skip
+
+    def load(i):
+        ptr = builder.bitcast(builder.gep(src_p, [src_offs[i]]), pty)
+        if not partial:
+            return builder.load(ptr, align=align)
+        mask = lanes if into_rows else whole[i]  # a block column's rows, or row i itself
+        return builder.call(masked_load, [ptr, ir.Constant(i32, align), mask, ir.Constant(vty, None)])
+
+    def store(value, j):
+        ptr = builder.bitcast(builder.gep(dst_p, [dst_offs[j]]), pty)
+        if not partial:
+            builder.store(value, ptr, align=align)
+            return
+        mask = whole[j] if into_rows else lanes  # row j itself, or a block column's rows
+        builder.call(masked_store, [value, ptr, ir.Constant(i32, align), mask])
+
+    vectors = [load(i) for i in range(width)]
     block = width // 2
     while block:
         low = [p if not p & block else width + p - block for p in range(width)]
@@ -94,12 +140,14 @@ def _tile_transpose_codegen(context, builder, signature, args, into_rows):
                 )
         block //= 2
     for c in range(width):
-        builder.store(vectors[c], builder.bitcast(builder.gep(dst_p, [dst_offs[c]]), pty), align=align)
+        store(vectors[c], c)
     return context.get_dummy_value()
 
 
 _tile_into_block = _tile_transpose_intrinsic(False)
 _tile_into_rows = _tile_transpose_intrinsic(True)
+_partial_tile_into_block = _tile_transpose_intrinsic(False, partial=True)
+_partial_tile_into_rows = _tile_transpose_intrinsic(True, partial=True)
 
 
 @jit
@@ -121,8 +169,15 @@ def transpose_rows(row_flat, rows, block_flat, b0, b_stride, n, cols, into_rows)
                 _tile_into_rows(row_flat, rows, r0, c0, block_flat, base, b_stride)
             else:
                 _tile_into_block(row_flat, rows, r0, c0, block_flat, base, b_stride)
-    for r in range(n):  # the edges: the columns past the tiles, then the rows past them
-        for c in range(full_c if r < full_r else 0, cols):
+    if full_r < n:  # the rows past the full tiles: partial tiles, masked
+        for c0 in range(0, full_c, width):
+            base = b0 + c0 * b_stride + full_r
+            if into_rows:
+                _partial_tile_into_rows(row_flat, rows, full_r, c0, block_flat, base, b_stride, n - full_r)
+            else:
+                _partial_tile_into_block(row_flat, rows, full_r, c0, block_flat, base, b_stride, n - full_r)
+    for r in range(n):  # the columns past the tiles, value by value
+        for c in range(full_c, cols):
             if into_rows:
                 row_flat[rows[r] + c] = block_flat[b0 + c * b_stride + r]
             else:
