@@ -283,8 +283,11 @@ def forward_columns(
             np.empty(0 if training else rows_g * nc, h.dtype),
             np.empty((hd, nc), h.dtype),
             np.empty((hd if lstm else 0, nc), h.dtype),
+            np.empty(nc, np.int64),
+            np.empty(nc, np.int64),
+            np.empty(nc, np.int64),
         )
-        panels, g_flat, hT, cT = borrow(scratch)
+        panels, g_flat, hT, cT, rows, x_src, out_off = borrow(scratch)
         c0 = block(c_init, s0, cT.shape[0] if training else 0, nc)
         for i in range(nc):
             for j in range(hd):
@@ -293,8 +296,6 @@ def forward_columns(
                     cT[j, i] = c[s0 + i, j]
         for j in range(c0.shape[0]):
             copy_units(cT[j], c0[j], 0, nc)
-        index_scratch = (np.empty(nc, np.int64), np.empty(nc, np.int64), np.empty(nc, np.int64))
-        rows, x_src, out_off = borrow(index_scratch)  # held to the chunk's end
         out_flat = out.ravel()
         k = r0  # the step's first row of the workspace
         for s in range(lengths[s0]):
@@ -328,7 +329,6 @@ def forward_columns(
                 if lstm:
                     c[s0 + i, j] = cT[j, i]
         hold(scratch)
-        hold(index_scratch)
     hold(owned)
 
 
@@ -370,24 +370,21 @@ def backward_columns(
         nc = chunk_samples[ch + 1] - s0
         steps = lengths[s0]
         bases = step_bases(batch_sizes[ch], steps)
-        scratch = (
+        scratch = (  # held to the chunk's end
             np.empty((hd, nc), dh.dtype),
             np.empty((hd, nc), dh.dtype),
             np.empty((hd if lstm else 0, nc), dh.dtype),
+            np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype),
+            np.empty((hd + cin) * nc, dh.dtype),
+            np.empty(nc, np.int64),
+            np.empty(nc, np.int64),
         )
-        dhT, doutT, dcT = borrow(scratch)  # held to the chunk's end
+        dhT, doutT, dcT, d_panels, back_flat, rows, row_off = borrow(scratch)
         for i in range(nc):
             for j in range(hd):
                 dhT[j, i] = dh[s0 + i, j]
                 if lstm:
                     dcT[j, i] = dc[s0 + i, j]
-        more_scratch = (
-            np.zeros(((nc + nr - 1) // nr, rows_g, nr), dh.dtype),
-            np.empty((hd + cin) * nc, dh.dtype),
-        )
-        d_panels, back_flat = borrow(more_scratch)  # held to the chunk's end
-        index_scratch = (np.empty(nc, np.int64), np.empty(nc, np.int64))
-        rows, row_off = borrow(index_scratch)  # held to the chunk's end
         dout_flat, dx_flat = dout.ravel(), dx.ravel()
         for s in range(steps - 1, -1, -1):
             n = batch_sizes[ch, s]
@@ -433,8 +430,6 @@ def backward_columns(
                 if lstm:
                     dc[s0 + i, j] = dcT[j, i]
         hold(scratch)
-        hold(more_scratch)
-        hold(index_scratch)
     for ch in range(n_chunks):  # in chunk order (add_parts), [dW_ih | dW_hh] split
         for u in range(rows_g):  # loops: an array expression here would be a parallel region
             src, dst_ih, dst_hh = part_cat[ch, u], dw_ih[u], dw_hh[u]
