@@ -284,6 +284,17 @@ FEW_ROWS_PANELS = 4
 #: 1.11 / 1.04; but H = 64 (K = 64): 1.30 / 1.23, 1.49 / 1.37. MR - 1 rows lost either
 #: way (n = 7 at H = 1024: 1.16 full, 1.25 split).
 FEW_ROWS_SPLIT_K = 256
+#: ... except for a block of only those rows (no full tile before them: a step of 5-7 rows)
+#: from this depth on, which runs as one full tile: split, its two passes read each panel
+#: twice, and at K = 1024 a panel (128 KB) is not in L1 for the second. Measured (float32,
+#: Intel Xeon, layers in eval forward, both threads, chunks of 5-6 rows, time full tile /
+#: split, best of five, two processes each way): H=1024, T=50: RNN N=10 0.83-0.88, N=12
+#: 0.84-0.86; GRU N=10 0.86-0.87, N=12 0.84; LSTM N=12 0.83-0.87; training steps (the
+#: backward's dG @ W_hh as well) RNN N=12 0.82-0.85, GRU N=10 0.85-0.86, LSTM N=12 (T=30)
+#: 0.86-0.87; outputs and gradients bitwise the same. With every such split
+#: off (not kept): K=512 (RNN N=12, T=100) 1.03-1.04 and K=256 (GRU N=12, T=100)
+#: 1.04-1.06, and 13-14 rows (a full tile, then 5-6) at H=1024 0.97-1.05.
+FEW_ROWS_ALONE_TILE_K = 1024
 #: Rows up to which a block's last full tile grows (a tall tile of MR + 1 to MR + TALL_EXTRA
 #: rows, its own micro-kernel each) to take rows left over after the full tiles and any
 #: HALF_MR-row tile, instead of a pass over the panels for 1-3 rows on few_rows' tiles (4
@@ -523,7 +534,12 @@ def gemm_packed(a, panels, out, accumulate):
             if extra:
                 body = b1 - last + extra if last > HALF_MR else b1
             else:
-                body = b1 if last == MR - 1 or (last > HALF_MR and kc < FEW_ROWS_SPLIT_K) else b1 - last
+                alone = b1 - b0 < MR and kc >= FEW_ROWS_ALONE_TILE_K  # one full tile, masked
+                body = (
+                    b1
+                    if last == MR - 1 or (last > HALF_MR and (kc < FEW_ROWS_SPLIT_K or alone))
+                    else b1 - last
+                )
             tall = body - MR - extra if extra else body  # full tiles b0..tall, the tall one tall..body
             # rows left after the full tiles (body..b1) run on few_rows, HALF_MR at a time,
             # each group of panels serving the full tiles and then those rows while in cache
