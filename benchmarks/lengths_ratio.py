@@ -3,12 +3,13 @@
     python benchmarks/lengths_ratio.py [--cell rnn] [--mode forward] [--shape N,T,H] [--rounds 41]
 
 For each cell, mode (``forward``: eval; ``train``: forward + backward) and shape (default:
-32,100,64 and 64,100,256; C = H), two layers with the same weights run the data of
-``fastseq bench`` (``fastseq.bench.harness.Inputs``: lengths uniform in [1, T], one sample
-at T) at random and at full length. The two are timed in alternating blocks of about
-``harness.BLOCK_SECONDS`` of calls, each block led by an untimed call, the way the bench
-alternates fastseq with torch; each round gives one ratio random / full. Prints the median
-ratio over the rounds with its quartiles, and the share of valid steps.
+32,100,64, 64,100,256 and 64,50,1024, the one-layer target shapes; C = H), two layers with
+the same weights run the data of ``fastseq bench`` (``fastseq.bench.harness.Inputs``:
+lengths uniform in [1, T], one sample at T) at random and at full length. The two are
+timed in alternating blocks of about ``harness.BLOCK_SECONDS`` of calls, each block led by
+an untimed call, the way the bench alternates fastseq with torch; each round gives one
+ratio random / full. Prints the median ratio over the rounds with its quartiles, and the
+share of valid steps.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from fastseq.bench.harness import BLOCK_SECONDS, BenchCase, Inputs, build_fastseq
 
-DEFAULT_SHAPES = ((32, 100, 64), (64, 100, 256))
+DEFAULT_SHAPES = ((32, 100, 64), (64, 100, 256), (64, 50, 1024))
 
 
 def _block(fn, calls):
