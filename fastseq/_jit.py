@@ -10,6 +10,10 @@ apply everywhere:
 * ``cache=True``: compiled kernels are written to numba's disk cache (``__pycache__`` next to
   the kernel sources, or ``NUMBA_CACHE_DIR``), so only the first run in a fresh environment
   pays the compile time. Kernels are compiled lazily: importing fastseq compiles nothing.
+  numba checks a cached kernel against its own source file only: after an edit of
+  ``kernels/gemm.py`` alone, the layer kernels of ``rnn.py`` etc. still load their cached
+  copies with the old products linked in. When editing kernels, measure and test with a
+  fresh ``NUMBA_CACHE_DIR`` (a clean checkout has no cache).
 * ``nogil=True``: kernels release the GIL, so two Python threads can run two layers at once.
 * ``inline=True`` (per function): numba inlines the function into its callers' IR. For the
   per-row helpers of the time loops (gate math, row copies): called, they receive array views,
