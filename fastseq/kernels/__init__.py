@@ -38,7 +38,8 @@ The forward direction runs step ``s = t``. The reverse direction runs step ``s``
 ``k`` at time ``t = lengths[k] - 1 - s``, so each sample's reverse pass starts at its own
 last valid step.
 
-Inside the time loops, the arrays the per-step calls receive carry no reference counts
+In the chunked kernels' time loops (and the transposed layout's, and the streaming
+steps), the arrays the per-step calls receive carry no reference counts
 (``kernels.refs.borrow``): numba's atomic count updates at every call are no-ops for them.
 
 Kernel arguments shared by all cells::
