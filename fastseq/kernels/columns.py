@@ -50,29 +50,31 @@ def _tile_transpose_intrinsic(into_rows, partial=False):
     <= k <= W), and moves rows r < k only, by masked loads and stores (rows needs k entries
     from r0; nothing is read or written for r >= k)."""
 
-    @intrinsic
-    def tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride):
-        if not (isinstance(row_flat.dtype, types.Float) and row_flat.dtype == block_flat.dtype):
-            return None
-        sig = types.void(row_flat, rows, types.intp, types.intp, block_flat, types.intp, types.intp)
-        return sig, lambda context, builder, signature, args: _tile_transpose_codegen(
-            context, builder, signature, args, into_rows
-        )
-
-    @intrinsic
-    def partial_tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride, k):
+    def typing(row_flat, rows, block_flat):
         if not (isinstance(row_flat.dtype, types.Float) and row_flat.dtype == block_flat.dtype):
             return None
         intp = types.intp
-        sig = types.void(row_flat, rows, intp, intp, block_flat, intp, intp, intp)
+        sig = types.void(row_flat, rows, intp, intp, block_flat, intp, intp, *((intp,) if partial else ()))
         return sig, lambda context, builder, signature, args: _tile_transpose_codegen(
-            context, builder, signature, args, into_rows
+            context, builder, signature, args, into_rows, partial
         )
 
-    return partial_tile if partial else tile
+    if partial:
+
+        @intrinsic
+        def partial_tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride, k):
+            return typing(row_flat, rows, block_flat)
+
+        return partial_tile
+
+    @intrinsic
+    def tile(typingctx, row_flat, rows, r0, c0, block_flat, base, stride):
+        return typing(row_flat, rows, block_flat)
+
+    return tile
 
 
-def _tile_transpose_codegen(context, builder, signature, args, into_rows):
+def _tile_transpose_codegen(context, builder, signature, args, into_rows, partial):
     dtype = signature.args[0].dtype
     width = VECTOR_BYTES // (dtype.bitwidth // 8)
     vty = ir.VectorType(context.get_value_type(dtype), width)
@@ -82,7 +84,6 @@ def _tile_transpose_codegen(context, builder, signature, args, into_rows):
         for k in (0, 1, 4)
     )
     r0, c0, base, stride = args[2], args[3], args[5], args[6]
-    partial = len(args) == 8
     if partial:  # rows r >= k: their entry of ``rows`` is not read (r0's instead), masks off
         k = args[7]
         mty = ir.VectorType(i1, width)
