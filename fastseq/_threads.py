@@ -11,9 +11,11 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-An LSTM batch of 1-8 with W_hh in a size range that depends on the batch (:func:`unit_parts`)
-runs as one chunk split across the threads by hidden units instead: numba's team works on
-every step, BLAS is held at one thread.
+A small batch with W_hh in a size range that depends on the batch and the CPU
+(:func:`unit_parts`: on AMD's, LSTM batches of 1-8 and GRU/RNN batches of one; elsewhere
+batches of 1-12 of every cell, by the core's L2) runs as one chunk split across the
+threads by hidden units instead: numba's team works on every step, BLAS is held at one
+thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
@@ -35,7 +37,7 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
 from fastseq.kernels.common import SPREAD_STEP_BYTES
-from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, panel_columns
+from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, _target_cpu, panel_columns
 
 _lock = threading.Lock()
 _active = 0
@@ -122,27 +124,90 @@ WIDE_SPLIT_BYTES = 4 << 20
 FIVE_SPLIT_BYTES = 3 << 19
 
 
+def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """A core's L2 cache in bytes, as Linux's sysfs gives it for CPU 0 (``base``: its cache
+    directory); 0 where it cannot be read (another OS, a container hiding it)."""
+    try:
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(path, "level")) as level, open(os.path.join(path, "size")) as size:
+                if level.read().strip() != "2":
+                    continue
+                text = size.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+#: Whether batches of 2 to L2_SPLIT_BATCHES of every cell split by units from a size of W_hh
+#: set by a core's L2 cache (L2_SMALL_SPLIT, L2_SPLIT), rather than by the tables above,
+#: which were measured on AMD's Zen (LSTM batches of 2-8 only; GRU and RNN batches of one
+#: only). True on CPUs other than AMD's. Measured on the Intel Xeon (2 MB of L2 a core;
+#: float32, T=50, C=H, in process, split / chunks, eval forward and training step, medians
+#: of 7):
+#:
+#: - W_hh of 2.25-16 MB splits faster at N=2-12: LSTM H=384 N=2 0.49 / 0.53, N=4 0.62 /
+#:   0.67, N=8 0.80 / 0.82, N=12 0.83 / 0.88; H=512-1024 N=2-8 0.45-0.72 / 0.52-0.77, N=12
+#:   0.72-0.86 / 0.83-0.88; GRU H=448-1024 N=2-8 0.41-0.78 / 0.48-0.84, N=12 0.73-0.85 /
+#:   0.83-0.93; RNN H=768-1024 N=2-8 0.47-0.78 / 0.52-0.83, N=12 0.82-0.85 / 0.85-0.89.
+#:   N=16 was mixed (0.91-1.03 / 0.91-0.99), so batches up to 12.
+#: - At 1.56-1.69 MB (LSTM H=320, GRU H=384, RNN H=640): N=2 0.62-0.77 / 0.77-0.91, N=4
+#:   0.82-1.02 / 0.92-0.98 (an LSTM batch of 3 at H=320, which the Zen tables split, ran
+#:   1.05x slower in chunks); N=8-16 1.03-1.17 / 1.03-1.11.
+#: - At 1 MB and less (H=256; RNN H=512) the split loses: N=2 0.95-1.56 / 1.01-1.38, N=3-12
+#:   0.93-1.93 / 0.98-1.52 (GRU N=12 0.93 / 1.23 and RNN H=512 N=12 1.25 / 0.98 the only
+#:   ratios under 1).
+#:
+#: The Zen tables had LSTM N=2 at 16 MB (0.65 / 0.77 here) and LSTM N=3-4 at 1 MB
+#: (1.06-1.12 / 1.13-1.18 here) on the wrong side. The bars follow the core's L2 (the
+#: chunks lose once each thread streams all of W_hh from past its L2 at every step); Zen's
+#: figures at 1 MB of L2 fit this for N=2-4 but not 5-8, which is why AMD keeps its tables.
+SPLIT_BY_L2 = not _target_cpu().startswith("znver")
+L2_BYTES = core_l2_bytes() or 1 << 20
+L2_SPLIT_BATCHES = 12
+#: W_hh bytes, in cores' L2, from which batches of 2-4 split (SPLIT_BY_L2), and batches of 5
+#: to L2_SPLIT_BATCHES.
+L2_SMALL_SPLIT = 0.75
+L2_SPLIT = 1.0
+
+
+def split_bytes(cell: str, batch: int, splits: bool = True):
+    """The range [lo, hi) of W_hh bytes over which a batch of ``batch`` samples of ``cell``
+    splits its steps by units (:func:`unit_parts`), or None where it never does."""
+    if not splits or numba.config.NUMBA_NUM_THREADS < 2:
+        return None
+    if batch == 1:
+        return SINGLE_SPLIT_BYTES
+    if SPLIT_BY_L2:
+        if batch > L2_SPLIT_BATCHES:
+            return None
+        return (L2_SMALL_SPLIT if batch <= 4 else L2_SPLIT) * L2_BYTES, float("inf")
+    if batch not in UNIT_SPLIT_BATCHES or cell != "lstm":
+        return None
+    if batch == 2:
+        return PAIR_SPLIT_BYTES
+    lo = UNIT_SPLIT_MIN_BYTES if batch <= 4 else FIVE_SPLIT_BYTES if batch == 5 else WIDE_SPLIT_BYTES
+    return lo, float("inf")
+
+
 def unit_parts(cell: str, batch: int, w_hh, splits: bool = True) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for a batch of one of any cell whose recurrent weights
-    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES, and an LSTM batch in UNIT_SPLIT_BATCHES with
-    W_hh in the batch's range (2: PAIR_SPLIT_BYTES, 3-4: from UNIT_SPLIT_MIN_BYTES, 5: from
-    FIVE_SPLIT_BYTES, 6-8: from WIDE_SPLIT_BYTES). ``splits``: False for a variant without
-    a split (GRU reset_after=False). As many parts as numba's start-up thread count (so
-    results do not depend on the active thread count)."""
-    threads = numba.config.NUMBA_NUM_THREADS
-    if not splits or threads < 2 or batch not in UNIT_SPLIT_BATCHES or (cell != "lstm" and batch != 1):
+    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES; for larger batches, on AMD's CPUs an LSTM batch
+    in UNIT_SPLIT_BATCHES with W_hh in the batch's range (2: PAIR_SPLIT_BYTES, 3-4: from
+    UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from WIDE_SPLIT_BYTES), on others
+    a batch of up to L2_SPLIT_BATCHES of any cell from a size set by the core's L2
+    (SPLIT_BY_L2). See :func:`split_bytes`. ``splits``: False for a variant without a split
+    (GRU reset_after=False). As many parts as numba's start-up thread count (so results do
+    not depend on the active thread count)."""
+    bounds = split_bytes(cell, batch, splits)
+    if bounds is None or not bounds[0] <= w_hh.nbytes < bounds[1]:
         return 0
-    if batch == 1:
-        lo, hi = SINGLE_SPLIT_BYTES
-    elif batch == 2:
-        lo, hi = PAIR_SPLIT_BYTES
-    else:
-        lo = UNIT_SPLIT_MIN_BYTES if batch <= 4 else FIVE_SPLIT_BYTES if batch == 5 else WIDE_SPLIT_BYTES
-        hi = float("inf")
-    if not lo <= w_hh.nbytes < hi:
-        return 0
-    return min(threads, w_hh.shape[1])
+    return min(numba.config.NUMBA_NUM_THREADS, w_hh.shape[1])
 
 
 #: Rows per batch chunk from which backward sums the weight gradients per chunk (partial sums

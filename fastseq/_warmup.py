@@ -58,14 +58,16 @@ def _exercise(layer_cls, cell_cls, dtype):
     h = cell(x[0])
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
     cell.stream(batch=2).step(x[0])
-    # LSTM batches of 3-4 with large recurrent weights split each step by hidden units: the
-    # smallest H whose W_hh (4H, H) reaches the threshold
-    hidden = math.isqrt(_threads.UNIT_SPLIT_MIN_BYTES // (4 * dtype.itemsize)) + 1
-    if _threads.unit_parts(layer_cls._cell, 3, np.empty((4 * hidden, hidden), dtype)):
+    # Batches of 3 with large recurrent weights split each step by hidden units (an LSTM's,
+    # or every cell's: _threads.split_bytes): the smallest H whose W_hh (G*H, H) reaches the
+    # threshold
+    gates = CELLS[layer_cls._cell].gates
+    bounds = _threads.split_bytes(layer_cls._cell, 3)
+    if bounds is not None:
+        hidden = math.isqrt(int(bounds[0]) // (gates * dtype.itemsize)) + 1
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((3, 3, 2), dtype), lengths=[3, 2, 1])
         layer.backward(np.ones_like(out))
-    gates = CELLS[layer_cls._cell].gates
     # GRU and RNN batches of one split their steps by hidden units: the smallest H whose
     # W_hh (G*H, H) reaches the range
     hidden = math.isqrt(_threads.SINGLE_SPLIT_BYTES[0] // (gates * dtype.itemsize)) + 1

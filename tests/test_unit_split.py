@@ -33,19 +33,15 @@ from tests.test_torch_parity import torch_run
 from tests.tolerances import assert_close
 
 
-@pytest.fixture
-def unit_split(monkeypatch):
-    """Force the unit-split path and count its kernel calls: {"forward": n, "backward": n}."""
+def _count_kernel_calls(monkeypatch, names):
+    """Wrap the named ``_engine`` kernels (``<cell>_forward_units`` / ``_backward_units``)
+    to count their calls: {"forward": n, "backward": n}."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
-    monkeypatch.setattr(_threads, "UNIT_SPLIT_MIN_BYTES", 0)
-    monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
-    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
-    monkeypatch.setattr(_threads, "WIDE_SPLIT_BYTES", 0)
-    monkeypatch.setattr(_threads, "FIVE_SPLIT_BYTES", 0)
     calls = {"forward": 0, "backward": 0}
-    for name, kind in (("lstm_forward_units", "forward"), ("lstm_backward_units", "backward")):
+    for name in names:
         kernel = getattr(_engine, name)
+        kind = "forward" if "_forward_" in name else "backward"
 
         def counted(*args, kernel=kernel, kind=kind):
             calls[kind] += 1
@@ -53,6 +49,18 @@ def unit_split(monkeypatch):
 
         monkeypatch.setattr(_engine, name, counted)
     return calls
+
+
+@pytest.fixture
+def unit_split(monkeypatch):
+    """Force the LSTM's unit-split path and count its kernel calls: {"forward": n, "backward": n}."""
+    monkeypatch.setattr(_threads, "SPLIT_BY_L2", False)  # the LSTM's tables, whatever the CPU
+    monkeypatch.setattr(_threads, "UNIT_SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
+    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
+    monkeypatch.setattr(_threads, "WIDE_SPLIT_BYTES", 0)
+    monkeypatch.setattr(_threads, "FIVE_SPLIT_BYTES", 0)
+    return _count_kernel_calls(monkeypatch, ("lstm_forward_units", "lstm_backward_units"))
 
 
 def _chunked(monkeypatch):
@@ -92,7 +100,8 @@ def _at_thread_counts(make_case, counts=(1, 2, 1)):
     return results
 
 
-def test_unit_parts_policy():
+def test_unit_parts_policy_on_amd_tables(monkeypatch):
+    monkeypatch.setattr(_threads, "SPLIT_BY_L2", False)
     w = np.empty((4 * 512, 512), np.float32)  # 4 MB
     assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
     assert _threads.unit_parts("lstm", 3, w) > 0
@@ -121,6 +130,37 @@ def test_unit_parts_policy():
         assert _threads.unit_parts(cell, 1, w, splits=False) == 0  # GRU reset_after=False
         assert _threads.unit_parts(cell, 2, w) == 0
     assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
+
+
+def test_unit_parts_policy_by_l2(monkeypatch):
+    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
+    monkeypatch.setattr(_threads, "L2_BYTES", 2 << 20)
+    small, wide = int(_threads.L2_SMALL_SPLIT * (2 << 20)), int(_threads.L2_SPLIT * (2 << 20))
+    for cell in ("lstm", "gru", "rnn"):
+        for batch in range(2, _threads.L2_SPLIT_BATCHES + 1):
+            lo = small if batch <= 4 else wide
+            for nbytes, split in ((lo - 4, False), (lo, True), (64 << 20, True)):
+                w_hh = np.empty((1, nbytes // 4), np.float32)
+                assert (_threads.unit_parts(cell, batch, w_hh) > 0) == split, (cell, batch, nbytes)
+        assert (
+            _threads.unit_parts(cell, _threads.L2_SPLIT_BATCHES + 1, np.empty((1, 16 << 18), np.float32)) == 0
+        )
+        lo, hi = _threads.SINGLE_SPLIT_BYTES  # a batch of one: the same range as on AMD's
+        for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
+            assert (_threads.unit_parts(cell, 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split
+    assert _threads.unit_parts("gru", 4, np.empty((1, 1 << 22), np.float32), splits=False) == 0
+
+
+def test_core_l2_bytes_reads_sysfs(tmp_path):
+    for index, level, size in ((0, 1, "48K"), (2, 2, "2048K"), (3, 3, "480M")):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "size").write_text(f"{size}\n")
+    assert _threads.core_l2_bytes(str(tmp_path)) == 2 << 20
+    (tmp_path / "index2" / "size").write_text("1M\n")
+    assert _threads.core_l2_bytes(str(tmp_path)) == 1 << 20
+    assert _threads.core_l2_bytes(str(tmp_path / "missing")) == 0
 
 
 @pytest.mark.parametrize(
@@ -284,23 +324,23 @@ def test_unit_split_with_more_parts_than_rows(unit_split, monkeypatch, steps):
         assert_close(split_second, chunks, np.float64, "8 parts vs chunks, second step")
 
 
+GRU_RNN_SPLIT_KERNELS = ("gru_forward_units", "rnn_forward_units", "gru_backward_units", "rnn_backward_units")
+
+
 @pytest.fixture
 def one_sample_split(monkeypatch):
     """Force the GRU/RNN split of a batch of one (any W_hh) and count its kernel calls."""
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
     monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
-    calls = {"forward": 0, "backward": 0}
-    for name in ("gru_forward_units", "rnn_forward_units", "gru_backward_units", "rnn_backward_units"):
-        kernel = getattr(_engine, name)
-        kind = name.split("_")[1]
+    return _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
 
-        def counted(*args, kernel=kernel, kind=kind):
-            calls[kind] += 1
-            return kernel(*args)
 
-        monkeypatch.setattr(_engine, name, counted)
-    return calls
+@pytest.fixture
+def batch_split(monkeypatch):
+    """Force the split of GRU/RNN batches of up to L2_SPLIT_BATCHES (the policy by the core's
+    L2, with any W_hh) and count the kernel calls."""
+    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
+    monkeypatch.setattr(_threads, "L2_BYTES", 0)
+    return _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
 
 
 ONE_SAMPLE_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]
@@ -392,3 +432,92 @@ def test_one_sample_split_not_for_gru_reset_before(one_sample_split):
     out, _ = layer(np.zeros((4, 1, 3)))
     layer.backward(np.ones_like(out))
     assert one_sample_split["forward"] == one_sample_split["backward"] == 0
+
+
+# GRU and RNN batches of several samples split by units (_threads.SPLIT_BY_L2): unequal
+# lengths (forwards, and in reverse over unequal lengths), H odd.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize(("batch", "steps"), [(2, SPLIT_STEPS[0]), (5, SPLIT_STEPS[1]), (12, SPLIT_STEPS[0])])
+def test_batch_split_training_torch_parity(batch_split, variant, dtype, batch, steps):
+    case = Case(variant, dtype, 2, True, True, True, steps=steps, batch=batch, input_size=6, hidden_size=9)
+    got = case.run()
+    assert batch_split["forward"] == 4 and batch_split["backward"] == 4
+    assert_matches(case, got, torch_run(case), "torch parity")
+
+
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize("batch", [3, 8])
+def test_batch_split_inference_matches_naive_and_torch(batch_split, variant, batch):
+    case = Case(variant, np.float32, 2, True, True, True, steps=9, batch=batch, input_size=6, hidden_size=9)
+    case.layer.eval()
+    out, h_n = case.layer(case.x, case.hx(), lengths=case.lengths)
+    assert batch_split["forward"] == 4
+    ref_out, ref_final, *_ = _naive(case)
+    assert_close(out, ref_out, np.float32, "batch split vs naive")
+    assert_close(h_n, ref_final[0], np.float32, "batch split vs naive")
+    torch_out, torch_final, *_ = torch_run(case)
+    assert_close(out, torch_out, np.float32, "batch split vs torch")
+    assert_close(h_n, torch_final[0], np.float32, "batch split vs torch")
+
+
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize(("num_layers", "bidirectional", "bias"), [(1, False, True), (2, True, False)])
+def test_batch_split_finite_differences(batch_split, variant, num_layers, bidirectional, bias):
+    case = Case(
+        variant, np.float64, num_layers, bidirectional, True, True, bias, steps=4, batch=3, hidden_size=5
+    )
+    _, _, dx, dinit = case.run()
+    assert batch_split["forward"] > 0 and batch_split["backward"] > 0
+    check_gradients(case, dx, dinit, np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_batch_split_matches_chunks_with_dropout(batch_split, monkeypatch, variant):
+    results = _split_then_chunked(monkeypatch, lambda: Case(
+        variant, np.float64, 2, True, True, True, steps=6, batch=4, hidden_size=7,
+        extra={"recurrent_dropout": 0.3, "dropout": 0.2}))  # fmt: skip
+    assert batch_split["forward"] == 4 and batch_split["backward"] == 4  # the first run only
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b, np.float64, "batch split vs chunks")
+
+
+@pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
+def test_batch_split_over_several_projection_blocks(batch_split, monkeypatch, variant):
+    # 600 steps of 3 samples of unequal lengths: inference projects the input a block of 512
+    # rows at a time, forwards and in reverse
+    layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
+    x = np.random.default_rng(3).standard_normal((600, 3, 3))
+    out, h = layer(x, lengths=[600, 431, 17])
+    assert batch_split["forward"] == 2
+    _chunked(monkeypatch)
+    ref_out, ref_h = layer(x, lengths=[600, 431, 17])
+    assert_close(out, ref_out, np.float64, "batch split vs chunks")
+    assert_close(h, ref_h, np.float64, "batch split vs chunks")
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+def test_batch_split_writes_padded_outputs(batch_split, monkeypatch, variant, training):
+    case = Case(variant, np.float32, 2, True, True, steps=7, batch=3, hidden_size=5, seed=3)
+    check_padded_outputs_written(monkeypatch, case, training)
+    assert batch_split["forward"] == 8
+
+
+def test_batch_split_bitwise_identical_across_thread_counts(batch_split):
+    results = _at_thread_counts(
+        lambda: Case(
+            "rnn-tanh", np.float32, 2, True, True, True, steps=9, batch=4, input_size=5, hidden_size=17
+        )
+    )
+    assert batch_split["forward"] == 3 * 4
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_batch_split_not_for_gru_reset_before(batch_split):
+    layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2)
+    out, _ = layer(np.zeros((4, 3, 3)))
+    layer.backward(np.ones_like(out))
+    assert batch_split["forward"] == batch_split["backward"] == 0
