@@ -1,9 +1,9 @@
-"""The LSTM's unit-split path (a batch of 1-8 samples with large recurrent weights: one chunk,
-each step split across threads by hidden units) against finite differences, torch and the
-chunked path; the GRU's and RNN's inference split (a batch of one) against the NumPy
-reference, torch and the chunked path. ``UNIT_SPLIT_MIN_BYTES = 0`` (and every batch's byte range opened up) makes any
-weights count as large, so small layers take the path; H is odd so that the parts have
-unequal widths."""
+"""The unit-split path (a small batch with large recurrent weights: one chunk, each step
+split across threads by hidden units) against finite differences, torch, the NumPy
+reference and the chunked path: the LSTM's batches of 1-8 (AMD's tables), the GRU's and
+RNN's batch of one, and the GRU's and RNN's batches of 2-12 (the policy by the core's L2,
+``_threads.SPLIT_BY_L2``). The fixtures open every byte range (or set the L2 to 0 bytes),
+so small layers take the path; H is odd so that the parts have unequal widths."""
 
 import numba
 import numpy as np
