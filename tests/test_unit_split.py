@@ -334,190 +334,134 @@ def one_sample_split(monkeypatch):
     return _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
 
 
-@pytest.fixture
-def batch_split(monkeypatch):
-    """Force the split of GRU/RNN batches of up to L2_SPLIT_BATCHES (the policy by the core's
-    L2, with any W_hh) and count the kernel calls."""
+class GruRnnSplit:
+    """How a GRU/RNN split test runs: ``calls`` (kernel calls counted), ``batch`` and
+    ``use_lengths`` for its cases."""
+
+    def __init__(self, calls, batch, use_lengths):
+        self.calls, self.batch, self.use_lengths = calls, batch, use_lengths
+
+    def case(self, variant, dtype, num_layers, bidirectional, bias=True, **kwargs):
+        return Case(variant, dtype, num_layers, bidirectional, self.use_lengths, True, bias, batch=self.batch,
+                    **kwargs)  # fmt: skip
+
+    @property
+    def lengths(self):
+        """Lengths for the 600-step test (None: all 600)."""
+        return [600, 431, 17, 600, 80][: self.batch] if self.use_lengths else None
+
+
+@pytest.fixture(params=["one sample", "batch"])
+def gru_rnn_split(request, monkeypatch):
+    """Force the GRU/RNN split: of a batch of one (any W_hh; equal lengths), or of a batch of
+    5, unequal lengths (the policy by the core's L2, ``_threads.SPLIT_BY_L2``, with 0 bytes
+    of L2: any W_hh, batches up to L2_SPLIT_BATCHES)."""
+    if request.param == "one sample":
+        return GruRnnSplit(request.getfixturevalue("one_sample_split"), 1, False)
     monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
     monkeypatch.setattr(_threads, "L2_BYTES", 0)
-    return _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
+    return GruRnnSplit(_count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS), 5, True)
 
 
-ONE_SAMPLE_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]
+GRU_RNN_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize("variant", GRU_RNN_VARIANTS)
 @pytest.mark.parametrize("steps", SPLIT_STEPS)
-def test_one_sample_split_inference_matches_naive_and_torch(one_sample_split, variant, dtype, steps):
-    # a batch of one, two layers, both directions, H odd (parts of unequal widths)
-    case = Case(variant, dtype, 2, True, False, True, steps=steps, batch=1, input_size=6, hidden_size=9)
-    case.layer.eval()
-    out, h_n = case.layer(case.x, case.hx())
-    assert one_sample_split["forward"] == 4
-    ref_out, ref_final, *_ = _naive(case)
-    assert_close(out, ref_out, dtype, "one-sample split vs naive")
-    assert_close(h_n, ref_final[0], dtype, "one-sample split vs naive")
-    torch_out, torch_final, *_ = torch_run(case)
-    assert_close(out, torch_out, dtype, "one-sample split vs torch")
-    assert_close(h_n, torch_final[0], dtype, "one-sample split vs torch")
-
-
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-@pytest.mark.parametrize(("num_layers", "bidirectional", "bias"), [(1, False, True), (2, True, False)])
-def test_one_sample_split_finite_differences(one_sample_split, variant, num_layers, bidirectional, bias):
-    case = Case(
-        variant, np.float64, num_layers, bidirectional, False, True, bias, steps=4, batch=1, hidden_size=5
-    )
-    _, _, dx, dinit = case.run()
-    assert one_sample_split["forward"] > 0 and one_sample_split["backward"] > 0
-    check_gradients(case, dx, dinit, np.random.default_rng(7))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-@pytest.mark.parametrize("steps", SPLIT_STEPS)
-def test_one_sample_split_training_torch_parity(one_sample_split, variant, dtype, steps):
-    case = Case(variant, dtype, 2, True, False, True, steps=steps, batch=1, input_size=6, hidden_size=9)
-    got = case.run()
-    assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4
-    assert_matches(case, got, torch_run(case), "torch parity")
-
-
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_one_sample_split_matches_chunks_with_dropout(one_sample_split, monkeypatch, variant):
-    results = _split_then_chunked(monkeypatch, lambda: Case(
-        variant, np.float64, 2, True, False, True, steps=6, batch=1, hidden_size=7,
-        extra={"recurrent_dropout": 0.3, "dropout": 0.2}))  # fmt: skip
-    assert one_sample_split["forward"] == 4 and one_sample_split["backward"] == 4  # the first run only
-    for a, b in zip(*results, strict=True):
-        assert_close(a, b, np.float64, "one-sample split vs chunks")
-
-
-@pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
-def test_one_sample_split_over_several_projection_blocks(one_sample_split, monkeypatch, variant):
-    # 600 steps of one sample: inference projects the input a block of 512 rows at a time,
-    # forwards and in reverse
-    layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
-    x = np.random.default_rng(3).standard_normal((600, 1, 3))
-    out, h = layer(x)
-    assert one_sample_split["forward"] == 2
-    _chunked(monkeypatch)
-    ref_out, ref_h = layer(x)
-    assert_close(out, ref_out, np.float64, "one-sample split vs chunks")
-    assert_close(h, ref_h, np.float64, "one-sample split vs chunks")
-
-
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_one_sample_split_writes_padded_outputs(one_sample_split, monkeypatch, variant, training):
-    case = Case(variant, np.float32, 2, True, True, steps=7, batch=1, hidden_size=5, seed=3)
-    case.lengths[:] = 4
-    check_padded_outputs_written(monkeypatch, case, training)
-    assert one_sample_split["forward"] == 8
-
-
-def test_one_sample_split_bitwise_identical_across_thread_counts(one_sample_split):
-    results = _at_thread_counts(
-        lambda: Case("gru", np.float32, 2, True, False, True, steps=9, batch=1, input_size=5, hidden_size=17)
-    )
-    assert one_sample_split["forward"] == 3 * 4
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_one_sample_split_not_for_gru_reset_before(one_sample_split):
-    layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2)
-    out, _ = layer(np.zeros((4, 1, 3)))
-    layer.backward(np.ones_like(out))
-    assert one_sample_split["forward"] == one_sample_split["backward"] == 0
-
-
-# GRU and RNN batches of several samples split by units (_threads.SPLIT_BY_L2): unequal
-# lengths (forwards, and in reverse over unequal lengths), H odd.
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-@pytest.mark.parametrize(("batch", "steps"), [(2, SPLIT_STEPS[0]), (5, SPLIT_STEPS[1]), (12, SPLIT_STEPS[0])])
-def test_batch_split_training_torch_parity(batch_split, variant, dtype, batch, steps):
-    case = Case(variant, dtype, 2, True, True, True, steps=steps, batch=batch, input_size=6, hidden_size=9)
-    got = case.run()
-    assert batch_split["forward"] == 4 and batch_split["backward"] == 4
-    assert_matches(case, got, torch_run(case), "torch parity")
-
-
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-@pytest.mark.parametrize("batch", [3, 8])
-def test_batch_split_inference_matches_naive_and_torch(batch_split, variant, batch):
-    case = Case(variant, np.float32, 2, True, True, True, steps=9, batch=batch, input_size=6, hidden_size=9)
+def test_gru_rnn_split_inference_matches_naive_and_torch(gru_rnn_split, variant, dtype, steps):
+    # two layers, both directions, H odd (parts of unequal widths)
+    case = gru_rnn_split.case(variant, dtype, 2, True, steps=steps, input_size=6, hidden_size=9)
     case.layer.eval()
     out, h_n = case.layer(case.x, case.hx(), lengths=case.lengths)
-    assert batch_split["forward"] == 4
+    assert gru_rnn_split.calls["forward"] == 4
     ref_out, ref_final, *_ = _naive(case)
-    assert_close(out, ref_out, np.float32, "batch split vs naive")
-    assert_close(h_n, ref_final[0], np.float32, "batch split vs naive")
+    assert_close(out, ref_out, dtype, "split vs naive")
+    assert_close(h_n, ref_final[0], dtype, "split vs naive")
     torch_out, torch_final, *_ = torch_run(case)
-    assert_close(out, torch_out, np.float32, "batch split vs torch")
-    assert_close(h_n, torch_final[0], np.float32, "batch split vs torch")
+    assert_close(out, torch_out, dtype, "split vs torch")
+    assert_close(h_n, torch_final[0], dtype, "split vs torch")
 
 
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
+@pytest.mark.parametrize("variant", GRU_RNN_VARIANTS)
 @pytest.mark.parametrize(("num_layers", "bidirectional", "bias"), [(1, False, True), (2, True, False)])
-def test_batch_split_finite_differences(batch_split, variant, num_layers, bidirectional, bias):
-    case = Case(
-        variant, np.float64, num_layers, bidirectional, True, True, bias, steps=4, batch=3, hidden_size=5
-    )
+def test_gru_rnn_split_finite_differences(gru_rnn_split, variant, num_layers, bidirectional, bias):
+    case = gru_rnn_split.case(variant, np.float64, num_layers, bidirectional, bias, steps=4, hidden_size=5)
     _, _, dx, dinit = case.run()
-    assert batch_split["forward"] > 0 and batch_split["backward"] > 0
+    assert gru_rnn_split.calls["forward"] > 0 and gru_rnn_split.calls["backward"] > 0
     check_gradients(case, dx, dinit, np.random.default_rng(7))
 
 
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_batch_split_matches_chunks_with_dropout(batch_split, monkeypatch, variant):
-    results = _split_then_chunked(monkeypatch, lambda: Case(
-        variant, np.float64, 2, True, True, True, steps=6, batch=4, hidden_size=7,
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", GRU_RNN_VARIANTS)
+@pytest.mark.parametrize("steps", SPLIT_STEPS)
+def test_gru_rnn_split_training_torch_parity(gru_rnn_split, variant, dtype, steps):
+    case = gru_rnn_split.case(variant, dtype, 2, True, steps=steps, input_size=6, hidden_size=9)
+    got = case.run()
+    assert gru_rnn_split.calls["forward"] == 4 and gru_rnn_split.calls["backward"] == 4
+    assert_matches(case, got, torch_run(case), "torch parity")
+
+
+@pytest.mark.parametrize("batch", [2, 12])
+def test_gru_rnn_batch_split_sizes_torch_parity(monkeypatch, batch):
+    # the smallest and the largest batch the policy by the core's L2 splits
+    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
+    monkeypatch.setattr(_threads, "L2_BYTES", 0)
+    calls = _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
+    for variant in ("gru", "rnn-tanh"):
+        case = Case(
+            variant, np.float32, 1, True, True, True, steps=9, batch=batch, input_size=6, hidden_size=9
+        )
+        assert_matches(case, case.run(), torch_run(case), "torch parity")
+    assert calls["forward"] == 4 and calls["backward"] == 4
+
+
+@pytest.mark.parametrize("variant", GRU_RNN_VARIANTS)
+def test_gru_rnn_split_matches_chunks_with_dropout(gru_rnn_split, monkeypatch, variant):
+    results = _split_then_chunked(monkeypatch, lambda: gru_rnn_split.case(
+        variant, np.float64, 2, True, steps=6, hidden_size=7,
         extra={"recurrent_dropout": 0.3, "dropout": 0.2}))  # fmt: skip
-    assert batch_split["forward"] == 4 and batch_split["backward"] == 4  # the first run only
+    assert gru_rnn_split.calls["forward"] == 4 and gru_rnn_split.calls["backward"] == 4  # the first run only
     for a, b in zip(*results, strict=True):
-        assert_close(a, b, np.float64, "batch split vs chunks")
+        assert_close(a, b, np.float64, "split vs chunks")
 
 
 @pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
-def test_batch_split_over_several_projection_blocks(batch_split, monkeypatch, variant):
-    # 600 steps of 3 samples of unequal lengths: inference projects the input a block of 512
-    # rows at a time, forwards and in reverse
+def test_gru_rnn_split_over_several_projection_blocks(gru_rnn_split, monkeypatch, variant):
+    # 600 steps: inference projects the input a block of 512 rows at a time, forwards and
+    # in reverse (over unequal lengths too)
     layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
-    x = np.random.default_rng(3).standard_normal((600, 3, 3))
-    out, h = layer(x, lengths=[600, 431, 17])
-    assert batch_split["forward"] == 2
+    x = np.random.default_rng(3).standard_normal((600, gru_rnn_split.batch, 3))
+    out, h = layer(x, lengths=gru_rnn_split.lengths)
+    assert gru_rnn_split.calls["forward"] == 2
     _chunked(monkeypatch)
-    ref_out, ref_h = layer(x, lengths=[600, 431, 17])
-    assert_close(out, ref_out, np.float64, "batch split vs chunks")
-    assert_close(h, ref_h, np.float64, "batch split vs chunks")
+    ref_out, ref_h = layer(x, lengths=gru_rnn_split.lengths)
+    assert_close(out, ref_out, np.float64, "split vs chunks")
+    assert_close(h, ref_h, np.float64, "split vs chunks")
 
 
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("variant", ONE_SAMPLE_VARIANTS)
-def test_batch_split_writes_padded_outputs(batch_split, monkeypatch, variant, training):
-    case = Case(variant, np.float32, 2, True, True, steps=7, batch=3, hidden_size=5, seed=3)
+@pytest.mark.parametrize("variant", GRU_RNN_VARIANTS)
+def test_gru_rnn_split_writes_padded_outputs(gru_rnn_split, monkeypatch, variant, training):
+    case = Case(variant, np.float32, 2, True, True, steps=7, batch=gru_rnn_split.batch, hidden_size=5, seed=3)
+    if gru_rnn_split.batch == 1:
+        case.lengths[:] = 4
     check_padded_outputs_written(monkeypatch, case, training)
-    assert batch_split["forward"] == 8
+    assert gru_rnn_split.calls["forward"] == 8
 
 
-def test_batch_split_bitwise_identical_across_thread_counts(batch_split):
+def test_gru_rnn_split_bitwise_identical_across_thread_counts(gru_rnn_split):
     results = _at_thread_counts(
-        lambda: Case(
-            "rnn-tanh", np.float32, 2, True, True, True, steps=9, batch=4, input_size=5, hidden_size=17
-        )
+        lambda: gru_rnn_split.case("gru", np.float32, 2, True, steps=9, input_size=5, hidden_size=17)
     )
-    assert batch_split["forward"] == 3 * 4
+    assert gru_rnn_split.calls["forward"] == 3 * 4
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
-def test_batch_split_not_for_gru_reset_before(batch_split):
+def test_gru_rnn_split_not_for_gru_reset_before(gru_rnn_split):
     layer = make_layer("gru-reset-before", 3, 5, dtype=np.float64, seed=2)
-    out, _ = layer(np.zeros((4, 3, 3)))
+    out, _ = layer(np.zeros((4, gru_rnn_split.batch, 3)))
     layer.backward(np.ones_like(out))
-    assert batch_split["forward"] == batch_split["backward"] == 0
+    assert gru_rnn_split.calls["forward"] == gru_rnn_split.calls["backward"] == 0
