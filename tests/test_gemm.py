@@ -162,11 +162,12 @@ def test_gemm_propagates_nan():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (70, 33), (64, 256), (1000, 70)])
+@pytest.mark.parametrize("shape", [(1, 1), (70, 33), (64, 256), (1000, 70), (40, 300)])
 def test_parallel_packing_matches_serial(shape, dtype):
     """The weights' panels packed across threads (kernel top level; on the calling thread up
     to SERIAL_PACK_BYTES: (1, 1), (70, 33)) equal the serial ones, zero padding included,
-    for row-major w and its transposed view."""
+    for row-major w and its transposed view (packed by rows of B, PACK_BLOCK_ROWS a thread's
+    block: (40, 300) has a partial block and a partial panel)."""
     w = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
     for view in (w, np.ascontiguousarray(w.T).T):
         serial = pack_transposed(view)
