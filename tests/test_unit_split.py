@@ -12,9 +12,11 @@ import pytest
 import fastseq
 from fastseq import _engine, _threads, layers
 from fastseq.kernels.common import (
+    CHUNK_PANEL_STEPS,
     DIRECT_PROJECTION_ROWS,
     DIRECT_STEP_ROWS,
     ONE_ROW_PANEL_STEPS,
+    SHORT_SPLIT_ROWS,
     UPFRONT_LARGE_BYTES,
     UPFRONT_LARGE_ROWS,
     UPFRONT_PROJECTION_BYTES,
@@ -186,7 +188,8 @@ def test_short_split_passes_read_the_weights_in_place():
     """Which weights a forward packs for all to share: W_ih from DIRECT_PROJECTION_ROWS + 1
     rows of input, from UPFRONT_PROJECTION_ROWS + 1 when it has UPFRONT_PROJECTION_BYTES,
     from UPFRONT_LARGE_ROWS + 1 with UPFRONT_LARGE_BYTES (fewer rows project up front); a
-    split forward's W_hh from ONE_ROW_PANEL_STEPS steps or DIRECT_STEP_ROWS + 1 samples."""
+    split forward's W_hh from ONE_ROW_PANEL_STEPS steps or DIRECT_STEP_ROWS + 1 samples, and
+    for up to SHORT_SPLIT_ROWS samples from CHUNK_PANEL_STEPS steps."""
     w_ih, w_hh = np.ones((12, 5), np.float32), np.ones((12, 3), np.float32)
     units = unit_bounds(3, 2)
     mid = np.ones((UPFRONT_PROJECTION_BYTES // 4 // 64, 64), np.float32)
@@ -197,10 +200,13 @@ def test_short_split_passes_read_the_weights_in_place():
         for rows in (1, most, most + 1):
             packed = input_panels(weights, rows).shape[0] > 0
             assert packed == (rows > most), (weights.shape, rows)
-    for steps in (1, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS):
-        for batch in (1, DIRECT_STEP_ROWS, DIRECT_STEP_ROWS + 1):
+    for steps in (1, CHUNK_PANEL_STEPS - 1, CHUNK_PANEL_STEPS, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS):
+        for batch in (1, DIRECT_STEP_ROWS, DIRECT_STEP_ROWS + 1, SHORT_SPLIT_ROWS, SHORT_SPLIT_ROWS + 1):
             packed = unit_recurrent_panels(w_hh, 4, units, steps, batch).shape[1] > 0
-            assert packed == (steps >= ONE_ROW_PANEL_STEPS or batch > DIRECT_STEP_ROWS)
+            in_place = (steps < ONE_ROW_PANEL_STEPS and batch <= DIRECT_STEP_ROWS) or (
+                steps < CHUNK_PANEL_STEPS and batch <= SHORT_SPLIT_ROWS
+            )
+            assert packed != in_place, (steps, batch)
 
 
 # Steps: short sequences of up to DIRECT_STEP_ROWS samples read W_hh in place at every step,
@@ -354,13 +360,13 @@ class GruRnnSplit:
 @pytest.fixture(params=["one sample", "batch"])
 def gru_rnn_split(request, monkeypatch):
     """Force the GRU/RNN split: of a batch of one (any W_hh; equal lengths), or of a batch of
-    5, unequal lengths (the policy by the core's L2, ``_threads.SPLIT_BY_L2``, with 0 bytes
+    4 (SHORT_SPLIT_ROWS: W_hh read in place at SPLIT_STEPS[0], packed at [1]), unequal lengths (the policy by the core's L2, ``_threads.SPLIT_BY_L2``, with 0 bytes
     of L2: any W_hh, batches up to L2_SPLIT_BATCHES)."""
     if request.param == "one sample":
         return GruRnnSplit(request.getfixturevalue("one_sample_split"), 1, False)
     monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
     monkeypatch.setattr(_threads, "L2_BYTES", 0)
-    return GruRnnSplit(_count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS), 5, True)
+    return GruRnnSplit(_count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS), 4, True)
 
 
 GRU_RNN_VARIANTS = ["gru", "rnn-tanh", "rnn-relu"]

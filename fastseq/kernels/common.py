@@ -683,6 +683,14 @@ DIRECT_PROJECTION_ROWS = FEW_ROWS
 #: from 3 rows the panels' tiles win: LSTM N=3, T=31, H=384 1.15x slower in place, N=8,
 #: T=16, H=512 1.12x.
 DIRECT_STEP_ROWS = 2
+#: Rows up to which a split forward shorter than CHUNK_PANEL_STEPS reads W_hh in place too
+#: (as the chunks of two samples that a batch of 3-4 would otherwise run in do): packing W_hh
+#: for a few steps cost more than the in-place products lose. Measured (float32, Intel Xeon,
+#: layers split by units, three processes each way, in place / packed): forward N=4, T=5,
+#: H=1024: LSTM 0.68, GRU 0.69, RNN 0.67; LSTM N=3, T=10, H=1024 0.75; GRU N=3, T=20,
+#: H=1024 0.87; LSTM N=4, T=20, H=512 1.00; RNN N=4, T=20, H=768 0.99; training GRU N=4,
+#: T=10, H=1024 0.95, LSTM N=3, T=20, H=512 0.97.
+SHORT_SPLIT_ROWS = 4
 
 
 #: Rows of input (T*N) up to which a forward projects all of its input before the recurrence
@@ -756,9 +764,11 @@ def packed_rows(x, x_rows):
 @jit
 def unit_recurrent_panels(w_hh, gates, units, steps, batch):
     """:func:`pack_unit_rows` of w_hh (G*H, H), or none (panels (parts, 0, H, NR)) for
-    fewer than ONE_ROW_PANEL_STEPS ``steps`` of a ``batch`` of at most DIRECT_STEP_ROWS: then
-    :func:`unit_product` reads W_hh in place."""
-    if steps < ONE_ROW_PANEL_STEPS and batch <= DIRECT_STEP_ROWS:
+    fewer than ONE_ROW_PANEL_STEPS ``steps`` of a ``batch`` of at most DIRECT_STEP_ROWS, or
+    fewer than CHUNK_PANEL_STEPS of at most SHORT_SPLIT_ROWS: then :func:`unit_product`
+    reads W_hh in place."""
+    short = steps < ONE_ROW_PANEL_STEPS and batch <= DIRECT_STEP_ROWS
+    if short or steps < CHUNK_PANEL_STEPS and batch <= SHORT_SPLIT_ROWS:
         return np.empty((units.shape[0] - 1, 0, w_hh.shape[1], panel_width(w_hh)), w_hh.dtype)
     return pack_unit_rows(w_hh, gates, units)
 
