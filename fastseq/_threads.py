@@ -13,7 +13,7 @@ outside it; 3.3 ms with BLAS at one thread).
 
 A small batch with W_hh in a size range that depends on the batch and the CPU
 (:func:`unit_parts`: on AMD's, LSTM batches of 1-8 and GRU/RNN batches of one; elsewhere
-batches of 1-12 of every cell, by the core's L2) runs as one chunk split across the
+batches of 1-16 of every cell, by the core's L2) runs as one chunk split across the
 threads by hidden units instead: numba's team works on every step, BLAS is held at one
 thread.
 
@@ -144,7 +144,7 @@ def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
 
 
 #: Whether batches of 2 to L2_SPLIT_BATCHES of every cell split by units from a size of W_hh
-#: set by a core's L2 cache (L2_SMALL_SPLIT, L2_SPLIT), rather than by the tables above,
+#: set by a core's L2 cache (L2_SMALL_SPLIT, L2_SPLIT, L2_WIDE_SPLIT), rather than by the tables above,
 #: which were measured on AMD's Zen (LSTM batches of 2-8 only; GRU and RNN batches of one
 #: only). True on CPUs other than AMD's. Measured on the Intel Xeon (2 MB of L2 a core;
 #: float32, T=50, C=H, in process, split / chunks, eval forward and training step, medians
@@ -154,7 +154,9 @@ def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
 #:   0.67, N=8 0.80 / 0.82, N=12 0.83 / 0.88; H=512-1024 N=2-8 0.45-0.72 / 0.52-0.77, N=12
 #:   0.72-0.86 / 0.83-0.88; GRU H=448-1024 N=2-8 0.41-0.78 / 0.48-0.84, N=12 0.73-0.85 /
 #:   0.83-0.93; RNN H=768-1024 N=2-8 0.47-0.78 / 0.52-0.83, N=12 0.82-0.85 / 0.85-0.89.
-#:   N=16 was mixed (0.91-1.03 / 0.91-0.99), so batches up to 12.
+#:   N=16 was mixed at 2.25 MB (0.91-1.03 / 0.91-0.99); from 3 MB (GRU and LSTM H=512-1024,
+#:   RNN H=1024) N=14 ran 0.83-0.91 / 0.88-0.95 and N=16 0.92-0.97 / 0.93-0.98, so batches
+#:   of 13-16 split from 1.5x L2 (L2_WIDE_SPLIT).
 #: - At 1.56-1.69 MB (LSTM H=320, GRU H=384, RNN H=640): N=2 0.62-0.77 / 0.77-0.91, N=4
 #:   0.82-1.02 / 0.92-0.98 (an LSTM batch of 3 at H=320, which the Zen tables split, ran
 #:   1.05x slower in chunks); N=8-16 1.03-1.17 / 1.03-1.11.
@@ -168,11 +170,12 @@ def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
 #: figures at 1 MB of L2 fit this for N=2-4 but not 5-8, which is why AMD keeps its tables.
 SPLIT_BY_L2 = not _target_cpu().startswith("znver")
 L2_BYTES = core_l2_bytes() or 1 << 20
-L2_SPLIT_BATCHES = 12
-#: W_hh bytes, in cores' L2, from which batches of 2-4 split (SPLIT_BY_L2), and batches of 5
-#: to L2_SPLIT_BATCHES.
+L2_SPLIT_BATCHES = 16
+#: W_hh bytes, in cores' L2, from which batches of 2-4 split (SPLIT_BY_L2), batches of 5-12,
+#: and batches of 13 to L2_SPLIT_BATCHES.
 L2_SMALL_SPLIT = 0.75
 L2_SPLIT = 1.0
+L2_WIDE_SPLIT = 1.5
 
 
 def split_bytes(cell: str, batch: int, splits: bool = True):
@@ -185,7 +188,8 @@ def split_bytes(cell: str, batch: int, splits: bool = True):
     if SPLIT_BY_L2:
         if batch > L2_SPLIT_BATCHES:
             return None
-        return (L2_SMALL_SPLIT if batch <= 4 else L2_SPLIT) * L2_BYTES, float("inf")
+        share = L2_SMALL_SPLIT if batch <= 4 else L2_SPLIT if batch <= 12 else L2_WIDE_SPLIT
+        return share * L2_BYTES, float("inf")
     if batch not in UNIT_SPLIT_BATCHES or cell != "lstm":
         return None
     if batch == 2:

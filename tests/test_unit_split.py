@@ -1,7 +1,7 @@
 """The unit-split path (a small batch with large recurrent weights: one chunk, each step
 split across threads by hidden units) against finite differences, torch, the NumPy
 reference and the chunked path: the LSTM's batches of 1-8 (AMD's tables), the GRU's and
-RNN's batch of one, and the GRU's and RNN's batches of 2-12 (the policy by the core's L2,
+RNN's batch of one, and the GRU's and RNN's batches of 2-16 (the policy by the core's L2,
 ``_threads.SPLIT_BY_L2``). The fixtures open every byte range (or set the L2 to 0 bytes),
 so small layers take the path; H is odd so that the parts have unequal widths."""
 
@@ -137,10 +137,13 @@ def test_unit_parts_policy_on_amd_tables(monkeypatch):
 def test_unit_parts_policy_by_l2(monkeypatch):
     monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
     monkeypatch.setattr(_threads, "L2_BYTES", 2 << 20)
-    small, wide = int(_threads.L2_SMALL_SPLIT * (2 << 20)), int(_threads.L2_SPLIT * (2 << 20))
+    l2 = 2 << 20
+    small, mid, wide = (
+        int(share * l2) for share in (_threads.L2_SMALL_SPLIT, _threads.L2_SPLIT, _threads.L2_WIDE_SPLIT)
+    )
     for cell in ("lstm", "gru", "rnn"):
         for batch in range(2, _threads.L2_SPLIT_BATCHES + 1):
-            lo = small if batch <= 4 else wide
+            lo = small if batch <= 4 else mid if batch <= 12 else wide
             for nbytes, split in ((lo - 4, False), (lo, True), (64 << 20, True)):
                 w_hh = np.empty((1, nbytes // 4), np.float32)
                 assert (_threads.unit_parts(cell, batch, w_hh) > 0) == split, (cell, batch, nbytes)
@@ -408,7 +411,7 @@ def test_gru_rnn_split_training_torch_parity(gru_rnn_split, variant, dtype, step
     assert_matches(case, got, torch_run(case), "torch parity")
 
 
-@pytest.mark.parametrize("batch", [2, 12])
+@pytest.mark.parametrize("batch", [2, 16])
 def test_gru_rnn_batch_split_sizes_torch_parity(monkeypatch, batch):
     # the smallest and the largest batch the policy by the core's L2 splits
     monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
