@@ -34,7 +34,7 @@ from numba.extending import intrinsic
 
 from fastseq._jit import jit
 from fastseq.kernels.common import add_parts, copy_units, output_row, packed_row, zero_padding
-from fastseq.kernels.gemm import ACCUMULATE, OVERWRITE, VECTOR_BYTES, gemm_packed, panel_width
+from fastseq.kernels.gemm import ACCUMULATE, OVERWRITE, VECTOR_BYTES, _declare, gemm_packed, panel_width
 from fastseq.kernels.lstm import lstm_columns_backward, lstm_columns_forward
 from fastseq.kernels.refs import borrow, hold
 from fastseq.kernels.rnn import rnn_columns_backward, rnn_columns_forward
@@ -88,13 +88,9 @@ def _tile_transpose_codegen(context, builder, signature, args, into_rows, partia
         k = args[7]
         mty = ir.VectorType(i1, width)
         suffix = f"v{width}f{dtype.bitwidth}"
-        masked_load = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [pty, i32, mty, vty]), f"llvm.masked.load.{suffix}.p0"
-        )
-        masked_store = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [vty, pty, i32, mty]),
-            f"llvm.masked.store.{suffix}.p0",
+        masked_load = _declare(builder.module, f"llvm.masked.load.{suffix}.p0", vty, [pty, i32, mty, vty])
+        masked_store = _declare(
+            builder.module, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vty, pty, i32, mty]
         )
         valid = [builder.icmp_signed("<", ir.Constant(i64, r), k) for r in range(width)]
         row_index = [builder.select(valid[r], builder.add(r0, ir.Constant(i64, r)), r0) for r in range(width)]

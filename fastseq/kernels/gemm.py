@@ -402,9 +402,8 @@ def pack_transposed_parallel(w):
         k = w.shape[1]
         blocks = (k + PACK_BLOCK_ROWS - 1) // PACK_BLOCK_ROWS
         for blk in prange(blocks):
-            pack_b_rows(
-                w.T, np.int64(blk) * PACK_BLOCK_ROWS, min(k, (np.int64(blk) + 1) * PACK_BLOCK_ROWS), panels
-            )
+            k0 = np.int64(blk) * PACK_BLOCK_ROWS
+            pack_b_rows(w.T, k0, min(k, k0 + PACK_BLOCK_ROWS), panels)
         return panels
     for p in prange(panels.shape[0]):
         pack_panel(w, np.int64(p), panels)  # prange's index is unsigned: one signature, not two
