@@ -11,10 +11,9 @@ otherwise spin at the region's barrier on the core BLAS's second thread needs (m
 50 steps of a 1 x 512 x 2048 product, 3.98 ms inside a one-chunk prange against 1.70 ms
 outside it; 3.3 ms with BLAS at one thread).
 
-A small batch with W_hh in a size range that depends on the batch and the CPU
-(:func:`unit_parts`: on AMD's, LSTM batches of 1-8 and GRU/RNN batches of one; elsewhere
-batches of 1-16 of every cell, by the core's L2) runs as one chunk split across the
-threads by hidden units instead: numba's team works on every step, BLAS is held at one
+A small batch with W_hh in a size range that depends on the batch and on the core's L2
+cache (:func:`unit_parts`: batches of 1-4 on AMD's Zen, 1-16 elsewhere) runs as one chunk
+split across the threads by hidden units instead: numba's team works on every step, BLAS is held at one
 thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
@@ -63,17 +62,6 @@ def _blas_controller():
     return _controller
 
 
-#: Bytes of W_hh from which batches of 3-4 split by units. Measured (float32, Zen 5, in
-#: process, T=100, C=H, split / chunks, eval forward / training step): H=224: N=3 0.82 /
-#: 0.91, N=4 0.90 / 1.00; H=192, N=4: 1.02 / 1.05; H=256: N=3 0.78 / 0.87, N=4 0.83 / 0.95;
-#: H=512-1024, N=4: 0.72-0.79 / 0.84-0.88. (Zen 3, T=50, see UNIT_SPLIT_BATCHES.)
-UNIT_SPLIT_MIN_BYTES = 1 << 20
-#: Batches whose steps are split across threads by hidden units instead of by samples
-#: (:func:`unit_parts`). Two chunks of two rows each stream all of W_hh every step for half a
-#: micro-kernel tile; split by units, each thread reads half of W_hh for every row.
-#: Measured (float32, Zen 3, in process, T=50, C=H, split / chunks): N=4: forward 0.73-0.80
-#: (H=256-1024), training 0.76-0.98; N=3 about as good; N=5-8 mixed (0.9-1.14).
-UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: A batch of one splits by units while W_hh's bytes lie in this range: above it BLAS takes
 #: both cores for each step's product; below it the step is too short for a parallel region
 #: each step. Measured (float32, Zen 5, in process, T=100, C=H, split / one chunk on the
@@ -85,6 +73,8 @@ UNIT_SPLIT_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 #: OpenBLAS's threads also keep spinning after each call, against torch's OpenMP workers: in
 #: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
 SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
+
+
 #: GRU and RNN batches of one use the same range (``gru_forward_units`` etc.). Measured in
 #: inference (float32, Zen 5, T=100, C=H, one process per policy, alone, one chunk / split,
 #: ms): against the chunk on the micro-kernel, GRU H=224 (588 KB) 0.60-0.72 / 0.59-0.68,
@@ -98,32 +88,6 @@ SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
 #: / split): GRU H=256 1.63-2.07 / 1.42-1.98, H=320 3.72-3.81 / 2.36-2.94, H=512 10.0-12.2 /
 #: 7.2-8.3, H=1024 40.1-44.9 / 32.1-36.4; RNN H=448 1.87-2.22 / 1.59-1.89, H=768 7.4-8.5 /
 #: 5.1-6.1, H=1024 13.2-15.1 / 9.7-18.7, H=1792 41.2-42.3 / 30.9-34.6.
-#: A batch of 2 splits by units while W_hh's bytes lie in this range. Measured (float32, Zen
-#: 5, in process, C=H, split / chunks, eval forward and training step), against chunks of
-#: one row on BLAS (T=50): H=256 (1 MB): 1.27 / 0.90; H=384: 0.75 / 0.76; H=512: 0.79-0.81
-#: / 0.86; H=768: 0.84 / 0.91-0.94; H=1024 (16 MB): 0.87 / 0.91 in one run, 1.19-1.24 /
-#: 1.19-1.24 in the next two. Against the chunks on the micro-kernel's one-row tiles
-#: (T=100): H=128 1.05 / 1.34; H=192 0.81 / 1.06; H=224 0.80 / 0.88; H=256 0.81-0.83 /
-#: 0.84-0.87; H=320 0.62 / 0.75; H=384-768 0.65-0.72 / 0.75-0.78; H=1024 0.84-0.85 /
-#: 0.85-0.87 (left out, as above).
-PAIR_SPLIT_BYTES = (3 << 18, 12 << 20)
-#: Batches of 5-8 split from this size of W_hh. Measured (Zen 5, same method), in two runs
-#: one hour apart: H=256 (1 MB) 0.90-0.99 / 1.00-1.02, then 1.07-1.10 / 1.21-1.25; H=384
-#: 0.89 / 0.99, then 0.98 / 1.13; H=512 0.84-0.90 / 0.93-0.98, then 0.95-0.99 / 1.00-1.08;
-#: H=768-1024 0.89-0.94 / 0.90-0.99 in both. N=12-16 (0.87-0.98 / 0.96-1.11) keep the
-#: chunks. The split step had two barriers per step in backward then (one since), one per
-#: chunk call in the chunks, and where W_hh fits a core's L2 (2 MB here) the chunks lose
-#: little by each reading all of it.
-WIDE_SPLIT_BYTES = 4 << 20
-#: A batch of 5 (chunks of 3 and 2 rows, each reading all of W_hh every step) splits from
-#: this size. Measured after the split backward went to one region per step (float32, Zen 5,
-#: in process, T=100, C=H, split / chunks, eval forward / training step), three runs over
-#: 40 minutes: H=320 (1.6 MB) 0.87-0.90 / 0.96-0.97; H=384 0.84-0.97 / 0.94-0.95; H=448
-#: 0.83 / 0.93; H=256 (1 MB) 1.10-1.19 / 0.99-1.18. (N=6-8 at H=384: 0.88-0.95 / 0.99-1.08,
-#: kept at WIDE_SPLIT_BYTES.)
-FIVE_SPLIT_BYTES = 3 << 19
-
-
 def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """A core's L2 cache in bytes, as Linux's sysfs gives it for CPU 0 (``base``: its cache
     directory); 0 where it cannot be read (another OS, a container hiding it)."""
@@ -143,72 +107,63 @@ def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     return 0
 
 
-#: Whether batches of 2 to L2_SPLIT_BATCHES of every cell split by units from a size of W_hh
-#: set by a core's L2 cache (L2_SMALL_SPLIT, L2_SPLIT, L2_WIDE_SPLIT), rather than by the tables above,
-#: which were measured on AMD's Zen (LSTM batches of 2-8 only; GRU and RNN batches of one
-#: only). True on CPUs other than AMD's. Measured on the Intel Xeon (2 MB of L2 a core;
-#: float32, T=50, C=H, in process, split / chunks, eval forward and training step, medians
-#: of 7):
-#:
-#: - W_hh of 2.25-16 MB splits faster at N=2-12: LSTM H=384 N=2 0.49 / 0.53, N=4 0.62 /
-#:   0.67, N=8 0.80 / 0.82, N=12 0.83 / 0.88; H=512-1024 N=2-8 0.45-0.72 / 0.52-0.77, N=12
-#:   0.72-0.86 / 0.83-0.88; GRU H=448-1024 N=2-8 0.41-0.78 / 0.48-0.84, N=12 0.73-0.85 /
-#:   0.83-0.93; RNN H=768-1024 N=2-8 0.47-0.78 / 0.52-0.83, N=12 0.82-0.85 / 0.85-0.89.
-#:   N=16 was mixed at 2.25 MB (0.91-1.03 / 0.91-0.99); from 3 MB (GRU and LSTM H=512-1024,
-#:   RNN H=1024) N=14 ran 0.83-0.91 / 0.88-0.95 and N=16 0.92-0.97 / 0.93-0.98, so batches
-#:   of 13-16 split from 1.5x L2 (L2_WIDE_SPLIT).
-#: - At 1.56-1.69 MB (LSTM H=320, GRU H=384, RNN H=640): N=2 0.62-0.77 / 0.77-0.91, N=4
-#:   0.82-1.02 / 0.92-0.98 (an LSTM batch of 3 at H=320, which the Zen tables split, ran
-#:   1.05x slower in chunks); N=8-16 1.03-1.17 / 1.03-1.11.
-#: - At 1 MB and less (H=256; RNN H=512) the split loses: N=2 0.95-1.56 / 1.01-1.38, N=3-12
-#:   0.93-1.93 / 0.98-1.52 (GRU N=12 0.93 / 1.23 and RNN H=512 N=12 1.25 / 0.98 the only
-#:   ratios under 1).
-#:
-#: The Zen tables had LSTM N=2 at 16 MB (0.65 / 0.77 here) and LSTM N=3-4 at 1 MB
-#: (1.06-1.12 / 1.13-1.18 here) on the wrong side. The bars follow the core's L2 (the
-#: chunks lose once each thread streams all of W_hh from past its L2 at every step); Zen's
-#: figures at 1 MB of L2 fit this for N=2-4 but not 5-8, which is why AMD keeps its tables.
-SPLIT_BY_L2 = not _target_cpu().startswith("znver")
+#: A core's L2 cache in bytes (1 MB where sysfs does not say).
 L2_BYTES = core_l2_bytes() or 1 << 20
-L2_SPLIT_BATCHES = 16
-#: W_hh bytes, in cores' L2, from which batches of 2-4 split (SPLIT_BY_L2), batches of 5-12,
-#: and batches of 13 to L2_SPLIT_BATCHES.
-L2_SMALL_SPLIT = 0.75
-L2_SPLIT = 1.0
-L2_WIDE_SPLIT = 1.5
+#: Batches of 2 and more split their steps by units from a size of W_hh set by a core's L2
+#: cache: (largest batch, W_hh bytes in cores' L2 from which it splits), by rising batch;
+#: larger batches run in chunks. The chunks lose once each thread streams all of W_hh from
+#: past its L2 at every step; the split lets each thread keep its share there. Measured
+#: (float32, T=50 unless noted, C=H, in process, split / chunks, eval forward and training
+#: step, medians of 7-15), for every cell alike:
+#:
+#: AMD Zen 5 (1 MB of L2 a core; 2026-12-04, twenty-sixth session): N=2 splits faster from
+#: 0.75 MB (GRU H=256 0.86-0.96 / 0.83-0.86, RNN H=448 0.93 / 0.93, T=100), N=3-4 from 1 MB
+#: (LSTM H=256 0.81-0.97 / 0.79-0.97 in two runs of three, 1.14-1.23 / 1.04-1.15 in the
+#: other; RNN H=512 0.74-0.99 / 0.76-0.97; GRU H=320 0.73-0.89 / 0.74-0.89), and at 1.3-16
+#: MB N=2-4 ran 0.65-0.88 / 0.69-0.90 (RNN H=640 N=3 1.05-1.06 forward the exception). At
+#: 0.56-0.77 MB N=3-4 lose (0.98-1.15 / 0.97-1.13). N=5-8 gain nothing at any size (LSTM
+#: H=512-1024 0.93-1.07 / 0.95-1.00; GRU and RNN N=6-8 at 3-16 MB 0.94-1.06 / 0.95-1.02,
+#: and 1.0-1.46 below 3 MB), nor do N=12-16 (0.93-1.18 / 0.93-1.06 from 3 MB).
+#:
+#: Intel Xeon (2 MB of L2 a core; twenty-fifth session): W_hh of 2.25-16 MB splits faster
+#: at N=2-12: LSTM H=384 N=2 0.49 / 0.53, N=4 0.62 / 0.67, N=8 0.80 / 0.82, N=12 0.83 /
+#: 0.88; H=512-1024 N=2-8 0.45-0.72 / 0.52-0.77, N=12 0.72-0.86 / 0.83-0.88; GRU
+#: H=448-1024 N=2-8 0.41-0.78 / 0.48-0.84, N=12 0.73-0.85 / 0.83-0.93; RNN H=768-1024 N=2-8
+#: 0.47-0.78 / 0.52-0.83, N=12 0.82-0.85 / 0.85-0.89. N=16 was mixed at 2.25 MB (0.91-1.03
+#: / 0.91-0.99); from 3 MB N=14 ran 0.83-0.91 / 0.88-0.95 and N=16 0.92-0.97 / 0.93-0.98.
+#: At 1.56-1.69 MB (LSTM H=320, GRU H=384, RNN H=640): N=2 0.62-0.77 / 0.77-0.91, N=4
+#: 0.82-1.02 / 0.92-0.98; N=8-16 1.03-1.17 / 1.03-1.11. At 1 MB and less (H=256; RNN H=512)
+#: the split loses: N=2 0.95-1.56 / 1.01-1.38, N=3-12 0.93-1.93 / 0.98-1.52.
+#:
+#: (Until the twenty-sixth session AMD's CPUs followed tables measured on Zen 3 and Zen 5
+#: before the chunks' micro-kernel and packing work of the sessions since: LSTM batches of
+#: 2-8 only, GRU and RNN batches of one only.)
+L2_SPLIT_SHARES = (
+    ((2, 0.75), (4, 1.0)) if _target_cpu().startswith("znver") else ((4, 0.75), (12, 1.0), (16, 1.5))
+)
 
 
-def split_bytes(cell: str, batch: int, splits: bool = True):
-    """The range [lo, hi) of W_hh bytes over which a batch of ``batch`` samples of ``cell``
-    splits its steps by units (:func:`unit_parts`), or None where it never does."""
+def split_bytes(batch: int, splits: bool = True):
+    """The range [lo, hi) of W_hh bytes over which a batch of ``batch`` samples splits its
+    steps by units (:func:`unit_parts`), or None where it never does."""
     if not splits or numba.config.NUMBA_NUM_THREADS < 2:
         return None
     if batch == 1:
         return SINGLE_SPLIT_BYTES
-    if SPLIT_BY_L2:
-        if batch > L2_SPLIT_BATCHES:
-            return None
-        share = L2_SMALL_SPLIT if batch <= 4 else L2_SPLIT if batch <= 12 else L2_WIDE_SPLIT
-        return share * L2_BYTES, float("inf")
-    if batch not in UNIT_SPLIT_BATCHES or cell != "lstm":
-        return None
-    if batch == 2:
-        return PAIR_SPLIT_BYTES
-    lo = UNIT_SPLIT_MIN_BYTES if batch <= 4 else FIVE_SPLIT_BYTES if batch == 5 else WIDE_SPLIT_BYTES
-    return lo, float("inf")
+    for largest, share in L2_SPLIT_SHARES:
+        if batch <= largest:
+            return share * L2_BYTES, float("inf")
+    return None
 
 
-def unit_parts(cell: str, batch: int, w_hh, splits: bool = True) -> int:
+def unit_parts(batch: int, w_hh, splits: bool = True) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for a batch of one of any cell whose recurrent weights
-    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES; for larger batches, on AMD's CPUs an LSTM batch
-    in UNIT_SPLIT_BATCHES with W_hh in the batch's range (2: PAIR_SPLIT_BYTES, 3-4: from
-    UNIT_SPLIT_MIN_BYTES, 5: from FIVE_SPLIT_BYTES, 6-8: from WIDE_SPLIT_BYTES), on others
-    a batch of up to L2_SPLIT_BATCHES of any cell from a size set by the core's L2
-    (SPLIT_BY_L2). See :func:`split_bytes`. ``splits``: False for a variant without a split
-    (GRU reset_after=False). As many parts as numba's start-up thread count (so results do
-    not depend on the active thread count)."""
-    bounds = split_bytes(cell, batch, splits)
+    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES, for a larger batch of any cell from a size of
+    W_hh set by the core's L2 (L2_SPLIT_SHARES). See :func:`split_bytes`. ``splits``: False
+    for a variant without a split (GRU reset_after=False). As many parts as numba's start-up
+    thread count (so results do not depend on the active thread count)."""
+    bounds = split_bytes(batch, splits)
     if bounds is None or not bounds[0] <= w_hh.nbytes < bounds[1]:
         return 0
     return min(numba.config.NUMBA_NUM_THREADS, w_hh.shape[1])

@@ -58,11 +58,10 @@ def _exercise(layer_cls, cell_cls, dtype):
     h = cell(x[0])
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
     cell.stream(batch=2).step(x[0])
-    # Batches of 3 with large recurrent weights split each step by hidden units (an LSTM's,
-    # or every cell's: _threads.split_bytes): the smallest H whose W_hh (G*H, H) reaches the
-    # threshold
+    # Batches of 3 with large recurrent weights split each step by hidden units
+    # (_threads.split_bytes): the smallest H whose W_hh (G*H, H) reaches the threshold
     gates = CELLS[layer_cls._cell].gates
-    bounds = _threads.split_bytes(layer_cls._cell, 3)
+    bounds = _threads.split_bytes(3)
     if bounds is not None:
         hidden = math.isqrt(int(bounds[0]) // (gates * dtype.itemsize)) + 1
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
@@ -72,7 +71,7 @@ def _exercise(layer_cls, cell_cls, dtype):
     # W_hh (G*H, H) reaches the range
     hidden = math.isqrt(_threads.SINGLE_SPLIT_BYTES[0] // (gates * dtype.itemsize)) + 1
     w_hh = np.empty((gates * hidden, hidden), dtype)
-    if layer_cls._cell != "lstm" and _threads.unit_parts(layer_cls._cell, 1, w_hh):
+    if layer_cls._cell != "lstm" and _threads.unit_parts(1, w_hh):
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((2, 1, 2), dtype))
         layer.backward(np.ones_like(out))

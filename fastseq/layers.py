@@ -195,7 +195,7 @@ class _RecurrentLayer(Module):
             hint = f"x was read as {layout}, so N = {batch}. Did you mean batch_first={not self.batch_first}?"
             states0 = state_arrays("hx", hx, spec.n_states, state_shape, described, self.dtype, hint, steps)
         w_hh = self._recurrent_weights
-        parts = unit_parts(self._cell, batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
+        parts = unit_parts(batch, w_hh, splits=self._opts.reset_after)  # GRU: the split's variant
         chunks = 1 if parts else num_chunks(batch)
         packing = self._packing
         if packing is None or not packing.built_from(lengths, steps, batch, chunks, parts):

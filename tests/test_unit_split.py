@@ -1,8 +1,8 @@
 """The unit-split path (a small batch with large recurrent weights: one chunk, each step
 split across threads by hidden units) against finite differences, torch, the NumPy
-reference and the chunked path: the LSTM's batches of 1-8 (AMD's tables), the GRU's and
-RNN's batch of one, and the GRU's and RNN's batches of 2-16 (the policy by the core's L2,
-``_threads.SPLIT_BY_L2``). The fixtures open every byte range (or set the L2 to 0 bytes),
+reference and the chunked path: the LSTM's batches of 1-8, the GRU's and RNN's batch of
+one, and the GRU's and RNN's batches of 2-16 (the policy by the core's L2,
+``_threads.L2_SPLIT_SHARES``). The fixtures open every byte range (:func:`split_every_batch`),
 so small layers take the path; H is odd so that the parts have unequal widths."""
 
 import numba
@@ -53,15 +53,16 @@ def _count_kernel_calls(monkeypatch, names):
     return calls
 
 
+def split_every_batch(monkeypatch, largest=16):
+    """Split batches of 1 to ``largest`` samples by units whatever the size of W_hh."""
+    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
+    monkeypatch.setattr(_threads, "L2_SPLIT_SHARES", ((largest, 0.0),))
+
+
 @pytest.fixture
 def unit_split(monkeypatch):
     """Force the LSTM's unit-split path and count its kernel calls: {"forward": n, "backward": n}."""
-    monkeypatch.setattr(_threads, "SPLIT_BY_L2", False)  # the LSTM's tables, whatever the CPU
-    monkeypatch.setattr(_threads, "UNIT_SPLIT_MIN_BYTES", 0)
-    monkeypatch.setattr(_threads, "PAIR_SPLIT_BYTES", (0, 1 << 62))
-    monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
-    monkeypatch.setattr(_threads, "WIDE_SPLIT_BYTES", 0)
-    monkeypatch.setattr(_threads, "FIVE_SPLIT_BYTES", 0)
+    split_every_batch(monkeypatch)
     return _count_kernel_calls(monkeypatch, ("lstm_forward_units", "lstm_backward_units"))
 
 
@@ -102,58 +103,29 @@ def _at_thread_counts(make_case, counts=(1, 2, 1)):
     return results
 
 
-def test_unit_parts_policy_on_amd_tables(monkeypatch):
-    monkeypatch.setattr(_threads, "SPLIT_BY_L2", False)
-    w = np.empty((4 * 512, 512), np.float32)  # 4 MB
-    assert _threads.unit_parts("lstm", 4, w) == numba.config.NUMBA_NUM_THREADS
-    assert _threads.unit_parts("lstm", 3, w) > 0
-    lo, hi = _threads.PAIR_SPLIT_BYTES  # a batch of 2: W_hh in a range of sizes
-    for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
-        assert (_threads.unit_parts("lstm", 2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert _threads.unit_parts("lstm", 1, w) > 0
-    assert _threads.unit_parts("lstm", 1, np.empty((4 * 1024, 1024), np.float32)) == 0  # BLAS
-    lo, hi = _threads.SINGLE_SPLIT_BYTES  # a batch of one splits in a range
-    for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
-        assert (_threads.unit_parts("lstm", 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert _threads.unit_parts("lstm", 8, w) > 0  # 4 MB: batches of 6-8 from WIDE_SPLIT_BYTES
-    assert _threads.unit_parts("lstm", 5, w[:, :-1]) > 0  # a batch of 5 from FIVE_SPLIT_BYTES
-    assert _threads.unit_parts("lstm", 6, w[:, :-1]) == 0
-    five = _threads.FIVE_SPLIT_BYTES
-    for nbytes, split in ((five - 4, False), (five, True)):
-        assert (_threads.unit_parts("lstm", 5, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert _threads.unit_parts("lstm", 4, w[:, :-1]) > 0
-    assert _threads.unit_parts("lstm", 9, w) == 0
-    assert _threads.unit_parts("gru", 4, w) == 0
-    lo, hi = _threads.SINGLE_SPLIT_BYTES  # GRU and RNN: a batch of one only
-    for cell in ("gru", "rnn"):
-        for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
-            w_hh = np.empty((1, nbytes // 4), np.float32)
-            assert (_threads.unit_parts(cell, 1, w_hh) > 0) == split, (cell, nbytes)
-        assert _threads.unit_parts(cell, 1, w, splits=False) == 0  # GRU reset_after=False
-        assert _threads.unit_parts(cell, 2, w) == 0
-    assert _threads.unit_parts("lstm", 4, w[:, :64]) == 0  # 512 KB: chunks
-
-
-def test_unit_parts_policy_by_l2(monkeypatch):
-    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
-    monkeypatch.setattr(_threads, "L2_BYTES", 2 << 20)
+@pytest.mark.parametrize("shares", [((2, 0.75), (4, 1.0)), ((4, 0.75), (12, 1.0), (16, 1.5))])
+def test_unit_parts_policy_by_l2(monkeypatch, shares):
+    # the tables of AMD's Zen and of other CPUs: batches up to each entry's largest split
+    # from its share of the core's L2, larger ones never; a batch of one in a fixed range
     l2 = 2 << 20
-    small, mid, wide = (
-        int(share * l2) for share in (_threads.L2_SMALL_SPLIT, _threads.L2_SPLIT, _threads.L2_WIDE_SPLIT)
-    )
-    for cell in ("lstm", "gru", "rnn"):
-        for batch in range(2, _threads.L2_SPLIT_BATCHES + 1):
-            lo = small if batch <= 4 else mid if batch <= 12 else wide
+    monkeypatch.setattr(_threads, "L2_BYTES", l2)
+    monkeypatch.setattr(_threads, "L2_SPLIT_SHARES", shares)
+    parts = numba.config.NUMBA_NUM_THREADS
+    smallest = 2
+    for largest, share in shares:
+        lo = int(share * l2)
+        for batch in range(smallest, largest + 1):
             for nbytes, split in ((lo - 4, False), (lo, True), (64 << 20, True)):
                 w_hh = np.empty((1, nbytes // 4), np.float32)
-                assert (_threads.unit_parts(cell, batch, w_hh) > 0) == split, (cell, batch, nbytes)
-        assert (
-            _threads.unit_parts(cell, _threads.L2_SPLIT_BATCHES + 1, np.empty((1, 16 << 18), np.float32)) == 0
-        )
-        lo, hi = _threads.SINGLE_SPLIT_BYTES  # a batch of one: the same range as on AMD's
-        for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
-            assert (_threads.unit_parts(cell, 1, np.empty((1, nbytes // 4), np.float32)) > 0) == split
-    assert _threads.unit_parts("gru", 4, np.empty((1, 1 << 22), np.float32), splits=False) == 0
+                assert _threads.unit_parts(batch, w_hh) == (parts if split else 0), (batch, nbytes)
+        smallest = largest + 1
+    assert _threads.unit_parts(smallest, np.empty((1, 16 << 20), np.float32)) == 0  # 64 MB: chunks
+    lo, hi = _threads.SINGLE_SPLIT_BYTES
+    for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
+        assert (_threads.unit_parts(1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
+    assert (
+        _threads.unit_parts(2, np.empty((1, 1 << 22), np.float32), splits=False) == 0
+    )  # GRU reset_after=False
 
 
 def test_core_l2_bytes_reads_sysfs(tmp_path):
@@ -363,12 +335,11 @@ class GruRnnSplit:
 @pytest.fixture(params=["one sample", "batch"])
 def gru_rnn_split(request, monkeypatch):
     """Force the GRU/RNN split: of a batch of one (any W_hh; equal lengths), or of a batch of
-    4 (SHORT_SPLIT_ROWS: W_hh read in place at SPLIT_STEPS[0], packed at [1]), unequal lengths (the policy by the core's L2, ``_threads.SPLIT_BY_L2``, with 0 bytes
-    of L2: any W_hh, batches up to L2_SPLIT_BATCHES)."""
+    4 (SHORT_SPLIT_ROWS: W_hh read in place at SPLIT_STEPS[0], packed at [1]), unequal
+    lengths (the policy by the core's L2, ``_threads.L2_SPLIT_SHARES``, opened to any W_hh)."""
     if request.param == "one sample":
         return GruRnnSplit(request.getfixturevalue("one_sample_split"), 1, False)
-    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
-    monkeypatch.setattr(_threads, "L2_BYTES", 0)
+    split_every_batch(monkeypatch)
     return GruRnnSplit(_count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS), 4, True)
 
 
@@ -413,9 +384,8 @@ def test_gru_rnn_split_training_torch_parity(gru_rnn_split, variant, dtype, step
 
 @pytest.mark.parametrize("batch", [2, 16])
 def test_gru_rnn_batch_split_sizes_torch_parity(monkeypatch, batch):
-    # the smallest and the largest batch the policy by the core's L2 splits
-    monkeypatch.setattr(_threads, "SPLIT_BY_L2", True)
-    monkeypatch.setattr(_threads, "L2_BYTES", 0)
+    # the smallest and the largest batch the policy by the core's L2 splits (on CPUs other than Zen)
+    split_every_batch(monkeypatch)
     calls = _count_kernel_calls(monkeypatch, GRU_RNN_SPLIT_KERNELS)
     for variant in ("gru", "rnn-tanh"):
         case = Case(
