@@ -217,7 +217,9 @@ def partial_weight_grads(packing, width: int) -> int:
 #: 0.83-0.87, GRU H=128 N=4 0.91-0.94, RNN H=320 N=2 0.94), so the bar is 1.5 MB (was 2
 #: MB; Zen 3's GRU H=256 N=1 and H=128 N=4 gained too). Below it the results are mixed:
 #: LSTM and GRU H=192 N=1 0.80-0.93, LSTM H=128 N=2 1.00, RNN H=256 N=2 0.73-1.05, RNN
-#: H=192 N=4 1.10-1.14; at 512 KB and less, N=1 loses (1.12-2.1).
+#: H=192 N=4 1.10-1.14; at 512 KB and less, N=1 loses (1.12-2.1). Zen 5 (twenty-sixth
+#: session, 500 steps, five processes each way, 1.5 MB / 2 MB bar): GRU H=256 N=1 0.70;
+#: others between 1.5 and 2 MB 0.98-1.02.
 STREAM_SPLIT_BYTES = 320 * 1024
 STREAM_SPLIT_WORK = 1536 * 1024
 

@@ -246,6 +246,8 @@ _tile = _tile_intrinsic(MR, 1)
 #: 32, into L2 only 248-261; H=256 dx and dG @ W_hh (K = 1024) 273-279 / 293-306. At K = 64
 #: and 256 the panel stays in cache and prefetching gained nothing or lost up to 10%.
 #: Layers (targets, two processes each way): H=1024 0.80-0.91 of the time, H=256 0.89-0.96.
+#: On Zen 5 neutral (twenty-sixth session, target layers, none / prefetched, five processes
+#: each way: 0.97-1.02).
 PREFETCH_K = 32
 PREFETCH_MIN_K = 512
 _tile_far = _tile_intrinsic(MR, 1, PREFETCH_K)
@@ -293,8 +295,11 @@ FEW_ROWS_SPLIT_K = 256
 #: backward's dG @ W_hh as well) RNN N=12 0.82-0.85, GRU N=10 0.85-0.86, LSTM N=12 (T=30)
 #: 0.86-0.87; outputs and gradients bitwise the same. With every such split
 #: off (not kept): K=512 (RNN N=12, T=100) 1.03-1.04 and K=256 (GRU N=12, T=100)
-#: 1.04-1.06, and 13-14 rows (a full tile, then 5-6) at H=1024 0.97-1.05.
-FEW_ROWS_ALONE_TILE_K = 1024
+#: 1.04-1.06, and 13-14 rows (a full tile, then 5-6) at H=1024 0.97-1.05. Not on AMD's
+#: Zen, where the split ran faster (float32, Zen 5, layers at T=50, H=1024, chunks of 5-6
+#: rows, split / full tile, seven processes each way, twenty-sixth session): forward GRU
+#: N=10 0.959, N=12 0.959, RNN N=10 0.946, LSTM N=10 0.961; RNN training N=12 0.980.
+FEW_ROWS_ALONE_TILE_K = 1 << 62 if _target_cpu().startswith("znver") else 1024
 #: Rows up to which a block's last full tile grows (a tall tile of MR + 1 to MR + TALL_EXTRA
 #: rows, its own micro-kernel each) to take rows left over after the full tiles and any
 #: HALF_MR-row tile, instead of a pass over the panels for 1-3 rows on few_rows' tiles (4
@@ -512,8 +517,10 @@ K_BLOCK_TRANSPOSED = 256
 #: call them, G*H x H over 1600-6400 rows of dG, time copied / in place): H=64 1.14-1.22
 #: (LSTM 0.95-1.04); H=128 RNN 0.94-1.06, GRU 0.98-1.04, LSTM 0.78-0.94; H=192 RNN 0.99,
 #: GRU 0.64, LSTM 0.72; H=256 RNN 1.01, GRU 0.87 (the LSTM copies already, ALIAS_STRIDE_BYTES);
-#: H=320-384 0.70-0.94. So 192 columns on CPUs other than AMD's; the Zen figures above
-#: predate the faster copy and have not been measured again.
+#: H=320-384 0.70-0.94. So 192 columns on CPUs other than AMD's. On Zen 5, with the faster
+#: copy (twenty-sixth session; training steps, five processes each way, 192 / 512 columns):
+#: N=64, T=100, GRU H=192 1.13, LSTM H=192 1.12, GRU H=256 1.13, RNN H=256 1.10; T=50, GRU
+#: H=320 1.07, LSTM H=384 1.04: copying loses there, and Zen keeps 512.
 PACK_A_COLUMNS = 512 if _target_cpu().startswith("znver") else 192
 K_BLOCK_PACKED = 4096
 #: A transposed ``a`` whose column stride is a multiple of ALIAS_STRIDE_BYTES is copied into
@@ -525,7 +532,8 @@ K_BLOCK_PACKED = 4096
 #: copied): 121-161 / 200; LSTM training step at N=64, T=100 (A/B, six processes each way):
 #: 0.944 of the time; 2 layers x 2 directions 0.921-0.950. Not for other strides: rows of
 #: 2 KB (LSTM H=128) and 2.3 KB (GRU H=192) ran 1.07-1.10x slower copied (before the faster
-#: copy; the GRU at H=192 now copies, from PACK_A_COLUMNS).
+#: copy; the GRU at H=192 now copies, from PACK_A_COLUMNS). On Zen 5 neutral (LSTM training
+#: at H=256, N=32-64, T=50-100, in place / copied: 1.005-1.031; twenty-sixth session).
 ALIAS_STRIDE_BYTES = 4096
 
 
