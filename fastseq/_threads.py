@@ -141,6 +141,10 @@ L2_BYTES = core_l2_bytes() or 1 << 20
 L2_SPLIT_SHARES = (
     ((2, 0.75), (4, 1.0)) if _target_cpu().startswith("znver") else ((4, 0.75), (12, 1.0), (16, 1.5))
 )
+#: ... and never under this size of W_hh, whatever the L2 (a CPU with 256-512 KB of L2 a
+#: core): under it a step is too short to pay for a parallel region at every step (Zen 5,
+#: above: 0.25-0.57 MB lose at every batch, 0.92-1.63).
+L2_SPLIT_MIN_BYTES = 3 << 18
 
 
 def split_bytes(batch: int, splits: bool = True):
@@ -152,7 +156,7 @@ def split_bytes(batch: int, splits: bool = True):
         return SINGLE_SPLIT_BYTES
     for largest, share in L2_SPLIT_SHARES:
         if batch <= largest:
-            return share * L2_BYTES, float("inf")
+            return max(share * L2_BYTES, L2_SPLIT_MIN_BYTES), float("inf")
     return None
 
 
@@ -160,9 +164,9 @@ def unit_parts(batch: int, w_hh, splits: bool = True) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for a batch of one of any cell whose recurrent weights
     ``w_hh`` have bytes in SINGLE_SPLIT_BYTES, for a larger batch of any cell from a size of
-    W_hh set by the core's L2 (L2_SPLIT_SHARES). See :func:`split_bytes`. ``splits``: False
-    for a variant without a split (GRU reset_after=False). As many parts as numba's start-up
-    thread count (so results do not depend on the active thread count)."""
+    W_hh set by the core's L2 (L2_SPLIT_SHARES, L2_SPLIT_MIN_BYTES). See :func:`split_bytes`.
+    ``splits``: False for a variant without a split (GRU reset_after=False). As many parts as
+    numba's start-up thread count (so results do not depend on the active thread count)."""
     bounds = split_bytes(batch, splits)
     if bounds is None or not bounds[0] <= w_hh.nbytes < bounds[1]:
         return 0

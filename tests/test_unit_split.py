@@ -106,7 +106,8 @@ def _at_thread_counts(make_case, counts=(1, 2, 1)):
 @pytest.mark.parametrize("shares", [((2, 0.75), (4, 1.0)), ((4, 0.75), (12, 1.0), (16, 1.5))])
 def test_unit_parts_policy_by_l2(monkeypatch, shares):
     # the tables of AMD's Zen and of other CPUs: batches up to each entry's largest split
-    # from its share of the core's L2, larger ones never; a batch of one in a fixed range
+    # from its share of the core's L2 (not under L2_SPLIT_MIN_BYTES), larger ones never; a
+    # batch of one in a fixed range
     l2 = 2 << 20
     monkeypatch.setattr(_threads, "L2_BYTES", l2)
     monkeypatch.setattr(_threads, "L2_SPLIT_SHARES", shares)
@@ -123,9 +124,12 @@ def test_unit_parts_policy_by_l2(monkeypatch, shares):
     lo, hi = _threads.SINGLE_SPLIT_BYTES
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts(1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
-    assert (
-        _threads.unit_parts(2, np.empty((1, 1 << 22), np.float32), splits=False) == 0
-    )  # GRU reset_after=False
+    gru_without_split = np.empty((1, 1 << 22), np.float32)  # GRU reset_after=False
+    assert _threads.unit_parts(2, gru_without_split, splits=False) == 0
+    monkeypatch.setattr(_threads, "L2_BYTES", 256 << 10)  # a small L2: never under L2_SPLIT_MIN_BYTES
+    least = _threads.L2_SPLIT_MIN_BYTES
+    for nbytes, split in ((least - 4, False), (least, True)):
+        assert (_threads.unit_parts(2, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
 
 
 def test_core_l2_bytes_reads_sysfs(tmp_path):
