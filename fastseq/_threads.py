@@ -13,8 +13,8 @@ outside it; 3.3 ms with BLAS at one thread).
 
 A small batch with W_hh in a size range that depends on the batch and on the core's L2
 cache (:func:`unit_parts`: batches of 1-4 on AMD's Zen, 1-16 elsewhere) runs as one chunk
-split across the threads by hidden units instead: numba's team works on every step, BLAS is held at one
-thread.
+split across the threads by hidden units instead: numba's team works on every step, BLAS
+is held at one thread.
 
 The number of chunks is numba's thread count at start-up (``NUMBA_NUM_THREADS``), not the
 current ``numba.set_num_threads`` value, so results are bitwise identical whatever thread
@@ -72,9 +72,6 @@ def _blas_controller():
 #: 0.74, H=768 0.96 / 0.74, H=896 (12.8 MB) 0.89 / 0.75; H=1024 (16 MB) 1.37-1.42 / 1.12.
 #: OpenBLAS's threads also keep spinning after each call, against torch's OpenMP workers: in
 #: a ``fastseq bench --compare torch`` run the BLAS path slowed torch 1.7-2.8x (and itself).
-SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
-
-
 #: GRU and RNN batches of one use the same range (``gru_forward_units`` etc.). Measured in
 #: inference (float32, Zen 5, T=100, C=H, one process per policy, alone, one chunk / split,
 #: ms): against the chunk on the micro-kernel, GRU H=224 (588 KB) 0.60-0.72 / 0.59-0.68,
@@ -88,6 +85,9 @@ SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
 #: / split): GRU H=256 1.63-2.07 / 1.42-1.98, H=320 3.72-3.81 / 2.36-2.94, H=512 10.0-12.2 /
 #: 7.2-8.3, H=1024 40.1-44.9 / 32.1-36.4; RNN H=448 1.87-2.22 / 1.59-1.89, H=768 7.4-8.5 /
 #: 5.1-6.1, H=1024 13.2-15.1 / 9.7-18.7, H=1792 41.2-42.3 / 30.9-34.6.
+SINGLE_SPLIT_BYTES = (3 << 18, 13 << 20)
+
+
 def core_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """A core's L2 cache in bytes, as Linux's sysfs gives it for CPU 0 (``base``: its cache
     directory); 0 where it cannot be read (another OS, a container hiding it)."""
