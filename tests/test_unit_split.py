@@ -54,9 +54,11 @@ def _count_kernel_calls(monkeypatch, names):
 
 
 def split_every_batch(monkeypatch, largest=16):
-    """Split batches of 1 to ``largest`` samples by units whatever the size of W_hh."""
+    """Split batches of 1 to ``largest`` samples by units whatever the size of W_hh (the
+    batch of one's range, the shares of the core's L2 and their floor opened)."""
     monkeypatch.setattr(_threads, "SINGLE_SPLIT_BYTES", (0, 1 << 62))
     monkeypatch.setattr(_threads, "L2_SPLIT_SHARES", ((largest, 0.0),))
+    monkeypatch.setattr(_threads, "L2_SPLIT_MIN_BYTES", 0)
 
 
 @pytest.fixture
