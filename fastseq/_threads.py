@@ -36,7 +36,7 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
 from fastseq.kernels.common import SPREAD_STEP_BYTES
-from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, _target_cpu, panel_columns
+from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, ON_ZEN, panel_columns
 
 _lock = threading.Lock()
 _active = 0
@@ -138,9 +138,7 @@ L2_BYTES = core_l2_bytes() or 1 << 20
 #: (Until the twenty-sixth session AMD's CPUs followed tables measured on Zen 3 and Zen 5
 #: before the chunks' micro-kernel and packing work of the sessions since: LSTM batches of
 #: 2-8 only, GRU and RNN batches of one only.)
-L2_SPLIT_SHARES = (
-    ((2, 0.75), (4, 1.0)) if _target_cpu().startswith("znver") else ((4, 0.75), (12, 1.0), (16, 1.5))
-)
+L2_SPLIT_SHARES = ((2, 0.75), (4, 1.0)) if ON_ZEN else ((4, 0.75), (12, 1.0), (16, 1.5))
 #: ... and never under this size of W_hh, whatever the L2 (a CPU with 256-512 KB of L2 a
 #: core): under it a step is too short to pay for a parallel region at every step (Zen 5,
 #: above: 0.25-0.57 MB lose at every batch, 0.92-1.63).

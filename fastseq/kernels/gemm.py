@@ -57,6 +57,11 @@ def _target_cpu():
     return config.CPU_NAME or binding.get_host_cpu_name()
 
 
+#: Whether numba compiles for AMD's Zen (LLVM's "znver*"): constants measured apart there
+#: (FEW_ROWS_ALONE_TILE_K, PACK_A_COLUMNS, ``_threads.L2_SPLIT_SHARES``) take its values.
+ON_ZEN = _target_cpu().startswith("znver")
+
+
 #: ``accumulate`` for the products' callers (:func:`gemm_packed`, :func:`gemm_large`, ...): a
 #: ``False`` or ``True`` written in a jitted call reaches the callee as a literal, and numba
 #: compiles the callee once more for it; these numpy bools are plain booleans to numba. An
@@ -299,7 +304,7 @@ FEW_ROWS_SPLIT_K = 256
 #: Zen, where the split ran faster (float32, Zen 5, layers at T=50, H=1024, chunks of 5-6
 #: rows, split / full tile, seven processes each way, twenty-sixth session): forward GRU
 #: N=10 0.959, N=12 0.959, RNN N=10 0.946, LSTM N=10 0.961; RNN training N=12 0.980.
-FEW_ROWS_ALONE_TILE_K = 1 << 62 if _target_cpu().startswith("znver") else 1024
+FEW_ROWS_ALONE_TILE_K = 1 << 62 if ON_ZEN else 1024
 #: Rows up to which a block's last full tile grows (a tall tile of MR + 1 to MR + TALL_EXTRA
 #: rows, its own micro-kernel each) to take rows left over after the full tiles and any
 #: HALF_MR-row tile, instead of a pass over the panels for 1-3 rows on few_rows' tiles (4
@@ -521,7 +526,7 @@ K_BLOCK_TRANSPOSED = 256
 #: copy (twenty-sixth session; training steps, five processes each way, 192 / 512 columns):
 #: N=64, T=100, GRU H=192 1.13, LSTM H=192 1.12, GRU H=256 1.13, RNN H=256 1.10; T=50, GRU
 #: H=320 1.07, LSTM H=384 1.04: copying loses there, and Zen keeps 512.
-PACK_A_COLUMNS = 512 if _target_cpu().startswith("znver") else 192
+PACK_A_COLUMNS = 512 if ON_ZEN else 192
 K_BLOCK_PACKED = 4096
 #: A transposed ``a`` whose column stride is a multiple of ALIAS_STRIDE_BYTES is copied into
 #: tiles at any width: each k of a tile then reads a line 4 KB past the last, all in one set
