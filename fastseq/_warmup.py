@@ -59,21 +59,15 @@ def _exercise(layer_cls, cell_cls, dtype):
     cell.backward(tuple(np.ones_like(s) for s in h) if isinstance(h, tuple) else np.ones_like(h))
     cell.stream(batch=2).step(x[0])
     # Batches of 3 with large recurrent weights split each step by hidden units
-    # (_threads.split_bytes): the smallest H whose W_hh (G*H, H) reaches the threshold
+    # (_threads.split_bytes): the smallest H whose W_hh (G*H, H) reaches the threshold. A
+    # batch of one runs the same split kernels (no signature of its own), and both split
+    # whenever numba has two threads or more.
     gates = CELLS[layer_cls._cell].gates
     bounds = _threads.split_bytes(3)
     if bounds is not None:
         hidden = math.isqrt(int(bounds[0]) // (gates * dtype.itemsize)) + 1
         layer = layer_cls(2, hidden, dtype=dtype, seed=0)
         out, _ = layer(np.zeros((3, 3, 2), dtype), lengths=[3, 2, 1])
-        layer.backward(np.ones_like(out))
-    # GRU and RNN batches of one split their steps by hidden units: the smallest H whose
-    # W_hh (G*H, H) reaches the range
-    hidden = math.isqrt(_threads.SINGLE_SPLIT_BYTES[0] // (gates * dtype.itemsize)) + 1
-    w_hh = np.empty((gates * hidden, hidden), dtype)
-    if layer_cls._cell != "lstm" and _threads.unit_parts(1, w_hh):
-        layer = layer_cls(2, hidden, dtype=dtype, seed=0)
-        out, _ = layer(np.zeros((2, 1, 2), dtype))
         layer.backward(np.ones_like(out))
     # The LSTM and the RNN at small H over wide chunks run in the transposed layout
     # (_engine.runs_in_columns): training, and inference reading x unpacked (batch first)
