@@ -14,3 +14,37 @@ def test_lengths_ratio_reports_each_case(capsys):
         assert row["random_s"] > 0 and row["full_s"] > 0
     out = capsys.readouterr().out
     assert out.count("| rnn | ") == 2 and out.count("| gru | ") == 2
+
+
+def test_perf_map_names_the_compiled_kernels(tmp_path):
+    import numpy as np
+
+    import fastseq
+    from benchmarks import perf_map
+    from fastseq.kernels.rnn import rnn_forward
+
+    fastseq.RNN(3, 3).eval()(np.zeros((6, 4, 3), np.float32))
+    path = tmp_path / "perf.map"
+    count = perf_map.write_perf_map(str(path))
+    rows = [line.split() for line in path.read_text().splitlines()]
+    assert len(rows) == count > 0
+    addresses = [int(a, 16) for a, _, _ in rows]
+    assert addresses == sorted(addresses) and all(int(size, 16) > 0 for _, size, _ in rows)
+    entries = {result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+               for result in rnn_forward.overloads.values()}  # fmt: skip
+    named = {int(a, 16) for a, _, name in rows if name.startswith("rnn.rnn_forward.v")}
+    assert entries and entries <= named
+
+
+def test_perf_map_short_names():
+    from benchmarks.perf_map import short_name
+
+    assert (
+        short_name("_ZN7fastseq7kernels4gemm11gemm_packedB3v56B126c8tJTIeFIjxB2IE5Arr")
+        == "gemm.gemm_packed.v56"
+    )
+    assert short_name("cfunc._ZN7fastseq7kernels3rnn8rnn_stepB2v9B1xE") == "cfunc.rnn.rnn_step.v9"
+    assert short_name("_ZN13_3cdynamic_3e36__numba_parfor_gufunc_0x7fd2be2027d0B3v97B1E") == (
+        "__numba_parfor_gufunc_0x7fd2be2027d0.v97"
+    )
+    assert short_name("NRT_decref") == "NRT_decref"
