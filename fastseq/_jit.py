@@ -27,6 +27,21 @@ apply everywhere:
   function that runs all rows of a step (``lstm.lstm_rows_forward`` and its kin), one call
   per step rather than per row. The arrays those per-step calls receive are borrowed
   (:mod:`fastseq.kernels.refs`): their reference counts cost nothing.
+  Also used, for compile time, by thin set-up wrappers called only from functions that are
+  not ``parallel`` (the input projection's set-up in ``kernels.common``, ``gemm_pair``,
+  ``pack_for_large``). numba compiles every jitted function into a library of its own
+  that links in the code of all its callees and optimises and emits the whole again:
+  a wrapper around the products (about 50 functions with the micro-kernels) cost about 1
+  s of LLVM time on its own, and LLVM took 28 s of the 40 s of a first RNN forward from
+  an empty cache. Inlined, the wrapper has no library. Measured (Zen 5, empty cache,
+  ``benchmarks/cold_start.py`` and first training steps, two runs each, before / after):
+  first forward RNN 36.4-36.6 / 31.3-32.9 s, all three cells 53.4-53.6 / 48.4-50.1 s;
+  first training steps of the three 124.8-126.7 / 119.0-120.0 s. Inlined into the
+  ``parallel`` kernels as well (the per-step product dispatchers, ``start_chunk``,
+  ``step_panels`` ...), the first RNN forward took 30 s but the whole ``fastseq bench
+  --preset targets`` from an empty cache 11 s longer: numba's parfor passes cost more on
+  the larger parallel functions. Run times unchanged (A/B, eight layer shapes through
+  those paths, 0.96-1.03, within the rounds' spread).
 * ``reassociate=False`` (per function): no ``reassoc`` flag, the expressions grouped by
   hand instead. numba links a called function's IR into every kernel that calls it and
   optimises it there, while a kernel loaded from the cache may call another copy: with

@@ -400,7 +400,7 @@ def one_chunk_pieces(chunk_samples, rows):
     return (rows + ONE_CHUNK_PIECE_ROWS - 1) // ONE_CHUNK_PIECE_ROWS
 
 
-@jit
+@jit(inline=True)
 def project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples):
     """Call at a kernel's top level: for one chunk and ``gates`` with rows, gates = x @ W_ih^T
     across threads (:func:`one_chunk_pieces`). Returns whether it did (then
@@ -747,7 +747,7 @@ def projects_upfront(w_ih, rows):
     )
 
 
-@jit
+@jit(inline=True)
 def input_panels(w_ih, rows):
     """Panels of W_ih^T (G*H, C) for a forward's input projection of ``rows`` packed rows
     (``gemm.pack_weights``), or none (empty) when the whole projection runs first
@@ -825,7 +825,7 @@ def project_packing(x, w, out, parts):
                 copy_units(part_out[r], out[r, b0 * nr :], 0, ws.shape[0])
 
 
-@jit
+@jit(inline=True)
 def project_all(x, w_ih, out, parts):
     """out (R, G*H) = x (R, C) @ W_ih^T, the whole input projection at once
     (:func:`projects_upfront`): W_ih read in place (:func:`project_in_place`) for at most
@@ -839,7 +839,7 @@ def project_all(x, w_ih, out, parts):
         project_packing(x, w_ih, out, parts)
 
 
-@jit
+@jit(inline=True)
 def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
     """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C) that
     does not project up front: :func:`input_panels`), split by rows on the panels."""
@@ -851,7 +851,7 @@ def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
 PROJECTION_PARTS = max(1, numba.config.NUMBA_NUM_THREADS)
 
 
-@jit
+@jit(inline=True)
 def upfront_projection(x, w_ih, gates, x_rows):
     """Call at a chunked kernel's top level. When it :func:`projects_upfront`, the whole
     input projection (R, G*H) (:func:`project_all`, across PROJECTION_PARTS threads): into

@@ -841,7 +841,7 @@ def pack(w):
 BLAS_FOR_LARGE = VECTOR_BYTES < 64
 
 
-@jit
+@jit(inline=True)
 def pack_for_large(b):
     """Operand of :func:`gemm_large` for b (K, M): its panels (:func:`pack`), or none
     (empty) when BLAS_FOR_LARGE (BLAS reads b itself)."""
@@ -894,7 +894,7 @@ def gemm(a, b, out, accumulate):
 NARROW_BLAS_ROWS = 8192
 
 
-@jit
+@jit(inline=True)
 def gemm_pair(a, b, b2, out, out2):
     """out (n, M) = a @ b (K, M) and out2 (n, M2) = a @ b2 (K, M2) for one ``a`` (n, K), a
     transposed view (dG^T in the chunks' weight gradients). Where :func:`gemm_packed` would
