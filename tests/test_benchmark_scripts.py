@@ -48,3 +48,45 @@ def test_perf_map_short_names():
         "__numba_parfor_gufunc_0x7fd2be2027d0.v97"
     )
     assert short_name("NRT_decref") == "NRT_decref"
+
+
+def test_ab_builds_cases_parse():
+    import pytest
+
+    from benchmarks.ab_builds import parse_case
+
+    assert parse_case("rnn:forward:32:100:64") == ("rnn", "forward", 32, 100, 64, "full")
+    assert parse_case("gru:train:4:5:6:random") == ("gru", "train", 4, 5, 6, "random")
+    with pytest.raises(ValueError, match="cell:mode:N:T:H"):
+        parse_case("rnn:forward:32")
+    with pytest.raises(ValueError, match="forward or train"):
+        parse_case("rnn:stream:1:5:8")
+
+
+def test_ab_builds_exports_renamed_packages(tmp_path, monkeypatch):
+    """A git revision and a directory both give a package of the new name that imports
+    beside fastseq, with no ``fastseq`` module name left in its Python files."""
+    import importlib
+    import os
+    import re
+
+    from benchmarks.ab_builds import export_package, rename_package
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for label, source in (("a", "HEAD"), ("b", repo)):
+        dest = tmp_path / label
+        dest.mkdir()
+        package = rename_package(export_package(source, str(dest), repo), f"fastseq_{label}")
+        assert os.path.isfile(os.path.join(package, "kernels", "rnn.py"))
+        assert not (dest / "fastseq").exists() and not any("__pycache__" in d for d, _, _ in os.walk(package))
+        for root, _, files in os.walk(package):
+            for file in files:
+                if file.endswith(".py"):
+                    text = (tmp_path / root / file).read_text(encoding="utf-8")
+                    assert not re.search(r"\bfastseq\b", text), file
+        monkeypatch.syspath_prepend(str(dest))
+        module = importlib.import_module(f"fastseq_{label}.bench.harness")
+        assert module.__name__ == f"fastseq_{label}.bench.harness" and callable(module.build_fastseq)
+        assert importlib.import_module(f"fastseq_{label}.kernels.rnn").rnn_forward.__module__ == (
+            f"fastseq_{label}.kernels.rnn"
+        )
