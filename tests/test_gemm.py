@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
+from numba.extending import overload
 
 from fastseq.kernels.columns import transpose_rows
 from fastseq.kernels.common import (
@@ -36,6 +38,7 @@ from fastseq.kernels.gemm import (
     panel_width,
     step_product,
 )
+from fastseq.kernels.refs import any_layout
 from tests.tolerances import assert_close
 
 # (rows, K, columns): single elements, tile edges in every direction (MR rows, one and two
@@ -177,6 +180,35 @@ def test_parallel_packing_matches_serial(shape, dtype):
         assert np.array_equal(serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, : shape[0]], view.T)
         assert not serial.transpose(1, 0, 2).reshape(shape[1], -1)[:, shape[0] :].any(), "padding not zero"
         assert serial.shape[0] == -(-shape[0] // nr)
+
+
+def _layout(a):
+    """The numba layout of ``a`` inside a jitted function (see the overload below)."""
+
+
+@overload(_layout)
+def _layout_overload(a):
+    layout = a.layout
+    return lambda a: layout
+
+
+@numba.njit
+def _any_layout_and_panels(w):
+    view = any_layout(w)
+    return view, _layout(w), _layout(view), pack_transposed_parallel(view)
+
+
+@pytest.mark.parametrize("shape", [(70, 33), (40, 300)])
+def test_any_layout_packs_as_the_given_layout(shape):
+    """``refs.any_layout`` gives the same array (data, strides) typed with layout 'A', for
+    a matrix and its transposed view, and their panels are those of the given layout (the
+    kernels pass W and W^T so: one compiled packing for both)."""
+    w = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    for view, layout in ((w, "C"), (np.ascontiguousarray(w.T).T, "F")):
+        same, given, retyped, panels = _any_layout_and_panels(view)
+        assert (given, retyped) == (layout, "A")
+        assert same.ctypes.data == view.ctypes.data and same.strides == view.strides
+        assert np.array_equal(panels, pack_transposed(view))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

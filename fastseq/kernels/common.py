@@ -18,11 +18,13 @@ from fastseq.kernels.gemm import (
     gemm_large,
     gemm_packed,
     gemm_pair,
+    large_b,
     pack_panel,
     pack_transposed_parallel,
     pack_weights,
     panel_width,
 )
+from fastseq.kernels.refs import any_layout
 
 
 @jit
@@ -91,8 +93,8 @@ def add_weight_grads(dg, b, dw, b2, dw2, sums):
     """
     m = dw.shape[0]
     two = dw2.shape[0] > 0
-    b_panels = pack_weights(b)
-    b2_panels = pack_weights(b2)
+    b_panels = pack_weights(any_layout(b))
+    b2_panels = pack_weights(any_layout(b2))
     pieces = max(
         1,
         (m + WEIGHT_GRAD_ROWS - 1) // WEIGHT_GRAD_ROWS,
@@ -232,11 +234,11 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
     ordered = step_ordered(reverse, full, lengths_c)
     a, b, s_end = block_rows(offsets_c, lengths_c, s, reverse and not ordered, block.shape[0])
     if x_rows.shape[0] == 0 and not ordered:
-        gemm_large(x[r0 + a : r0 + b], w_ih.T, w_ih_panels, block[: b - a], OVERWRITE)
+        gemm_large(x[r0 + a : r0 + b], large_b(w_ih.T), w_ih_panels, block[: b - a], OVERWRITE)
         return block, r0 + a, s_end
     if not ordered and consecutive(x_rows, r0 + a, r0 + b):  # x's rows in place: no gather
         first = x_rows[r0 + a]
-        gemm_large(x[first : first + b - a], w_ih.T, w_ih_panels, block[: b - a], OVERWRITE)
+        gemm_large(x[first : first + b - a], large_b(w_ih.T), w_ih_panels, block[: b - a], OVERWRITE)
         return block, r0 + a, s_end
     gather = GATHER_ROWS_WIDE if w_ih.nbytes >= GATHER_WIDE_BYTES else GATHER_ROWS
     gathered = np.empty((min(gather, b - a), x.shape[1]), x.dtype)
@@ -251,7 +253,7 @@ def projection_block(x, w_ih, w_ih_panels, r0, offsets_c, lengths_c, s, reverse,
                 r = packed_row(r0, offsets_c, lengths_c[i], i, step, True)
                 i += 1
             copy_units(x[x_rows[r] if x_rows.shape[0] else r], gathered[j - i0], 0, x.shape[1])
-        gemm_large(gathered[: i1 - i0], w_ih.T, w_ih_panels, block[i0 - a : i1 - a], OVERWRITE)
+        gemm_large(gathered[: i1 - i0], large_b(w_ih.T), w_ih_panels, block[i0 - a : i1 - a], OVERWRITE)
     return block, r0 + a, s_end
 
 
@@ -407,7 +409,7 @@ def project_one_chunk(x, w_ih, w_ih_panels, gates, chunk_samples):
     :func:`start_chunk` does not)."""
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])  # 0 when gates has no rows
     if pieces:
-        gemm_split_rows(x, w_ih.T, w_ih_panels, gates, OVERWRITE, pieces)
+        gemm_split_rows(x, large_b(w_ih.T), w_ih_panels, gates, OVERWRITE, pieces)
     return pieces > 0
 
 
@@ -424,7 +426,7 @@ def start_chunk(x, w_ih, w_ih_panels, gates, chunk_rows, chunk_samples, ch, proj
     r0, r1, s0 = chunk_rows[ch], chunk_rows[ch + 1], chunk_samples[ch]
     nc = chunk_samples[ch + 1] - s0
     if gates.shape[0] > 0 and not projected:
-        gemm_large(x[r0:r1], w_ih.T, w_ih_panels, gates[r0:r1], OVERWRITE)
+        gemm_large(x[r0:r1], large_b(w_ih.T), w_ih_panels, gates[r0:r1], OVERWRITE)
     block = np.empty((block_capacity(nc, r1 - r0) if gates.shape[0] == 0 else 0, gates.shape[1]), gates.dtype)
     return r0, r1, s0, nc, block
 
@@ -753,7 +755,7 @@ def input_panels(w_ih, rows):
     (``gemm.pack_weights``), or none (empty) when the whole projection runs first
     (:func:`projects_upfront`; :func:`upfront_projection` for chunks,
     :func:`unit_projection_start` split by units) and reads w_ih itself."""
-    return pack_weights((w_ih[:0] if projects_upfront(w_ih, rows) else w_ih).T)
+    return pack_weights(any_layout((w_ih[:0] if projects_upfront(w_ih, rows) else w_ih).T))
 
 
 @jit
@@ -834,7 +836,7 @@ def project_all(x, w_ih, out, parts):
     if x.shape[0] <= DIRECT_PROJECTION_ROWS:
         project_in_place(x, w_ih, out, parts)
     elif BLAS_FOR_LARGE:
-        gemm_split_rows(x, w_ih.T, pack_weights(w_ih.T), out, OVERWRITE, parts)
+        gemm_split_rows(x, large_b(w_ih.T), pack_weights(any_layout(w_ih.T)), out, OVERWRITE, parts)
     else:
         project_packing(x, w_ih, out, parts)
 
@@ -843,7 +845,7 @@ def project_all(x, w_ih, out, parts):
 def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
     """out = x[rows] @ W_ih^T for a split forward's block of rows (a slice of x (R, C) that
     does not project up front: :func:`input_panels`), split by rows on the panels."""
-    gemm_split_rows(x[rows[0] : rows[1]], w_ih.T, w_ih_panels, out, OVERWRITE, parts)
+    gemm_split_rows(x[rows[0] : rows[1]], large_b(w_ih.T), w_ih_panels, out, OVERWRITE, parts)
 
 
 #: Threads :func:`upfront_projection` splits its product across: numba's start-up thread

@@ -37,6 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastseq._jit import jit
+from fastseq.kernels.refs import any_layout
 
 
 def _target_features():
@@ -839,6 +840,22 @@ def pack(w):
 #: wins only the few-row per-step products: 79-87 vs 72-73); on Zen 5 (AVX-512, OpenBLAS
 #: held to its AVX2 kernels by OPENBLAS_CORETYPE=Haswell) the micro-kernel won both.
 BLAS_FOR_LARGE = VECTOR_BYTES < 64
+
+
+@jit(inline=True)
+def _as_given(b):
+    return b
+
+
+#: How the kernels pass B (a weight matrix or its transpose) to :func:`gemm_large` and
+#: ``common.gemm_split_rows``: typed with layout 'A' (``refs.any_layout``) where they read
+#: only its panels, so that each compiles once for W and W^T rather than once per layout;
+#: as given where BLAS reads it (numba's ``np.dot`` copies an operand of layout 'A'). The
+#: kernels pass W and W^T to ``common.step_panels`` and :func:`pack_weights` the same way.
+#: Measured (Zen 5, first training steps of an RNN then an LSTM from an empty cache, two
+#: runs each, alternating): 84.9 and 89.4 s against 97.5 and 94.3 s; run times in one
+#: process (``benchmarks/ab_builds.py``, six forward and training shapes): 0.955-1.010.
+large_b = _as_given if BLAS_FOR_LARGE else any_layout
 
 
 @jit(inline=True)

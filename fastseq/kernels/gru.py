@@ -63,11 +63,12 @@ from fastseq.kernels.gemm import (
     gemm_packed,
     gemm_step,
     gemm_step_forward,
+    large_b,
     pack,
     pack_weights,
     step_product,
 )
-from fastseq.kernels.refs import borrow, hold
+from fastseq.kernels.refs import any_layout, borrow, hold
 
 
 @jit(inline=True)
@@ -203,9 +204,9 @@ def gru_forward(
     w_hn = w_hh[2 * hd :]
     # read by every chunk at every step (only the ones the variant uses)
     empty = w_hh[:0]
-    w_hh_panels = step_panels((w_hh if reset_after else empty).T, chunk_samples, lengths, True)
-    w_hrz_panels = step_panels((empty if reset_after else w_hrz).T, chunk_samples, lengths, True)
-    w_hn_panels = step_panels((empty if reset_after else w_hn).T, chunk_samples, lengths, True)
+    w_hh_panels = step_panels(any_layout((w_hh if reset_after else empty).T), chunk_samples, lengths, True)
+    w_hrz_panels = step_panels(any_layout((empty if reset_after else w_hrz).T), chunk_samples, lengths, True)
+    w_hn_panels = step_panels(any_layout((empty if reset_after else w_hn).T), chunk_samples, lengths, True)
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full = borrow(owned)
@@ -287,10 +288,10 @@ def gru_backward(
     w_hn = w_hh[2 * hd :]
     n_chunks = chunk_samples.shape[0] - 1
     empty = w_hh[:0]  # B operands of the per-step products, packed once (only the variant's)
-    w_hh_panels = step_panels(w_hh if reset_after else empty, chunk_samples, lengths, False)
-    w_hrz_panels = step_panels(empty if reset_after else w_hrz, chunk_samples, lengths, False)
-    w_hn_panels = step_panels(empty if reset_after else w_hn, chunk_samples, lengths, False)
-    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_hh_panels = step_panels(any_layout(w_hh if reset_after else empty), chunk_samples, lengths, False)
+    w_hrz_panels = step_panels(any_layout(empty if reset_after else w_hrz), chunk_samples, lengths, False)
+    w_hn_panels = step_panels(any_layout(empty if reset_after else w_hn), chunk_samples, lengths, False)
+    w_ih_panels = pack_weights(any_layout(w_ih))  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b_ih = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
     part_b_hh = np.empty((part_w_ih.shape[0], 3 * hd), dh.dtype)
@@ -336,13 +337,13 @@ def gru_backward(
             for i in range(n):
                 add_units(dh_direct[i], dh[s0 + i], 0, hd)
         if not pieces:  # else after the loop, split across threads
-            gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+            gemm_large(gates[r0:r1], large_b(w_ih), w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             gru_chunk_weight_grads(x[r0:r1], reset_after, gates[r0:r1], hprev[r0:r1], hn[r0:r1], part_w_ih[ch],
                                    part_w_hh[ch], part_b_ih[ch], part_b_hh[ch])  # fmt: skip
         hold(scratch)
     if pieces:
-        gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
+        gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, pieces)
     if part_w_ih.shape[0]:
         add_parts(part_w_ih, dw_ih)
         add_parts(part_w_hh, dw_hh)
@@ -485,7 +486,7 @@ def gru_backward_units(
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_gate_rows(w_hh, 3, units)  # part p: dG_p @ (its gate rows of W_hh)
-    w_ih_panels = pack_weights(w_ih)
+    w_ih_panels = pack_weights(any_layout(w_ih))
     g_p = np.empty((parts, 3 * widest_part(units)), dh.dtype)
     dg_p = np.zeros((parts, nb, 3 * widest_part(units)), dh.dtype)  # zero past a part's 3*hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
@@ -502,7 +503,7 @@ def gru_backward_units(
     unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
     for i in range(done):
         add_units(dh_direct[i], dh[i], 0, hd)
-    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     gru_weight_grads(x, True, gates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh)
 
 

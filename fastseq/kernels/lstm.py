@@ -62,10 +62,11 @@ from fastseq.kernels.gemm import (
     gemm_packed,
     gemm_step,
     gemm_step_forward,
+    large_b,
     pack_weights,
     step_product,
 )
-from fastseq.kernels.refs import borrow, hold
+from fastseq.kernels.refs import any_layout, borrow, hold
 
 
 @jit(inline=True)
@@ -193,7 +194,9 @@ def lstm_forward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
+    w_hh_panels = step_panels(
+        any_layout(w_hh.T), chunk_samples, lengths, True
+    )  # read by every chunk at every step
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_ih_panels, full = borrow(owned)
@@ -357,8 +360,10 @@ def lstm_backward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(w_hh, chunk_samples, lengths, False)  # B = W_hh of the per-step dh = dG @ W_hh
-    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_hh_panels = step_panels(
+        any_layout(w_hh), chunk_samples, lengths, False
+    )  # B = W_hh of the per-step dh = dG @ W_hh
+    w_ih_panels = pack_weights(any_layout(w_ih))  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], 4 * hd), dh.dtype)
     part_peep = np.zeros((n_chunks, 3, hd), dh.dtype)
@@ -379,14 +384,14 @@ def lstm_backward(
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
-            gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+            gemm_large(gates[r0:r1], large_b(w_ih), w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
         if peephole:
             peephole_sums(gates[r0:r1], cprev[r0:r1], cnew[r0:r1], part_peep[ch])
         hold(scratch)
     if pieces:
-        gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
+        gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, pieces)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:
         add_parts(part_peep, dw_peep)
@@ -478,7 +483,7 @@ def lstm_backward_units(
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_gate_rows(w_hh, 4, units)  # part p: dG_p @ (its gate rows of W_hh)
-    w_ih_panels = pack_weights(w_ih)
+    w_ih_panels = pack_weights(any_layout(w_ih))
     _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
     dg_p = np.zeros((parts, nb, 4 * widest_part(units)), dh.dtype)  # zero past a part's 4*hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
@@ -491,7 +496,7 @@ def lstm_backward_units(
                             out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p, w_hh_panels, units)  # fmt: skip
         done, t = n, t + 1
     unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
-    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, 4 * hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
     if peephole:

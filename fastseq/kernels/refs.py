@@ -27,6 +27,7 @@ once unless it is held. Never return or store a borrowed view.
 from __future__ import annotations
 
 from numba.core import cgutils, types
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
 
@@ -72,3 +73,18 @@ def hold(typingctx, owner):
         return context.get_dummy_value()
 
     return types.none(owner), codegen
+
+
+@intrinsic
+def any_layout(typingctx, array):
+    """``array`` itself, typed with layout 'A' (any strides): the same data model for every
+    layout, so no code but a reference. Passed where a callee only packs an operand or reads
+    its strides at run time, so that it compiles once for a matrix and its transpose."""
+    if not isinstance(array, types.Array):
+        return None
+    result = array.copy(layout="A")
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return result(array), codegen

@@ -50,10 +50,11 @@ from fastseq.kernels.gemm import (
     gemm_packed,
     gemm_step,
     gemm_step_forward,
+    large_b,
     pack_weights,
     step_product,
 )
-from fastseq.kernels.refs import borrow, hold
+from fastseq.kernels.refs import any_layout, borrow, hold
 
 
 @jit(inline=True)
@@ -153,7 +154,9 @@ def rnn_forward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(w_hh.T, chunk_samples, lengths, True)  # read by every chunk at every step
+    w_hh_panels = step_panels(
+        any_layout(w_hh.T), chunk_samples, lengths, True
+    )  # read by every chunk at every step
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_ih_panels, full = borrow(owned)
@@ -205,8 +208,10 @@ def rnn_backward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(w_hh, chunk_samples, lengths, False)  # B = W_hh of the per-step dh = dG @ W_hh
-    w_ih_panels = pack_weights(w_ih)  # B = W_ih of every chunk's dx = dG @ W_ih
+    w_hh_panels = step_panels(
+        any_layout(w_hh), chunk_samples, lengths, False
+    )  # B = W_hh of the per-step dh = dG @ W_hh
+    w_ih_panels = pack_weights(any_layout(w_ih))  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], hd), dh.dtype)
     owned = (w_hh_panels, w_ih_panels, part_b)  # held to the end
@@ -226,12 +231,12 @@ def rnn_backward(
             gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
-            gemm_large(gates[r0:r1], w_ih, w_ih_panels, dx[r0:r1], accumulate_dx)
+            gemm_large(gates[r0:r1], large_b(w_ih), w_ih_panels, dx[r0:r1], accumulate_dx)
         if part_w_ih.shape[0]:
             chunk_weight_grads(gates[r0:r1], x[r0:r1], hprev[r0:r1], part_w_ih[ch], part_w_hh[ch], part_b[ch])
         hold(scratch)
     if pieces:
-        gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, pieces)
+        gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, pieces)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, part_b, dw_ih, dw_hh, db_ih, db_hh)
     hold(owned)
 
@@ -310,7 +315,7 @@ def rnn_backward_units(
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_gate_rows(w_hh, 1, units)  # part p: dG_p @ (its rows of W_hh)
-    w_ih_panels = pack_weights(w_ih)
+    w_ih_panels = pack_weights(any_layout(w_ih))
     dg_p = np.zeros((parts, nb, widest_part(units)), dh.dtype)  # zero past a part's hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
     rows = np.empty(nb, np.int64)
@@ -322,7 +327,7 @@ def rnn_backward_units(
                                 out_col, relu, dg_p, w_hh_panels, units)  # fmt: skip
         done, t = n, t + 1
     unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
-    gemm_split_rows(gates, w_ih, w_ih_panels, dx, accumulate_dx, parts)
+    gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
 
