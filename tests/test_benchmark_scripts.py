@@ -68,6 +68,7 @@ def test_ab_builds_exports_renamed_packages(tmp_path, monkeypatch):
     beside fastseq, with no ``fastseq`` module name left in its Python files."""
     import importlib
     import os
+    import pathlib
     import re
 
     from benchmarks.ab_builds import export_package, rename_package
@@ -82,7 +83,7 @@ def test_ab_builds_exports_renamed_packages(tmp_path, monkeypatch):
         for root, _, files in os.walk(package):
             for file in files:
                 if file.endswith(".py"):
-                    text = (tmp_path / root / file).read_text(encoding="utf-8")
+                    text = pathlib.Path(root, file).read_text(encoding="utf-8")
                     assert not re.search(r"\bfastseq\b", text), file
         monkeypatch.syspath_prepend(str(dest))
         module = importlib.import_module(f"fastseq_{label}.bench.harness")

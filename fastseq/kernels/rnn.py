@@ -154,9 +154,8 @@ def rnn_forward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(
-        any_layout(w_hh.T), chunk_samples, lengths, True
-    )  # read by every chunk at every step
+    # read by every chunk at every step
+    w_hh_panels = step_panels(any_layout(w_hh.T), chunk_samples, lengths, True)
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_ih_panels, full = borrow(owned)
@@ -208,9 +207,8 @@ def rnn_backward(
     chunk_rows, chunk_samples, batch_sizes, offsets, lengths = borrow(
         (chunk_rows, chunk_samples, batch_sizes, offsets, lengths)
     )
-    w_hh_panels = step_panels(
-        any_layout(w_hh), chunk_samples, lengths, False
-    )  # B = W_hh of the per-step dh = dG @ W_hh
+    # B = W_hh of the per-step dh = dG @ W_hh
+    w_hh_panels = step_panels(any_layout(w_hh), chunk_samples, lengths, False)
     w_ih_panels = pack_weights(any_layout(w_ih))  # B = W_ih of every chunk's dx = dG @ W_ih
     pieces = one_chunk_pieces(chunk_samples, gates.shape[0])
     part_b = np.empty((part_w_ih.shape[0], hd), dh.dtype)
