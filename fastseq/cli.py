@@ -87,7 +87,9 @@ def _threads_option(ctx, param, value):
 )
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed runs per case [default: 2, --quick 1].")
 @click.option(
-    "--compare", type=click.Choice(["torch", "numpy"]), help="Also time a peer with the same weights."
+    "--compare",
+    type=click.Choice(["torch", "onnxruntime", "jax", "numpy"]),
+    help="Also time a peer with the same weights (onnxruntime: inference only).",
 )
 @click.option(
     "--format",
@@ -118,9 +120,11 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
     """
     from fastseq.bench import harness, machine, peers, report
 
-    if compare == "torch" and not peers.torch_available():
+    missing = peers.missing_packages(compare) if compare else []
+    if missing:
         raise click.UsageError(
-            "--compare torch needs PyTorch, which is not installed: pip install torch==2.13.0"
+            f"--compare {compare} needs {' and '.join(missing)}, which is not installed: "
+            f"{peers.PEER_INSTALL[compare]} (or pip install 'fastseq[peers]')"
         )
     min_time = 0.0 if repeat else (0.05 if quick else 0.2)
     repeat = repeat or (3 if quick else 7)
@@ -171,7 +175,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(click.get_current_context()),
         "machine": machine.cpu_info(),
-        "versions": machine.versions(with_torch=compare == "torch"),
+        "versions": machine.versions(peers.PEER_PACKAGES[compare] if compare else ()),
         "threads": threads,
         "sgemm_gflops": sgemm,
         **info,

@@ -1,6 +1,7 @@
 """The fastseq command through click's CliRunner: every command and option path."""
 
 import csv
+import importlib.util
 import io
 import json
 
@@ -77,11 +78,38 @@ def test_bench_compare_torch_and_numpy():
     assert rows[1]["peer_note"] == "numpy peer has no training step"
 
 
-def test_bench_compare_torch_missing(monkeypatch):
-    monkeypatch.setattr(peers, "torch_available", lambda: False)
-    result = CliRunner().invoke(main, ["bench", "--compare", "torch", *TINY])
+def test_bench_compare_onnxruntime_and_jax():
+    result = invoke("bench", "--cell", "rnn", "--compare", "onnxruntime", "--format", "json", *TINY)
+    report = json.loads(result.stdout)
+    assert report["versions"]["onnxruntime"] and report["versions"]["onnx"]
+    rows = report["results"]
+    assert [r["ratio"] is None for r in rows] == [False, True, False]  # inference only
+    assert rows[1]["peer_note"] == "onnxruntime runs inference only"
+    result = invoke("bench", "--cell", "gru", "--compare", "jax", "--format", "markdown", *TINY)
+    assert result.exit_code == 0 and "| jax | ratio |" in result.stdout and ", jax 0." in result.stdout
+    result = invoke("bench", "--cell", "gru", "--mode", "forward", "--compare", "jax", "--threads", "1",
+                    "--format", "json", *TINY)  # fmt: skip
+    assert (
+        json.loads(result.stdout)["results"][0]["peer_note"]
+        == "jax's thread pool cannot be limited (--threads)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer", "message"),
+    [("torch", "needs torch, which is not installed: pip install torch==2.13.0"),
+     ("onnxruntime", "needs onnx, which is not installed: pip install onnxruntime onnx"),
+     ("jax", "needs jaxlib, which is not installed: pip install jax")],
+)  # fmt: skip
+def test_bench_compare_peer_missing(monkeypatch, peer, message):
+    hidden = peers.PEER_PACKAGES[peer][-1]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == hidden else real_find_spec(name, *a)
+    )
+    result = CliRunner().invoke(main, ["bench", "--compare", peer, *TINY])
     assert result.exit_code == 2
-    assert "--compare torch needs PyTorch" in result.stderr and "pip install torch==2.13.0" in result.stderr
+    assert f"--compare {peer} {message}" in result.stderr and "fastseq[peers]" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -142,7 +170,7 @@ def test_default_grid_and_quick():
         (["--threads", "4096"], "--threads"),
         (["--repeat", "0"], "--repeat"),
         (["--warmup", "-1"], "--warmup"),
-        (["--compare", "jax"], "--compare"),
+        (["--compare", "tensorflow"], "--compare"),
         (["--format", "xml"], "--format"),
         (["--output", "/"], "--output"),
         (["--bogus"], "--bogus"),

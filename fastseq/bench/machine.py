@@ -27,9 +27,14 @@ def cpu_info() -> dict:
     return {"model": model, "cores": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags]}
 
 
-def versions(with_torch: bool = False) -> dict:
-    """Versions of fastseq and what it runs on (torch only when it is being compared)."""
-    names = ["fastseq", "numba", "llvmlite", "numpy", "scipy", "click"] + (["torch"] if with_torch else [])
+#: What fastseq runs on (every report gives their versions).
+PACKAGES = ("fastseq", "numba", "llvmlite", "numpy", "scipy", "click")
+
+
+def versions(peer_packages=()) -> dict:
+    """Versions of fastseq and what it runs on, and of ``peer_packages`` (those of the peer
+    being compared, ``peers.PEER_PACKAGES``)."""
+    names = [*PACKAGES, *peer_packages]
     out = {"python": platform.python_version()}
     for name in names:
         try:

@@ -1,4 +1,12 @@
-"""What fastseq is compared with: torch.nn (same weights) and a plain NumPy implementation."""
+"""What fastseq is compared with, on the same weights: torch.nn, ONNX Runtime (inference),
+JAX (XLA, ``lax.scan``) and a plain NumPy implementation.
+
+Every peer takes ``(case, module, inputs, threads)`` and gives ``runner()``: a callable that
+runs one timed unit of the case, or None when the peer cannot run the case (``note`` says
+why). The ONNX Runtime and JAX runners return what they computed (the output, the stream's
+last h; JAX's training step its gradients), which ``tests/test_peers.py`` checks against
+fastseq's (torch.nn's own results: ``tests/test_torch_parity.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,28 @@ class PeerUnavailable(RuntimeError):
     """The peer cannot run (e.g. torch is not installed)."""
 
 
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+#: The packages each peer needs (``fastseq[peers]`` installs them all).
+PEER_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnx"), "jax": ("jax", "jaxlib"),
+                 "numpy": ()}  # fmt: skip
+#: How to install them (for the CLI's message when one is missing).
+PEER_INSTALL = {"torch": "pip install torch==2.13.0", "onnxruntime": "pip install onnxruntime onnx",
+                "jax": "pip install jax"}  # fmt: skip
+
+
+def missing_packages(peer: str) -> list:
+    """The packages ``peer`` needs that cannot be imported here."""
+    import importlib.util
+
+    return [name for name in PEER_PACKAGES[peer] if importlib.util.find_spec(name) is None]
+
+
+def direction_weights(params, layer=None, direction=0):
+    """(w_ih, w_hh, b_ih, b_hh) of one layer and direction from a torch-named state dict
+    (gates in torch's order; zeros for a layer without biases); ``layer`` None: a cell's."""
+    sfx = "" if layer is None else f"_l{layer}" + ("_reverse" if direction else "")
+    w_ih, w_hh = params["weight_ih" + sfx], params["weight_hh" + sfx]
+    zeros = np.zeros(w_hh.shape[0], w_hh.dtype)
+    return w_ih, w_hh, params.get("bias_ih" + sfx, zeros), params.get("bias_hh" + sfx, zeros)
 
 
 class TorchPeer:
@@ -108,7 +132,7 @@ class NumpyPeer:
             return None
         case, p, x = self.case, self.params, self.inputs.x
         if case.mode == "stream":
-            w = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
+            w = direction_weights(p)
 
             def stream():
                 h = np.zeros((x.shape[1], case.hidden_size), x.dtype)
@@ -150,8 +174,7 @@ def numpy_layer(case, p, x):
     for k in range(case.layers):
         outs = []
         for d in range(case.directions):
-            sfx = f"_l{k}" + ("_reverse" if d else "")
-            w = (p["weight_ih" + sfx], p["weight_hh" + sfx], p["bias_ih" + sfx], p["bias_hh" + sfx])
+            w = direction_weights(p, k, d)
             h = np.zeros((x.shape[1], case.hidden_size), x.dtype)
             c = np.zeros_like(h)
             out = np.empty((x.shape[0], x.shape[1], case.hidden_size), x.dtype)
@@ -164,4 +187,16 @@ def numpy_layer(case, p, x):
     return inp
 
 
-PEERS = {"torch": TorchPeer, "numpy": NumpyPeer}
+def _onnxruntime_peer(*args, **kwargs):
+    from fastseq.bench.onnx_peer import OnnxRuntimePeer
+
+    return OnnxRuntimePeer(*args, **kwargs)
+
+
+def _jax_peer(*args, **kwargs):
+    from fastseq.bench.jax_peer import JaxPeer
+
+    return JaxPeer(*args, **kwargs)
+
+
+PEERS = {"torch": TorchPeer, "onnxruntime": _onnxruntime_peer, "jax": _jax_peer, "numpy": NumpyPeer}

@@ -4,7 +4,8 @@ JSON schema ``fastseq-bench/1``::
 
     {"schema": "fastseq-bench/1", "created": ISO-8601 time, "command": [argv...],
      "machine": {"model", "cores", "simd": [...]},
-     "versions": {"python", "fastseq", "numba", "llvmlite", "numpy", "scipy", "click", ["torch"]},
+     "versions": {"python", "fastseq", "numba", "llvmlite", "numpy", "scipy", "click",
+                  [the compared peer's packages: "torch" / "onnxruntime", "onnx" / "jax", "jaxlib"]},
      "threading": {"configured", "active", "numba_threads"}, "threads": requested or null,
      "blas": [{"internal_api", "version", "num_threads", "threading_layer", "architecture",
                "filepath"}],
@@ -26,6 +27,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+
+from fastseq.bench.machine import PACKAGES
 
 ROW_FIELDS = ("cell", "mode", "batch", "steps", "input_size", "hidden_size", "layers", "bidirectional",
               "directions", "dtype", "lengths", "median_s", "spread", "us_per_step", "sequences_per_s",
@@ -51,6 +54,11 @@ def to_csv(report: dict) -> str:
     for row in report["results"]:
         writer.writerow([row.get(f, "") for f in ROW_FIELDS] + list(machine))
     return buf.getvalue()
+
+
+def _peer_versions(versions: dict) -> str:
+    """ ", torch 2.13.0" etc.: the versions of the compared peer's packages, if any."""
+    return "".join(f", {k} {v}" for k, v in versions.items() if k not in PACKAGES and k != "python" and v)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -97,8 +105,9 @@ def to_table(report: dict) -> str:
     )
     out.append("")
     out.append(f"machine: {m['model']}, {m['cores']} cores, SIMD {' '.join(m['simd']) or 'unknown'}")
-    out.append(f"fastseq {v['fastseq']}, numba {v['numba']}, numpy {v['numpy']}, BLAS {blas}"
-               + (f", torch {v['torch']}" if v.get("torch") else ""))  # fmt: skip
+    out.append(
+        f"fastseq {v['fastseq']}, numba {v['numba']}, numpy {v['numpy']}, BLAS {blas}" + _peer_versions(v)
+    )
     t = report["threading"]
     out.append(f"threading layer {t['active'] or t['configured']}, numba threads {t['numba_threads']}; "
                f"sgemm rate {report['sgemm_gflops']:.1f} GFLOP/s (1024^3 float32, same BLAS as the kernels)")  # fmt: skip
@@ -132,7 +141,7 @@ def to_markdown(report: dict) -> str:
     lines.append("")
     lines.append(f"`{' '.join(report['command'])}` on {report['created']}: {m['model']}, {m['cores']} cores "
                  f"({' '.join(m['simd'])}); fastseq {v['fastseq']}, numba {v['numba']}, numpy {v['numpy']}"
-                 + (f", torch {v['torch']}" if v.get("torch") else "")
+                 + _peer_versions(v)
                  + f"; threading layer {t['active'] or t['configured']}, {t['numba_threads']} threads; "
                  f"sgemm {report['sgemm_gflops']:.0f} GFLOP/s. Times are medians; ratio = fastseq / {peer or 'peer'} "
                  "(lower is better).")  # fmt: skip
