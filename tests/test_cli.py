@@ -116,7 +116,7 @@ def test_bench_compare_peer_missing(monkeypatch, peer, message):
     ("block_seconds", "expected"),
     [
         (1.0, "f" + "f" * 6 + "p" * 6),  # microsecond calls: one block each, an untimed lead + 5
-        (0.0, "f" + "fp" * 4),  # calls longer than a block: one by one, no lead call
+        (0.0, "f" + "ffpp" * 4),  # calls longer than a block: one by one, each after an untimed one
     ],
 )
 def test_run_case_alternates_with_its_peer_in_blocks(monkeypatch, block_seconds, expected):

@@ -205,13 +205,15 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_t
 
     Runs ``repeat`` timed calls, more if needed to spend at least ``min_time`` seconds
     timing fastseq (so sub-millisecond cases get enough samples; at most 500 calls). With a
-    peer, the two take turns in blocks of about BLOCK_SECONDS of calls each; a block of
-    several calls starts with one untimed call. The first call after the other library's
-    measures that library's leftovers (its OpenMP workers still spinning on the cores, the
-    caches it left), not the code timed: RNN forward at N=32, T=100, C=H=64 took 0.35 ms
-    right after each torch call against 0.22 ms in blocks, while torch's times moved by
-    3% either way (Zen 5, 2 cores). Calls longer than BLOCK_SECONDS / 2 alternate one by
-    one.
+    peer, the two take turns in blocks of about BLOCK_SECONDS of calls each (one call, for
+    calls longer than BLOCK_SECONDS / 2), and every block starts with one untimed call. The
+    first call after the other library's measures that library's leftovers (its threads
+    still spinning on the cores, the caches it left), not the code timed: RNN forward at
+    N=32, T=100, C=H=64 took 0.35 ms right after each torch call against 0.22 ms in blocks,
+    while torch's times moved by 3% either way (Zen 5, 2 cores); ONNX Runtime's LSTM at
+    N=64, T=100, H=256 took 25-31 ms right after each fastseq call against 21-22 ms after
+    its own (numba's OpenMP workers spin for about 5 ms after a region). So calls longer
+    than a block alternate one by one, each after an untimed call of its own.
     """
     inputs = Inputs(case)
     fn, module = build_fastseq(case, inputs)
@@ -227,7 +229,7 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_t
     calls = min(max(repeat, int(min_time / estimate)), max(repeat, 500))
     sides = [(fn, ours)] + ([(peer_fn, theirs)] if peer_fn else [])
     block = max(1, int(BLOCK_SECONDS / estimate)) if peer_fn else calls
-    lead = peer_fn is not None and block > 1
+    lead = peer_fn is not None
     while len(ours) < calls:
         n = min(block, calls - len(ours))
         for run, times in sides:
