@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import time
 
@@ -88,8 +89,10 @@ def _threads_option(ctx, param, value):
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed runs per case [default: 2, --quick 1].")
 @click.option(
     "--compare",
+    multiple=True,
     type=click.Choice(["torch", "onnxruntime", "jax", "numpy"]),
-    help="Also time a peer with the same weights (onnxruntime: inference only).",
+    help="Also time a peer with the same weights (repeatable: several peers in turn, ratio to "
+    "the fastest; onnxruntime: inference only).",
 )
 @click.option(
     "--format",
@@ -120,12 +123,14 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
     """
     from fastseq.bench import harness, machine, peers, report
 
-    missing = peers.missing_packages(compare) if compare else []
-    if missing:
-        raise click.UsageError(
-            f"--compare {compare} needs {' and '.join(missing)}, which is not installed: "
-            f"{peers.PEER_INSTALL[compare]} (or pip install 'fastseq[peers]')"
-        )
+    compare = tuple(dict.fromkeys(compare))  # each peer once, in the order given
+    for name in compare:
+        missing = peers.missing_packages(name)
+        if missing:
+            raise click.UsageError(
+                f"--compare {name} needs {' and '.join(missing)}, which is not installed: "
+                f"{peers.PEER_INSTALL[name]} (or pip install 'fastseq[peers]')"
+            )
     min_time = 0.0 if repeat else (0.05 if quick else 0.2)
     repeat = repeat or (3 if quick else 7)
     warmup = (1 if quick else 2) if warmup is None else warmup
@@ -144,23 +149,17 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         defaults = harness.default_grid(cells or None, modes or None)
         cases = [harness.BenchCase(**{**c.__dict__, **options}) for c in defaults]
 
-    factory = None
-    if compare:
-        peer_cls = peers.PEERS[compare]
-
-        def factory(case, module, data):
-            return peer_cls(case, module, data, threads=threads)
-
+    factories = [functools.partial(peers.PEERS[name], threads=threads) for name in compare]
     rows = []
     started = time.perf_counter()
-    old_torch_threads = _torch_threads() if compare == "torch" else None
+    old_torch_threads = _torch_threads() if "torch" in compare else None
     try:
         with harness.thread_limits(threads):
             click.echo("measuring the BLAS sgemm rate ...", err=True)
             sgemm = harness.sgemm_gflops()
             for k, case in enumerate(cases, 1):
                 click.echo(f"[{k}/{len(cases)}] {case.label()} {case.dtype} lengths={case.lengths}", err=True)
-                row = harness.run_case(case, repeat, warmup, factory, min_time)
+                row = harness.run_case(case, repeat, warmup, factories, min_time)
                 row["pct_sgemm"] = 100.0 * row["gflops"] / sgemm
                 rows.append(row)
             info = {"threading": machine.threading_info(), "blas": machine.blas_info()}
@@ -175,7 +174,7 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(click.get_current_context()),
         "machine": machine.cpu_info(),
-        "versions": machine.versions(peers.PEER_PACKAGES[compare] if compare else ()),
+        "versions": machine.versions([p for name in compare for p in peers.PEER_PACKAGES[name]]),
         "threads": threads,
         "sgemm_gflops": sgemm,
         **info,

@@ -95,6 +95,33 @@ def test_bench_compare_onnxruntime_and_jax():
     )
 
 
+def test_bench_compare_several_peers_gives_each_and_the_fastest():
+    result = invoke("bench", "--cell", "lstm", "--compare", "numpy", "--compare", "onnxruntime", "--compare",
+                    "numpy", "--format", "json", *TINY)  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["versions"]["onnxruntime"] and "--compare" in report["command"]
+    forward, train, stream = report["results"]
+    for row in (forward, stream):
+        assert [p["peer"] for p in row["peers"]] == ["numpy", "onnxruntime"]  # each once, in order
+        fastest = min(row["peers"], key=lambda p: p["median_s"])
+        assert row["peer"] == fastest["peer"] and row["peer_median_s"] == fastest["median_s"]
+        assert row["ratio"] == pytest.approx(row["median_s"] / fastest["median_s"])
+    assert train["ratio"] is None and train["peer_note"] == (
+        "numpy peer has no training step; onnxruntime runs inference only"
+    )
+    table = invoke("bench", "--cell", "rnn", "--mode", "forward", "--compare", "numpy", "--compare", "onnxruntime",
+                   *TINY).stdout  # fmt: skip
+    assert "numpy median  onnxruntime median" in table and "ratio vs fastest" in table
+    markdown = invoke("bench", "--cell", "rnn", "--mode", "train", "--compare", "numpy", "--compare",
+                      "onnxruntime", "--format", "markdown", *TINY).stdout  # fmt: skip
+    assert "| numpy | onnxruntime | fastest | ratio |" in markdown
+    assert "| - | - | - | numpy peer has no training step; onnxruntime runs inference only |" in markdown
+    rows = list(csv.DictReader(io.StringIO(invoke("bench", "--cell", "gru", "--mode", "stream", "--compare",
+                                                  "numpy", "--compare", "onnxruntime", "--format", "csv",
+                                                  *TINY).stdout)))  # fmt: skip
+    assert float(rows[0]["numpy_ratio"]) > 0 and float(rows[0]["onnxruntime_median_s"]) > 0
+
+
 @pytest.mark.parametrize(
     ("peer", "message"),
     [("torch", "needs torch, which is not installed: pip install torch==2.13.0"),
@@ -135,7 +162,7 @@ def test_run_case_alternates_with_its_peer_in_blocks(monkeypatch, block_seconds,
 
     case = harness.BenchCase(cell="rnn", mode="forward", batch=2, steps=3, input_size=4, hidden_size=4)
     repeat = 5 if block_seconds else 4
-    row = harness.run_case(case, repeat=repeat, warmup=0, peer_factory=Peer)
+    row = harness.run_case(case, repeat=repeat, warmup=0, peer_factories=[Peer])
     assert "".join(calls) == expected  # the first call is the untimed compile call
     assert row["peer"] == "fake" and row["ratio"] > 0
 

@@ -200,13 +200,13 @@ def summarise(times) -> tuple[float, float]:
 BLOCK_SECONDS = 0.02
 
 
-def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_time: float = 0.0) -> dict:
-    """Time one case (and its peer, alternately); returns one result row.
+def run_case(case: BenchCase, repeat: int, warmup: int, peer_factories=(), min_time: float = 0.0) -> dict:
+    """Time one case (and its peers, in turn); returns one result row.
 
     Runs ``repeat`` timed calls, more if needed to spend at least ``min_time`` seconds
-    timing fastseq (so sub-millisecond cases get enough samples; at most 500 calls). With a
-    peer, the two take turns in blocks of about BLOCK_SECONDS of calls each (one call, for
-    calls longer than BLOCK_SECONDS / 2), and every block starts with one untimed call. The
+    timing fastseq (so sub-millisecond cases get enough samples; at most 500 calls). With
+    peers, fastseq and each peer take turns in blocks of about BLOCK_SECONDS of calls each
+    (one call, for calls longer than BLOCK_SECONDS / 2), each block led by an untimed call. The
     first call after the other library's measures that library's leftovers (its threads
     still spinning on the cores, the caches it left), not the code timed: RNN forward at
     N=32, T=100, C=H=64 took 0.35 ms right after each torch call against 0.22 ms in blocks,
@@ -214,22 +214,30 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_t
     N=64, T=100, H=256 took 25-31 ms right after each fastseq call against 21-22 ms after
     its own (numba's OpenMP workers spin for about 5 ms after a region). So calls longer
     than a block alternate one by one, each after an untimed call of its own.
+
+    The row's ``peer``, ``peer_median_s``, ``peer_spread`` and ``ratio`` are the fastest
+    peer's (with one peer, its own; ``peer_note`` when none could run the case); with
+    several, ``peers`` lists each one's {peer, median_s, spread, ratio, note}.
     """
     inputs = Inputs(case)
     fn, module = build_fastseq(case, inputs)
     first = _timed(fn)  # compiles, or loads the kernels from the disk cache
-    peer = peer_factory(case, module, inputs) if peer_factory else None
-    peer_fn = peer.runner() if peer else None
+    peers = [factory(case, module, inputs) for factory in peer_factories]
+    runners = [peer.runner() for peer in peers]
+    running = [run for run in runners if run is not None]
     for _ in range(warmup):
         fn()
-        if peer_fn:
-            peer_fn()
-    ours, theirs = [], []
+        for run in running:
+            run()
+    ours = []
+    theirs = [[] for _ in runners]
     estimate = max(first if warmup == 0 else _timed(fn), 1e-6)
     calls = min(max(repeat, int(min_time / estimate)), max(repeat, 500))
-    sides = [(fn, ours)] + ([(peer_fn, theirs)] if peer_fn else [])
-    block = max(1, int(BLOCK_SECONDS / estimate)) if peer_fn else calls
-    lead = peer_fn is not None
+    sides = [(fn, ours)] + [
+        (run, times) for run, times in zip(runners, theirs, strict=True) if run is not None
+    ]
+    block = max(1, int(BLOCK_SECONDS / estimate)) if len(sides) > 1 else calls
+    lead = len(sides) > 1
     while len(ours) < calls:
         n = min(block, calls - len(ours))
         for run, times in sides:
@@ -243,11 +251,26 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factory=None, min_t
                us_per_step=median / case.steps * 1e6,
                sequences_per_s=case.batch / median, tokens_per_s=inputs.tokens / median,
                gflops=flops / median / 1e9, compile_s=max(first - median, 0.0))  # fmt: skip
-    if peer:
-        row["peer"] = peer.name
-        if peer_fn:
-            peer_median, peer_spread = summarise(theirs)
-            row.update(peer_median_s=peer_median, peer_spread=peer_spread, ratio=median / peer_median)
-        else:
-            row.update(peer_median_s=None, peer_spread=None, ratio=None, peer_note=peer.note)
+    if not peers:
+        return row
+    results = []
+    for peer, run, times in zip(peers, runners, theirs, strict=True):
+        if run is None:
+            results.append(
+                {"peer": peer.name, "median_s": None, "spread": None, "ratio": None, "note": peer.note}
+            )
+            continue
+        peer_median, peer_spread = summarise(times)
+        results.append({"peer": peer.name, "median_s": peer_median, "spread": peer_spread,
+                        "ratio": median / peer_median, "note": ""})  # fmt: skip
+    ran = [r for r in results if r["ratio"] is not None]
+    # The row's own peer fields: the fastest peer that ran (the only one, with one peer).
+    best = min(ran, key=lambda r: r["median_s"]) if ran else results[0]
+    row.update(
+        peer=best["peer"], peer_median_s=best["median_s"], peer_spread=best["spread"], ratio=best["ratio"]
+    )
+    if best["ratio"] is None:
+        row["peer_note"] = "; ".join(r["note"] for r in results)
+    if len(results) > 1:
+        row["peers"] = results
     return row

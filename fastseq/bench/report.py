@@ -15,11 +15,13 @@ JSON schema ``fastseq-bench/1``::
 Each row: cell, mode, batch, steps, input_size, hidden_size, layers, bidirectional,
 directions, dtype, lengths, median_s, spread (interquartile range / median), us_per_step,
 sequences_per_s, tokens_per_s (valid tokens), gflops (GEMM work only), pct_sgemm,
-compile_s; with a peer also peer, peer_median_s, peer_spread, ratio (fastseq / peer time,
-lower is better) and peer_note when the peer could not run the case.
+compile_s; with peers also peer, peer_median_s, peer_spread, ratio (fastseq / peer time,
+lower is better: the fastest peer's, see ``harness.run_case``) and peer_note when no peer
+could run the case; with several peers, peers: [{peer, median_s, spread, ratio, note}].
 
 CSV: one line per row with the row's fields followed by machine_model, cores, simd,
-fastseq, numba, numpy, blas, threading_layer, numba_threads, sgemm_gflops.
+fastseq, numba, numpy, blas, threading_layer, numba_threads, sgemm_gflops; with several
+peers then <peer>_median_s and <peer>_ratio for each.
 """
 
 from __future__ import annotations
@@ -51,9 +53,38 @@ def to_csv(report: dict) -> str:
                report["versions"]["fastseq"], report["versions"]["numba"], report["versions"]["numpy"], blas,
                report["threading"]["active"] or report["threading"]["configured"],
                report["threading"]["numba_threads"], round(report["sgemm_gflops"], 2))  # fmt: skip
+    names = peer_names(report["results"])
+    several = len(names) > 1
+    if several:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow(
+            ROW_FIELDS + MACHINE_FIELDS + tuple(f"{n}_{k}" for n in names for k in ("median_s", "ratio"))
+        )
     for row in report["results"]:
-        writer.writerow([row.get(f, "") for f in ROW_FIELDS] + list(machine))
+        extra = []
+        if several:
+            each = {r["peer"]: r for r in row["peers"]}
+            extra = [
+                each[n][k] if each[n][k] is not None else "" for n in names for k in ("median_s", "ratio")
+            ]
+        writer.writerow([row.get(f, "") for f in ROW_FIELDS] + list(machine) + extra)
     return buf.getvalue()
+
+
+def peer_names(rows) -> list:
+    """The peers of a report, in the order they were given."""
+    for row in rows:
+        if "peers" in row:
+            return [r["peer"] for r in row["peers"]]
+    return list(dict.fromkeys(row["peer"] for row in rows if "peer" in row))
+
+
+def _peer_times(row) -> dict:
+    """Peer name -> its median seconds (None where it could not run the case)."""
+    if "peers" in row:
+        return {r["peer"]: r["median_s"] for r in row["peers"]}
+    return {row["peer"]: row["peer_median_s"]} if "peer" in row else {}
 
 
 def _peer_versions(versions: dict) -> str:
@@ -71,12 +102,15 @@ def _fmt_time(seconds: float) -> str:
 
 def to_table(report: dict) -> str:
     rows = report["results"]
-    has_peer = any("peer" in r for r in rows)
-    peer = next((r["peer"] for r in rows if "peer" in r), "")
+    names = peer_names(rows)
+    has_peer = bool(names)
+    peer = names[0] if len(names) == 1 else "fastest"
     head = ["cell", "mode", "N", "T", "C", "H", "L", "D", "median", "spread", "us/step", "seq/s",
             "tokens/s", "GFLOP/s", "%sgemm", "compile"]  # fmt: skip
     if has_peer:
-        head += [f"{peer} median", f"ratio vs {peer}"]
+        head += (
+            [f"{n} median" for n in names] + (["fastest"] if len(names) > 1 else []) + [f"ratio vs {peer}"]
+        )
     lines = []
     for r in rows:
         line = [r["cell"], r["mode"], r["batch"], r["steps"], r["input_size"], r["hidden_size"], r["layers"],
@@ -84,10 +118,11 @@ def to_table(report: dict) -> str:
                 f"{r['sequences_per_s']:.4g}", f"{r['tokens_per_s']:.4g}", f"{r['gflops']:.1f}",
                 f"{r['pct_sgemm']:.0f}%", f"{r['compile_s']:.2f} s"]  # fmt: skip
         if has_peer:
-            if r.get("ratio") is None:
-                line += ["-", r.get("peer_note", "-")]
-            else:
-                line += [_fmt_time(r["peer_median_s"]), f"{r['ratio']:.2f}x"]
+            times = _peer_times(r)
+            line += [_fmt_time(times[n]) if times.get(n) is not None else "-" for n in names]
+            if len(names) > 1:
+                line.append(r["peer"] if r.get("ratio") is not None else "-")
+            line.append(f"{r['ratio']:.2f}x" if r.get("ratio") is not None else r.get("peer_note", "-"))
         lines.append([str(c) for c in line])
     widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
     left = {0, 1}
@@ -112,17 +147,21 @@ def to_table(report: dict) -> str:
     out.append(f"threading layer {t['active'] or t['configured']}, numba threads {t['numba_threads']}; "
                f"sgemm rate {report['sgemm_gflops']:.1f} GFLOP/s (1024^3 float32, same BLAS as the kernels)")  # fmt: skip
     if has_peer:
-        out.append(f"ratio = fastseq time / {peer} time (lower is better); compile = first call minus median")
+        out.append(
+            f"ratio = fastseq time / {peer} peer's time (lower is better); compile = first call minus median"
+        )
     return "\n".join(out)
 
 
 def to_markdown(report: dict) -> str:
     """A compact Markdown table (for the README), with the machine and versions below it."""
     rows = report["results"]
-    peer = next((r["peer"] for r in rows if "peer" in r), None)
+    names = peer_names(rows)
+    several = len(names) > 1
+    peer = ("the fastest of " + ", ".join(names)) if several else (names[0] if names else None)
     head = ["cell", "mode", "N, T, C=H", "layers x dirs", "fastseq", "GFLOP/s", "% sgemm"]
-    if peer:
-        head += [peer, "ratio"]
+    if names:
+        head += names + (["fastest", "ratio"] if several else ["ratio"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         shape = f"{r['batch']}, {r['steps']}, {r['hidden_size']}"
@@ -130,12 +169,13 @@ def to_markdown(report: dict) -> str:
             shape = f"{r['batch']}, {r['steps']}, C={r['input_size']} H={r['hidden_size']}"
         cells = [r["cell"], r["mode"], shape, f"{r['layers']} x {r['directions']}", _fmt_time(r["median_s"]),
                  f"{r['gflops']:.0f}", f"{r['pct_sgemm']:.0f}%"]  # fmt: skip
-        if peer:
+        if names:
             ok = r.get("ratio") is not None
-            cells += [
-                _fmt_time(r["peer_median_s"]) if ok else "-",
-                f"{r['ratio']:.2f}" if ok else r.get("peer_note", "-"),
-            ]
+            times = _peer_times(r)
+            cells += [_fmt_time(times[n]) if times.get(n) is not None else "-" for n in names]
+            if several:
+                cells.append(r["peer"] if ok else "-")
+            cells.append(f"{r['ratio']:.2f}" if ok else r.get("peer_note", "-"))
         lines.append("| " + " | ".join(cells) + " |")
     m, v, t = report["machine"], report["versions"], report["threading"]
     lines.append("")
