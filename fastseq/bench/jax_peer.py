@@ -68,7 +68,7 @@ def build_layer(jax, jnp, cell, layers, directions, hidden):
 
     def layer_stack(weights, x, lengths):
         steps, batch = x.shape[0], x.shape[1]
-        mask, reverse_order = None, None
+        mask = None
         t = jnp.arange(steps)[:, None]
         if lengths is not None:
             mask = (t < lengths[None, :])[:, :, None]
@@ -120,27 +120,32 @@ class JaxPeer:
         jax, jnp, case, x = self.jax, self.jnp, self.case, self.x
         if case.mode == "stream":
             step = _step(jax, jnp, case.cell)
-            w_ih, w_hh, b_ih, b_hh = self.weights
-            one_step = jax.jit(lambda state, x_t: step(state, x_t @ w_ih.T + b_ih, w_hh, b_hh))
+
+            def cell_step(w, state, x_t):
+                w_ih, w_hh, b_ih, b_hh = w
+                return step(state, x_t @ w_ih.T + b_ih, w_hh, b_hh)
+
+            one_step = jax.jit(cell_step)  # weights as arguments, not constants folded in
             h0 = jnp.zeros((case.batch, case.hidden_size), x.dtype)
             start = (h0, h0) if case.cell == "lstm" else h0
             rows = [x[t] for t in range(x.shape[0])]
+            weights = self.weights
 
             def stream():
                 state = start
                 for x_t in rows:
-                    state = jax.block_until_ready(one_step(state, x_t))
+                    state = jax.block_until_ready(one_step(weights, state, x_t))
                 return state[0] if case.cell == "lstm" else state
 
             return stream
         layer = build_layer(jax, jnp, case.cell, case.layers, case.directions, case.hidden_size)
-        lengths = self.lengths
+        weights, lengths, grad_out = self.weights, self.lengths, self.grad_out
         if case.mode == "forward":
-            forward = jax.jit(lambda w, x: layer(w, x, lengths))
-            return lambda: jax.block_until_ready(forward(self.weights, x))
+            forward = jax.jit(layer)  # every array an argument (None: full lengths)
+            return lambda: jax.block_until_ready(forward(weights, x, lengths))
 
-        def loss(w, x):
-            return jnp.sum(layer(w, x, lengths) * self.grad_out)
+        def loss(w, x, lengths, grad_out):
+            return jnp.sum(layer(w, x, lengths) * grad_out)
 
         grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        return lambda: jax.block_until_ready(grads(self.weights, x))
+        return lambda: jax.block_until_ready(grads(weights, x, lengths, grad_out))
