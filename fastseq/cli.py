@@ -125,12 +125,10 @@ def bench(cells, modes, batches, steps, inputs, hiddens, layers, bidirectional, 
 
     compare = tuple(dict.fromkeys(compare))  # each peer once, in the order given
     for name in compare:
-        missing = peers.missing_packages(name)
-        if missing:
-            raise click.UsageError(
-                f"--compare {name} needs {' and '.join(missing)}, which is not installed: "
-                f"{peers.PEER_INSTALL[name]} (or pip install 'fastseq[peers]')"
-            )
+        try:
+            peers.require(name)
+        except peers.PeerUnavailable as err:
+            raise click.UsageError(str(err)) from None
     min_time = 0.0 if repeat else (0.05 if quick else 0.2)
     repeat = repeat or (3 if quick else 7)
     warmup = (1 if quick else 2) if warmup is None else warmup

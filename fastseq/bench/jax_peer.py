@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from fastseq.bench.peers import PeerUnavailable, direction_weights
+from fastseq.bench.peers import direction_weights, require
 
 
 def _step(jax, jnp, cell):
@@ -91,11 +91,10 @@ class JaxPeer:
     name = "jax"
 
     def __init__(self, case, module, inputs, threads=None):
-        try:
-            import jax
-            import jax.numpy as jnp
-        except ImportError as err:
-            raise PeerUnavailable("jax is not installed: pip install jax") from err
+        require("jax")
+        import jax
+        import jax.numpy as jnp
+
         self.jax, self.jnp, self.case, self.inputs = jax, jnp, case, inputs
         self.note = ""
         if threads is not None and threads < len(os.sched_getaffinity(0)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from fastseq.bench.peers import PeerUnavailable, direction_weights
+from fastseq.bench.peers import direction_weights, require
 from fastseq.registry import CELLS
 
 #: ONNX operator per cell.
@@ -38,11 +38,10 @@ class OnnxRuntimePeer:
     name = "onnxruntime"
 
     def __init__(self, case, module, inputs, threads=None):
-        try:
-            import onnx
-            import onnxruntime
-        except ImportError as err:
-            raise PeerUnavailable("onnxruntime is not installed: pip install onnxruntime onnx") from err
+        require("onnxruntime")
+        import onnx
+        import onnxruntime
+
         self.onnx, self.case, self.inputs = onnx, case, inputs
         self.note = ""
         self.session = None

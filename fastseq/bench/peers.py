@@ -34,6 +34,15 @@ def missing_packages(peer: str) -> list:
     return [name for name in PEER_PACKAGES[peer] if importlib.util.find_spec(name) is None]
 
 
+def require(peer: str) -> None:
+    """Raise PeerUnavailable, naming the missing packages and the pip command, unless the
+    packages ``peer`` needs can be imported."""
+    missing = missing_packages(peer)
+    if missing:
+        raise PeerUnavailable(f"--compare {peer} needs {' and '.join(missing)}, which is not installed: "
+                              f"{PEER_INSTALL[peer]} (or pip install 'fastseq[peers]')")  # fmt: skip
+
+
 def direction_weights(params, layer=None, direction=0):
     """(w_ih, w_hh, b_ih, b_hh) of one layer and direction from a torch-named state dict
     (gates in torch's order; zeros for a layer without biases); ``layer`` None: a cell's."""
@@ -50,10 +59,9 @@ class TorchPeer:
     note = ""
 
     def __init__(self, case, module, inputs, threads=None):
-        try:
-            import torch
-        except ImportError as err:
-            raise PeerUnavailable("torch is not installed: pip install torch==2.13.0") from err
+        require("torch")
+        import torch
+
         self.torch, self.case, self.inputs = torch, case, inputs
         if threads is not None:
             torch.set_num_threads(threads)
