@@ -47,27 +47,17 @@ def to_json(report: dict) -> str:
 def to_csv(report: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(ROW_FIELDS + MACHINE_FIELDS)
+    names = peer_names(report["results"])
+    per_peer = [(n, k) for n in names for k in ("median_s", "ratio")] if len(names) > 1 else []
+    writer.writerow(ROW_FIELDS + MACHINE_FIELDS + tuple(f"{n}_{k}" for n, k in per_peer))
     blas = ";".join(f"{b['internal_api']} {b['version']}" for b in report["blas"])
     machine = (report["machine"]["model"], report["machine"]["cores"], " ".join(report["machine"]["simd"]),
                report["versions"]["fastseq"], report["versions"]["numba"], report["versions"]["numpy"], blas,
                report["threading"]["active"] or report["threading"]["configured"],
                report["threading"]["numba_threads"], round(report["sgemm_gflops"], 2))  # fmt: skip
-    names = peer_names(report["results"])
-    several = len(names) > 1
-    if several:
-        buf.seek(0)
-        buf.truncate()
-        writer.writerow(
-            ROW_FIELDS + MACHINE_FIELDS + tuple(f"{n}_{k}" for n in names for k in ("median_s", "ratio"))
-        )
     for row in report["results"]:
-        extra = []
-        if several:
-            each = {r["peer"]: r for r in row["peers"]}
-            extra = [
-                each[n][k] if each[n][k] is not None else "" for n in names for k in ("median_s", "ratio")
-            ]
+        each = {r["peer"]: r for r in row.get("peers", ())}
+        extra = ["" if each[n][k] is None else each[n][k] for n, k in per_peer]
         writer.writerow([row.get(f, "") for f in ROW_FIELDS] + list(machine) + extra)
     return buf.getvalue()
 
