@@ -247,3 +247,33 @@ def test_workers_kept_off_the_calling_threads_cpu(monkeypatch):
     monkeypatch.setattr(_threads, "team_thread_ids", lambda out: calls.append(1) or collect(out))
     case.layer.eval()(case.x)
     assert not calls and _threads._teams.tids == team
+
+
+def test_single_threaded_blas_through_c_functions_or_threadpoolctl(monkeypatch):
+    from fastseq import _threads
+
+    # this machine's OpenBLAS (pthreads): its own C functions, found once
+    _threads._switches = None
+    get, set_threads = _threads._blas_switches()[0]
+    assert type(get).__name__ == "_FuncPtr" and type(set_threads).__name__ == "_FuncPtr"
+    before = get()
+    with _threads.single_threaded_blas():
+        assert [lib.num_threads for lib in _threads._blas_controller()] == [1]
+        with _threads.single_threaded_blas():  # nested: restored by the outer block only
+            pass
+        assert get() == 1
+    assert get() == before
+
+    # another BLAS (no OpenBLAS symbols): threadpoolctl's calls
+    class Lib:
+        internal_api, threading_layer, num_threads = "mkl", "intel", 4
+
+        def set_num_threads(self, n):
+            self.num_threads = n
+
+    lib = Lib()
+    monkeypatch.setattr(_threads, "_controller", [lib])
+    monkeypatch.setattr(_threads, "_switches", None)
+    with _threads.single_threaded_blas():
+        assert lib.num_threads == 1
+    assert lib.num_threads == 4  # (monkeypatch puts the real libraries back afterwards)
