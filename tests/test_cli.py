@@ -129,6 +129,7 @@ def test_bench_compare_several_peers_gives_each_and_the_fastest():
      ("jax", "needs jaxlib, which is not installed: pip install jax")],
 )  # fmt: skip
 def test_bench_compare_peer_missing(monkeypatch, peer, message):
+    """One package missing (the message says "is"); then all of the peer's ("are")."""
     hidden = peers.PEER_PACKAGES[peer][-1]
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -137,6 +138,13 @@ def test_bench_compare_peer_missing(monkeypatch, peer, message):
     result = CliRunner().invoke(main, ["bench", "--compare", peer, *TINY])
     assert result.exit_code == 2
     assert f"--compare {peer} {message}" in result.stderr and "fastseq[peers]" in result.stderr
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    result = CliRunner().invoke(main, ["bench", "--compare", peer, *TINY])
+    names = " and ".join(peers.PEER_PACKAGES[peer])
+    assert (
+        f"--compare {peer} needs {names}, which {'are' if ' and ' in names else 'is'} not installed"
+        in result.stderr
+    )
 
 
 @pytest.mark.parametrize(

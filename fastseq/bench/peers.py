@@ -39,7 +39,8 @@ def require(peer: str) -> None:
     packages ``peer`` needs can be imported."""
     missing = missing_packages(peer)
     if missing:
-        raise PeerUnavailable(f"--compare {peer} needs {' and '.join(missing)}, which is not installed: "
+        verb = "is" if len(missing) == 1 else "are"
+        raise PeerUnavailable(f"--compare {peer} needs {' and '.join(missing)}, which {verb} not installed: "
                               f"{PEER_INSTALL[peer]} (or pip install 'fastseq[peers]')")  # fmt: skip
 
 
