@@ -224,18 +224,16 @@ def run_case(case: BenchCase, repeat: int, warmup: int, peer_factories=(), min_t
     first = _timed(fn)  # compiles, or loads the kernels from the disk cache
     peers = [factory(case, module, inputs) for factory in peer_factories]
     runners = [peer.runner() for peer in peers]
-    running = [run for run in runners if run is not None]
-    for _ in range(warmup):
-        fn()
-        for run in running:
-            run()
     ours = []
     theirs = [[] for _ in runners]
-    estimate = max(first if warmup == 0 else _timed(fn), 1e-6)
-    calls = min(max(repeat, int(min_time / estimate)), max(repeat, 500))
     sides = [(fn, ours)] + [
         (run, times) for run, times in zip(runners, theirs, strict=True) if run is not None
     ]
+    for _ in range(warmup):
+        for run, _times in sides:
+            run()
+    estimate = max(first if warmup == 0 else _timed(fn), 1e-6)
+    calls = min(max(repeat, int(min_time / estimate)), max(repeat, 500))
     block = max(1, int(BLOCK_SECONDS / estimate)) if len(sides) > 1 else calls
     lead = len(sides) > 1
     while len(ours) < calls:
