@@ -1,6 +1,6 @@
-"""The bench's peers compute what fastseq computes: ONNX Runtime's graphs and the JAX
-layers, built from a fastseq module's weights, give its outputs, stream states and (JAX)
-gradients. A peer that computed something else would make ``fastseq bench --compare``'s
+"""The bench's peers compute what fastseq computes: ONNX Runtime's graphs, the JAX layers
+and the NumPy loop, built from a fastseq module's weights, give its outputs, stream states
+and (JAX) gradients. A peer that computed something else would make ``fastseq bench --compare``'s
 ratios meaningless."""
 
 import numpy as np
@@ -17,6 +17,7 @@ SHAPES = {
     "2x2 random lengths": ("forward", 2, True, "random"),
     "stream": ("stream", 1, False, "full"),
     "training 2x2 random lengths": ("train", 2, True, "random"),
+    "2x2": ("forward", 2, True, "full"),
 }
 GRAD_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -86,3 +87,11 @@ def test_jax_peer_matches_fastseq(cell, shape, dtype):
             for name, grad in zip(GRAD_NAMES, weight_grads[layer][direction], strict=True):
                 key = f"{name}_l{layer}" + ("_reverse" if direction else "")
                 assert_close(np.asarray(grad), fastseq_grads[key], dtype, f"jax {cell} d{key}")
+
+
+@pytest.mark.parametrize("shape", ["one layer", "2x2", "stream"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_numpy_peer_matches_fastseq(cell, shape):
+    case = _case(cell, shape)
+    got, expected = _run("numpy", case)
+    assert_close(got, expected, case.dtype, f"numpy {cell} {shape}")

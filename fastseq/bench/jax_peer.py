@@ -16,26 +16,19 @@ import os
 
 import numpy as np
 
-from fastseq.bench.peers import direction_weights, require
+from fastseq.bench.peers import cell_equations, direction_weights, require
 
 
 def _step(jax, jnp, cell):
-    """(state, gx_t, w_hh, b_hh) -> new state: one step of torch's cell equations, with
-    gx_t = x_t @ w_ih.T + b_ih; state h, or (h, c) for the LSTM."""
-    sigmoid = jax.nn.sigmoid
+    """(state, gx_t, w_hh, b_hh) -> new state: one step of torch's cell equations
+    (``peers.cell_equations``), with gx_t = x_t @ w_ih.T + b_ih; state h, or (h, c) for the
+    LSTM."""
+    lstm = cell == "lstm"
 
     def step(state, gx, w_hh, b_hh):
-        if cell == "lstm":
-            h, c = state
-            i, f, g, o = jnp.split(gx + h @ w_hh.T + b_hh, 4, axis=-1)
-            c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
-            return sigmoid(o) * jnp.tanh(c), c
-        if cell == "gru":
-            xr, xz, xn = jnp.split(gx, 3, axis=-1)
-            hr, hz, hn = jnp.split(state @ w_hh.T + b_hh, 3, axis=-1)
-            r, z = sigmoid(xr + hr), sigmoid(xz + hz)
-            return (1 - z) * jnp.tanh(xn + r * hn) + z * state
-        return jnp.tanh(gx + state @ w_hh.T + b_hh)
+        h, c = state if lstm else (state, None)
+        h, c = cell_equations(jnp, jax.nn.sigmoid, cell, gx, h @ w_hh.T + b_hh, h, c)
+        return (h, c) if lstm else h
 
     return step
 

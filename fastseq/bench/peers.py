@@ -161,19 +161,24 @@ def _sigmoid(a):
 def numpy_step(cell, w, x, h, c):
     """One textbook step; returns (h, c) (c unchanged for RNN/GRU)."""
     w_ih, w_hh, b_ih, b_hh = w
-    gx = x @ w_ih.T + b_ih
-    gh = h @ w_hh.T + b_hh
+    return cell_equations(np, _sigmoid, cell, x @ w_ih.T + b_ih, h @ w_hh.T + b_hh, h, c)
+
+
+def cell_equations(xp, sigmoid, cell, gx, gh, h, c):
+    """torch's cell equations from a step's projections, biases included: gx = x @ w_ih.T +
+    b_ih, gh = h @ w_hh.T + b_hh (N, G*H), gates in torch's order. Returns (h', c') (c
+    unchanged for RNN/GRU). ``xp``: numpy or jax.numpy, ``sigmoid`` a function of it."""
     if cell == "rnn":
-        return np.tanh(gx + gh), c
-    hd = h.shape[1]
+        return xp.tanh(gx + gh), c
+    hd = h.shape[-1]
     if cell == "lstm":
         a = gx + gh
-        i, f, o = _sigmoid(a[:, :hd]), _sigmoid(a[:, hd : 2 * hd]), _sigmoid(a[:, 3 * hd :])
-        c = f * c + i * np.tanh(a[:, 2 * hd : 3 * hd])
-        return o * np.tanh(c), c
-    r = _sigmoid(gx[:, :hd] + gh[:, :hd])
-    z = _sigmoid(gx[:, hd : 2 * hd] + gh[:, hd : 2 * hd])
-    n = np.tanh(gx[:, 2 * hd :] + r * gh[:, 2 * hd :])
+        i, f, o = sigmoid(a[:, :hd]), sigmoid(a[:, hd : 2 * hd]), sigmoid(a[:, 3 * hd :])
+        c = f * c + i * xp.tanh(a[:, 2 * hd : 3 * hd])
+        return o * xp.tanh(c), c
+    r = sigmoid(gx[:, :hd] + gh[:, :hd])
+    z = sigmoid(gx[:, hd : 2 * hd] + gh[:, hd : 2 * hd])
+    n = xp.tanh(gx[:, 2 * hd :] + r * gh[:, 2 * hd :])
     return (1 - z) * n + z * h, c
 
 
