@@ -23,6 +23,9 @@ OPS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
 #: GRU (z, r, h) from torch's (r, z, n).
 GATE_ORDER = {"rnn": (0,), "lstm": (0, 3, 1, 2), "gru": (1, 0, 2)}
 OPSET = 17
+#: A stream's state inputs and outputs of the one-step graph (h; the LSTM's h and c).
+STATE_INPUTS = ("initial_h", "initial_c")
+STATE_OUTPUTS = ("Y_h", "Y_c")
 
 
 def onnx_gates(cell, w):
@@ -125,10 +128,10 @@ class OnnxRuntimePeer:
         """One step of a cell: X (1, N, C), initial_h (1, N, H) [, initial_c] -> Y_h [, Y_c]."""
         helper, case = self.onnx.helper, self.case
         elem, n, hd = self._elem_type(), case.batch, case.hidden_size
-        states = ["initial_h", "initial_c"][: CELLS[case.cell].n_states]
+        states = STATE_INPUTS[: CELLS[case.cell].n_states]
         inputs = [helper.make_tensor_value_info("X", elem, [1, n, case.input_size])]
         inputs += [helper.make_tensor_value_info(s, elem, [1, n, hd]) for s in states]
-        finals = ["Y_h", "Y_c"][: len(states)]
+        finals = STATE_OUTPUTS[: len(states)]
         node_inputs = ["X", "W", "R", "B", "", *states]
         nodes = [self._node(node_inputs, ["", *finals])]  # "": no Y (the same as Y_h for one step)
         outputs = [helper.make_tensor_value_info(f, elem, None) for f in finals]
@@ -140,8 +143,8 @@ class OnnxRuntimePeer:
         session, case, x = self.session, self.case, self.inputs.x
         if case.mode == "stream":
             zeros = np.zeros((1, case.batch, case.hidden_size), x.dtype)
-            names = ["Y_h", "Y_c"][: CELLS[case.cell].n_states]
-            state_names = ["initial_h", "initial_c"][: len(names)]
+            names = list(STATE_OUTPUTS[: CELLS[case.cell].n_states])
+            state_names = STATE_INPUTS[: len(names)]
 
             def stream():
                 states = [zeros] * len(names)
