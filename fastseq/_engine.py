@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastseq._threads import partial_weight_grads, project_whole_input
+from fastseq._threads import one_region_threads, partial_weight_grads, project_whole_input
 from fastseq.kernels.columns import backward_columns, forward_columns
 from fastseq.kernels.gemm import panel_columns
 from fastseq.kernels.gru import gru_backward, gru_backward_units, gru_forward, gru_forward_units
@@ -187,7 +187,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
                 out, out_col, out_rows, states[0], gates, hprev, training, rmask)  # fmt: skip
         if packing.unit_parts:
-            rnn_forward_units(*args, packing.unit_parts)
+            rnn_forward_units(*args, packing.unit_parts, one_region_threads())
         else:
             rnn_forward(*args, x_rows)
     elif cell == "lstm":
@@ -197,7 +197,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
                 out, out_col, out_rows, states[0], states[1], gates, hprev, ws["cprev"], ws["cnew"], training,
                 rmask)  # fmt: skip
         if packing.unit_parts:
-            lstm_forward_units(*args, packing.unit_parts)
+            lstm_forward_units(*args, packing.unit_parts, one_region_threads())
         else:
             lstm_forward(*args, x_rows)
     else:
@@ -205,7 +205,7 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *pk,
                 out, out_col, out_rows, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
         if packing.unit_parts:  # reset_after only (_threads.unit_parts)
-            gru_forward_units(*args, packing.unit_parts)
+            gru_forward_units(*args, packing.unit_parts, one_region_threads())
         else:
             gru_forward(*args[:5], opts.reset_after, *args[5:], x_rows)
     return ws if training else None

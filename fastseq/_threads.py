@@ -402,12 +402,20 @@ def team_thread_ids(out):
         out[numba.get_thread_id()] = _gettid()
 
 
-def _active_threads() -> int:
+def active_threads() -> int:
     """``numba.get_num_threads()`` without its per-call launch check (0.7 of 1.2 us of
     :func:`keep_workers_off_caller`): numba's C getter once its threads are launched."""
     getter = getattr(numba_parallel, "_get_num_threads", None)  # set by numba at launch
     threads = getter() if getter is not None else 0
     return threads if threads > 0 else numba.get_num_threads()
+
+
+def one_region_threads() -> int:
+    """The threads a unit-split forward may count on to run all its steps in one parallel
+    region (``kernels.sync``): numba's active thread count, or 0 (a region per step) while
+    another fastseq kernel runs from another Python thread (RUNNING), where the threads of
+    one region spinning for each other would hold cores the other call needs."""
+    return active_threads() if len(RUNNING) <= 1 else 0
 
 
 def keep_workers_off_caller() -> None:
@@ -425,7 +433,7 @@ def keep_workers_off_caller() -> None:
     OMP_PROC_BIND=true cures it too, but it pins the caller (and every thread it starts
     later) to one CPU. No-op with fewer than two allowed CPUs or without ``sched_getcpu``.
     """
-    threads = _active_threads()
+    threads = active_threads()
     if not PIN_WORKERS or _sched_getcpu is None or threads < 2:
         return
     cpu = _sched_getcpu()

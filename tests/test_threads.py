@@ -168,13 +168,42 @@ def test_kernel_threads_policy():
         assert not _threads.RUNNING
     # the thread count the workers' pinning reads follows numba.set_num_threads
     with kernel_threads(packing(1), np.empty(SPREAD_STEP_BYTES, np.uint8)):
-        assert _threads._active_threads() == 1
-    assert _threads._active_threads() == numba_before
+        assert _threads.active_threads() == 1
+    assert _threads.active_threads() == numba_before
     # real layouts: chunks of 2 + 1 samples, then 1 + 1 (lengths do not matter)
     for batch, lengths, one_sample in ((3, None, False), (3, np.array([1, 5, 2]), False), (2, None, True)):
         layout = Packing(lengths, 5, batch, chunks=2)
         assert layout.widest_chunk == (1 if one_sample else 2)
         assert _threads.kernels_call_blas(layout) == (BLAS_FOR_LARGE or one_sample)
+
+
+def test_step_claims_take_each_part_once_and_wait_for_all():
+    # the counters a unit-split forward's single region meets at (kernels.sync)
+    from fastseq.kernels.sync import part_done, step_claims, take_part, wait_or_take
+
+    parts = 3
+    claims = step_claims(2, parts)
+    assert claims.shape == (2 * (parts + 1),) and not claims.any()
+    at = parts + 1  # the second step's counters
+    assert take_part(claims, at, 1)
+    assert not take_part(claims, at, 1)  # one thread per part
+    assert not claims[:at].any()  # the first step's counters untouched
+    # a waiting thread takes the parts no thread has taken, in order
+    assert wait_or_take(claims, at, parts) == 0
+    assert wait_or_take(claims, at, parts) == 2
+    for _ in range(parts):
+        part_done(claims, at, parts)
+    assert wait_or_take(claims, at, parts) == -1  # every part done: no wait, nothing taken
+    assert claims[at + parts] == parts
+
+
+def test_one_region_only_while_no_other_kernel_runs(monkeypatch):
+    from fastseq import _threads
+
+    monkeypatch.setattr(_threads, "RUNNING", [None])  # this call's own entry
+    assert _threads.one_region_threads() == _threads.active_threads()
+    monkeypatch.setattr(_threads, "RUNNING", [None, None])  # another Python thread's kernel
+    assert _threads.one_region_threads() == 0
 
 
 @pytest.mark.parametrize("variant", ["lstm", "gru", "rnn-tanh"])

@@ -94,12 +94,17 @@ def _split_then_chunked(monkeypatch, make_case):
 
 def _at_thread_counts(make_case, counts=(1, 2, 1)):
     """:func:`_step_results` of ``make_case()`` with each active numba thread count."""
+    return _at_each_thread_count(lambda: _step_results(make_case()), counts)
+
+
+def _at_each_thread_count(run, counts):
+    """``run()``'s result with each active numba thread count in ``counts``."""
     before = numba.get_num_threads()
     results = []
     try:
         for threads in counts:
             numba.set_num_threads(threads)
-            results.append(_step_results(make_case()))
+            results.append(run())
     finally:
         numba.set_num_threads(before)
     return results
@@ -249,16 +254,18 @@ def test_unit_split_matches_chunks_with_dropout(unit_split, monkeypatch, dtype):
 @pytest.mark.parametrize("equal_lengths", [True, False])
 def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeypatch, equal_lengths):
     # Inference projects the input a block of steps at a time (512 rows: 170 steps of 3
-    # samples); 600 steps take four blocks, forwards and in reverse.
+    # samples) with a region per step (here at one thread); 600 steps take four blocks,
+    # forwards and in reverse. With a thread for each part, all of it first (one region).
     layer = fastseq.LSTM(3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
     x = np.random.default_rng(3).standard_normal((600, 3, 3))
     lengths = None if equal_lengths else [600, 431, 17]
-    out, (h, c) = layer(x, lengths=lengths)
-    assert unit_split["forward"] == 2
+    split = _at_each_thread_count(lambda: layer(x, lengths=lengths), (numba.config.NUMBA_NUM_THREADS, 1))
+    assert unit_split["forward"] == 4
     _chunked(monkeypatch)
     ref_out, (ref_h, ref_c) = layer(x, lengths=lengths)
-    for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
-        assert_close(a, b, np.float64, "unit split vs chunks, inference")
+    for out, (h, c) in split:
+        for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+            assert_close(a, b, np.float64, "unit split vs chunks, inference")
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -275,6 +282,40 @@ def test_unit_split_bitwise_identical_across_thread_counts(unit_split):
     for a, b, c in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("variant", ["lstm-peephole", "gru", "rnn-relu"])
+def test_one_region_steps_taken_by_a_single_thread(monkeypatch, variant):
+    # All steps of a split forward in one parallel region (kernels.sync), its iterations run
+    # one after the other by a single thread (numba at one thread, the kernel told it has
+    # two): the first takes its own part and, after the wait, the other's, at every step;
+    # the results are bitwise those of one region on two threads and of a region per step.
+    split_every_batch(monkeypatch)
+    parts = numba.config.NUMBA_NUM_THREADS
+    if parts < 2:
+        pytest.fail("the unit-split path needs NUMBA_NUM_THREADS >= 2")
+
+    def make_case():
+        return Case(
+            variant,
+            np.float32,
+            1,
+            True,
+            True,
+            True,
+            steps=7,
+            batch=2,
+            input_size=5,
+            hidden_size=13,
+            extra={"recurrent_dropout": 0.25},
+        )
+
+    results = _at_thread_counts(make_case, counts=(parts, 1))
+    monkeypatch.setattr(_engine, "one_region_threads", lambda: parts)
+    results += _at_thread_counts(make_case, counts=(1,))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_unit_split_layers_in_concurrent_python_threads(unit_split):
@@ -413,16 +454,20 @@ def test_gru_rnn_split_matches_chunks_with_dropout(gru_rnn_split, monkeypatch, v
 
 @pytest.mark.parametrize("variant", ["gru", "rnn-tanh"])
 def test_gru_rnn_split_over_several_projection_blocks(gru_rnn_split, monkeypatch, variant):
-    # 600 steps: inference projects the input a block of 512 rows at a time, forwards and
-    # in reverse (over unequal lengths too)
+    # 600 steps: inference projects the input a block of 512 rows at a time with a region
+    # per step (here at one thread), forwards and in reverse (over unequal lengths too); with
+    # a thread for each part, all of it first (one region)
     layer = make_layer(variant, 3, 5, bidirectional=True, dtype=np.float64, seed=2).eval()
     x = np.random.default_rng(3).standard_normal((600, gru_rnn_split.batch, 3))
-    out, h = layer(x, lengths=gru_rnn_split.lengths)
-    assert gru_rnn_split.calls["forward"] == 2
+    split = _at_each_thread_count(
+        lambda: layer(x, lengths=gru_rnn_split.lengths), (numba.config.NUMBA_NUM_THREADS, 1)
+    )
+    assert gru_rnn_split.calls["forward"] == 4
     _chunked(monkeypatch)
     ref_out, ref_h = layer(x, lengths=gru_rnn_split.lengths)
-    assert_close(out, ref_out, np.float64, "split vs chunks")
-    assert_close(h, ref_h, np.float64, "split vs chunks")
+    for out, h in split:
+        assert_close(out, ref_out, np.float64, "split vs chunks")
+        assert_close(h, ref_h, np.float64, "split vs chunks")
 
 
 @pytest.mark.parametrize("training", [False, True])

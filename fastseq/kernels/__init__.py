@@ -27,7 +27,8 @@ are summed per chunk and the partial sums added in chunk order: results do not d
 the number of threads. Exception: LSTM batches too small to split well by samples
 (``fastseq._threads.unit_parts``) run as one chunk through ``lstm_forward_units`` /
 ``lstm_backward_units``, which split each step across threads by hidden units (a parallel
-region per step) and the chunk-level GEMMs by rows. Another: the LSTM and the RNN at small
+region per step; the forward's steps all in one region where it can, ``kernels.sync``) and
+the chunk-level GEMMs by rows. Another: the LSTM and the RNN at small
 H (``fastseq._engine.runs_in_columns``) run ``columns.forward_columns`` and
 ``columns.backward_columns``, whose chunks keep their state transposed, (H, nc) with a
 sample per column, and compute each step as one product [W_ih | W_hh] @ [x; h] of shape

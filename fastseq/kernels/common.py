@@ -25,6 +25,7 @@ from fastseq.kernels.gemm import (
     panel_width,
 )
 from fastseq.kernels.refs import any_layout
+from fastseq.kernels.sync import step_claims
 
 
 @jit
@@ -929,34 +930,69 @@ def unit_packed_rows(offsets_c, lengths, s, reverse, n, rows):
 
 
 @jit
-def unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows):
-    """Step s of a one-chunk pass split by units: rows[i] = sample i's packed row,
-    proj_rows[i] = rows[i] - base (its row of the projection block starting at ``base``)
-    and h_in[i] = h[i] times the recurrent dropout mask rmask[i] (rmask with 0 rows: none):
-    the parts read all of h_in and overwrite their units of h. For i < n. h, h_in (N, H);
-    rows, proj_rows (N,) out."""
-    unit_packed_rows(offsets_c, lengths, s, reverse, n, rows)
+def masked_units(h, rmask, n, u0, u1, out):
+    """out[i, u0:u1] = h[i, u0:u1] times the recurrent dropout mask rmask[i, u0:u1] (rmask
+    with 0 rows: none), for i < n: the state a split step's products read (every part reads
+    all of it; each part writes its own units of h)."""
     for i in range(n):
-        proj_rows[i] = rows[i] - base
-        for j in range(h.shape[1]):
-            h_in[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
+        for j in range(u0, u1):
+            out[i, j] = h[i, j] * rmask[i, j] if rmask.shape[0] else h[i, j]
 
 
 @jit
 def unit_step_start(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts, proj, base, s_next,
-                    h, rmask, n, h_in, rows, proj_rows):  # fmt: skip
-    """The start of step s of a unit-split forward driver: at the first step of a new
-    projection block (s == s_next, see :func:`unit_projection_start`) project it into
-    ``block`` (:func:`unit_projection_block`) and read the projection from there; then the
-    step's rows and masked state (:func:`unit_step_rows`). proj: the projection read so far
-    (``gates`` or ``block``) and base its first packed row. Returns (proj, base, s_next)."""
+                    h, rmask, n, h_in):  # fmt: skip
+    """The start of step s of a unit-split forward that runs a parallel region a step: at the
+    first step of a new projection block (s == s_next, see :func:`unit_projection_start`)
+    project it into ``block`` (:func:`unit_projection_block`) and read the projection from
+    there; then the step's masked state h_in (:func:`masked_units`). proj: the projection
+    read so far (``gates`` or ``block``) and base its first packed row. Returns (proj, base,
+    s_next)."""
     if s == s_next:
         base, s_next = unit_projection_block(
             x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, block, parts
         )
         proj = block
-    unit_step_rows(h, rmask, offsets_c, lengths, s, reverse, base, n, h_in, rows, proj_rows)
+    masked_units(h, rmask, n, 0, h.shape[1], h_in)
     return proj, base, s_next
+
+
+#: Bytes of input projection (R x G*H) up to which a unit-split forward that can run all its
+#: steps in one parallel region projects all its rows first rather than a block of
+#: PROJECTION_BLOCK_ROWS at a time (which would need a region per step): the bound of
+#: ``_threads.ONE_CHUNK_PROJECTION_BYTES``, the whole projection a batch of one in chunks
+#: keeps.
+ONE_REGION_PROJECTION_BYTES = 8 << 20
+
+
+@jit
+def steps_region_start(x, w_ih, w_ih_panels, offsets_c, lengths, reverse, block, proj, s_next, parts, threads, h,
+                       rmask):  # fmt: skip
+    """After :func:`unit_projection_start`: whether all steps can run in one parallel region
+    (kernels.sync): numba's team has a thread for each of the ``parts`` (``threads``: its
+    active size) and the whole projection is there, or is computed here (in one block of all
+    rows, up to ONE_REGION_PROJECTION_BYTES). Returns (proj, base, s_next, h_buf, claims):
+    the projection and its first packed row, the step of the next block; for one region,
+    h_buf (2, N, H) with h masked in h_buf[0] (the state the products read at even steps,
+    odd steps the other) and the steps' counters (``sync.step_claims``); otherwise both
+    with no entries."""
+    base = 0
+    one_region = threads >= parts
+    if one_region and s_next == 0:
+        rows = x.shape[0]
+        if rows * block.shape[1] * block.itemsize <= ONE_REGION_PROJECTION_BYTES:
+            block = np.empty((rows, block.shape[1]), block.dtype)
+        if block_rows(offsets_c, lengths, 0, reverse, block.shape[0])[2] >= lengths[0]:
+            base, s_next = unit_projection_block(
+                x, w_ih, w_ih_panels, offsets_c, lengths, 0, reverse, block, parts
+            )
+            proj = block
+    one_region = one_region and s_next >= lengths[0]
+    nb, hd = h.shape
+    h_buf = np.empty((2 if one_region else 0, nb, hd), h.dtype)
+    if one_region:
+        masked_units(h, rmask, nb, 0, hd, h_buf[0])
+    return proj, base, s_next, h_buf, step_claims(lengths[0] if one_region else 0, parts)
 
 
 @jit

@@ -34,6 +34,7 @@ from fastseq.kernels.common import (
     input_panels,
     mask_rows,
     masked_rows,
+    masked_units,
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
@@ -44,6 +45,7 @@ from fastseq.kernels.common import (
     start_chunk,
     step_ordered,
     step_panels,
+    steps_region_start,
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
@@ -69,6 +71,7 @@ from fastseq.kernels.gemm import (
     step_product,
 )
 from fastseq.kernels.refs import any_layout, borrow, hold
+from fastseq.kernels.sync import part_done, take_part, wait_or_take
 
 
 @jit(inline=True)
@@ -422,55 +425,87 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, gx, gh, grz, rh, ghn, bl
 @jit
 def gru_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
-    reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask, parts,
+    reverse, out, out_col, out_rows, h, gates, hprev, hn, training, rmask, parts, threads,
 ):  # fmt: skip
     """:func:`gru_forward` (reset_after=True) for a batch in one chunk, each step's recurrent
     product and gate math split across ``parts`` threads by hidden units, like
-    :func:`fastseq.kernels.lstm.lstm_forward_units` (input projection, W_hh read in place).
-    Same arguments as gru_forward (without ``reset_after``), plus ``parts``."""
+    :func:`fastseq.kernels.lstm.lstm_forward_units` (input projection, W_hh read in place,
+    every step in one parallel region when it can). Same arguments as gru_forward (without
+    ``reset_after``), plus ``parts`` and ``threads``."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
     w_ih_panels = input_panels(w_ih, x.shape[0])
     w_hh_panels = unit_recurrent_panels(w_hh, 3, units, lengths[0], nb)  # part p: h @ (its rows of W_hh)^T
     gh = np.empty((parts, nb, 3 * widest_part(units)), h.dtype)
     b_ih_p, b_hh_p, _, g_p = unit_operands(b_ih, b_hh, np.empty((0, hd), h.dtype), 3, units)
-    h_in = np.empty((nb, hd), h.dtype)
-    rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
     zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(0))
     block, proj, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
-    base = 0
+    proj, base, s_next, h_buf, claims = steps_region_start(x, w_ih, w_ih_panels, offsets[0], lengths, reverse, block,
+                                                           proj, s_next, parts, threads, h, rmask)  # fmt: skip
+    step = (w_hh_panels, w_hh, gh, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn, hprev, training, rmask, units,
+            batch_sizes[0], offsets[0], lengths, reverse)  # fmt: skip
+    if claims.shape[0]:
+        gru_forward_steps_units(h_buf, proj, base, claims, *step)
+        return
+    h_in = np.empty((nb, hd), h.dtype)
     for s in range(lengths[0]):
-        n = batch_sizes[0, s]
         proj, base, s_next = unit_step_start(x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts,
-                                             proj, base, s_next, h, rmask, n, h_in, rows, proj_rows)  # fmt: skip
+                                             proj, base, s_next, h, rmask, batch_sizes[0, s], h_in)  # fmt: skip
+        gru_forward_step_units(s, h_in, proj, base, *step)
+
+
+@jit
+def gru_part_step(s, p, h_in, h_next, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows,
+                  hn, hprev, training, rmask, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Part p of step s of :func:`gru_forward_units` (see lstm.lstm_part_step). Training: h
+    (unmasked: the z*h term reads it) to ``hprev``, the gates back to ``proj``'s rows, W_hn h
+    + b_hn to ``hn``'s."""
+    u0, u1 = units[p], units[p + 1]
+    hu, n = u1 - u0, batch_sizes_c[s]
+    if training:
+        for i in range(n):
+            copy_units(h[i], hprev[packed_row(0, offsets_c, lengths[i], i, s, reverse)], u0, u1)
+    unit_product(h_in[:n], panels, w_hh, 3, p, u0, hu, gh[p, :n, : 3 * hu])
+    g = g_p[p, : 3 * hu]
+    for i in range(n):
+        r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        gather_units(proj[r - base], 3, u0, g)
+        gru_cell_forward(g, gh[p, i, : 3 * hu], b_ih_p[p, : 3 * hu], b_hh_p[p, : 3 * hu], h[i, u0:u1])
+        copy_units(h[i], out[output_row(out_rows, r), out_col:], u0, u1)
         if training:
-            for i in range(n):
-                copy_units(h[i], hprev[rows[i]], 0, hd)  # unmasked: the z*h term reads it
-        gru_forward_step_units(h_in[:n], w_hh_panels, w_hh, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, g_p, h, out,
-                               out_col, out_rows, hn, rows[:n], training, units)  # fmt: skip
+            scatter_units(g, 3, u0, proj[r - base])
+            copy_units(gh[p, i, 2 * hu : 3 * hu], hn[r, u0:u1], 0, hu)
+    if h_next.shape[0]:
+        masked_units(h, rmask, n, u0, u1, h_next)
 
 
 @jit(parallel=True)
-def gru_forward_step_units(
-    h_in, panels, w_hh, gh, proj, proj_rows, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn, rows, training,
-    units,
-):  # fmt: skip
-    """One step of :func:`gru_forward_units`, its parts across threads (see
-    lstm.forward_step_units). Training: the gates go back to ``proj``'s rows, W_hn h + b_hn
-    to ``hn``'s."""
-    n = rows.shape[0]
+def gru_forward_steps_units(h_buf, proj, base, claims, panels, w_hh, gh, b_ih_p, b_hh_p, g_p, h, out, out_col,
+                            out_rows, hn, hprev, training, rmask, units, batch_sizes_c, offsets_c, lengths,
+                            reverse):  # fmt: skip
+    """Every step of :func:`gru_forward_units` in one parallel region (see
+    lstm.forward_steps_units)."""
+    parts = units.shape[0] - 1
+    for t in prange(parts):
+        for s in range(lengths[0]):
+            at = s * (parts + 1)
+            p = np.int64(t) if take_part(claims, at, t) else wait_or_take(claims, at, parts)
+            while p >= 0:
+                gru_part_step(s, p, h_buf[s % 2], h_buf[(s + 1) % 2], proj, base, panels, w_hh, gh, b_ih_p, b_hh_p,
+                              g_p, h, out, out_col, out_rows, hn, hprev, training, rmask, units, batch_sizes_c,
+                              offsets_c, lengths, reverse)  # fmt: skip
+                part_done(claims, at, parts)
+                p = wait_or_take(claims, at, parts)
+
+
+@jit(parallel=True)
+def gru_forward_step_units(s, h_in, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, g_p, h, out, out_col, out_rows, hn,
+                           hprev, training, rmask, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Step s of :func:`gru_forward_units`, its parts across threads (see
+    lstm.forward_step_units)."""
     for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        hu = u1 - u0
-        unit_product(h_in, panels, w_hh, 3, p, u0, hu, gh[p, :n, : 3 * hu])
-        g = g_p[p, : 3 * hu]
-        for i in range(n):
-            gather_units(proj[proj_rows[i]], 3, u0, g)
-            gru_cell_forward(g, gh[p, i, : 3 * hu], b_ih_p[p, : 3 * hu], b_hh_p[p, : 3 * hu], h[i, u0:u1])
-            copy_units(h[i], out[output_row(out_rows, rows[i]), out_col:], u0, u1)
-            if training:
-                scatter_units(g, 3, u0, proj[proj_rows[i]])
-                copy_units(gh[p, i, 2 * hu : 3 * hu], hn[rows[i], u0:u1], 0, hu)
+        gru_part_step(s, p, h_in, h_in[:0], proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, g_p, h, out, out_col,
+                      out_rows, hn, hprev, training, rmask, units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
 
 
 @jit

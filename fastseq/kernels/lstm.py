@@ -33,6 +33,7 @@ from fastseq.kernels.common import (
     input_panels,
     mask_rows,
     masked_rows,
+    masked_units,
     one_chunk_pieces,
     output_row,
     pack_unit_gate_rows,
@@ -43,6 +44,7 @@ from fastseq.kernels.common import (
     start_chunk,
     step_ordered,
     step_panels,
+    steps_region_start,
     sum_unit_parts,
     unit_bounds,
     unit_initial_dh,
@@ -67,6 +69,7 @@ from fastseq.kernels.gemm import (
     step_product,
 )
 from fastseq.kernels.refs import any_layout, borrow, hold
+from fastseq.kernels.sync import part_done, take_part, wait_or_take
 
 
 @jit(inline=True)
@@ -411,12 +414,16 @@ def peephole_sums(dgates, cprev, cnew, out):
 def lstm_forward_units(
     x, w_ih, w_hh, b_ih, b_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes,
     offsets, lengths, reverse, out, out_col, out_rows, h, c, gates, hprev, cprev, cnew, training, rmask, parts,
+    threads,
 ):  # fmt: skip
     """:func:`lstm_forward` for a batch in one chunk, each step's recurrent product and gate
     math split across ``parts`` threads by hidden units (see common.unit_bounds); the input
     projection is split by rows (of W_ih for short inputs: common.unit_projection). Short
-    sequences of one or two samples read W_hh in place (common.unit_recurrent_panels). Same
-    arguments, plus ``parts``."""
+    sequences of one or two samples read W_hh in place (common.unit_recurrent_panels). When
+    the whole projection is computed first (training, or one block) and numba's team has
+    ``threads`` >= ``parts``, every step runs in one parallel region
+    (:func:`forward_steps_units`), else a region per step (:func:`forward_step_units`).
+    Same arguments, plus ``parts`` and ``threads`` (numba's active thread count)."""
     hd, nb = h.shape[1], h.shape[0]
     units = unit_bounds(hd, parts)
     w_ih_panels = input_panels(w_ih, x.shape[0])
@@ -425,46 +432,86 @@ def lstm_forward_units(
     # the gate math runs on compact rows (gate q of the part's unit u at q * hu + u), so
     # that it vectorises like the full rows of lstm_forward
     b_ih_p, b_hh_p, peep_p, g_p = unit_operands(b_ih, b_hh, w_peep, 4, units)
-    h_in = np.empty((nb, hd), h.dtype)
-    rows, proj_rows = np.empty(nb, np.int64), np.empty(nb, np.int64)
     zero_padding(out, out_col, hd, out_rows, lengths, chunk_rows, chunk_samples, np.int64(0))
     block, proj, s_next = unit_projection_start(x, w_ih, w_ih_panels, gates, lengths, parts)
-    base = 0
+    proj, base, s_next, h_buf, claims = steps_region_start(x, w_ih, w_ih_panels, offsets[0], lengths, reverse, block,
+                                                           proj, s_next, parts, threads, h, rmask)  # fmt: skip
+    step = (w_hh_panels, w_hh, gh, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out, out_col, out_rows, cnew, hprev,
+            cprev, training, rmask, units, batch_sizes[0], offsets[0], lengths, reverse)  # fmt: skip
+    if claims.shape[0]:
+        forward_steps_units(h_buf, proj, base, claims, *step)
+        return
+    h_in = np.empty((nb, hd), h.dtype)
     for s in range(lengths[0]):
-        n = batch_sizes[0, s]
         proj, base, s_next = unit_step_start(x, w_ih, w_ih_panels, offsets[0], lengths, s, reverse, block, parts,
-                                             proj, base, s_next, h, rmask, n, h_in, rows, proj_rows)  # fmt: skip
+                                             proj, base, s_next, h, rmask, batch_sizes[0, s], h_in)  # fmt: skip
+        forward_step_units(s, h_in, proj, base, *step)
+
+
+@jit
+def lstm_part_step(s, p, h_in, h_next, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h,
+                   out, out_col, out_rows, cnew, hprev, cprev, training, rmask, units, batch_sizes_c, offsets_c,
+                   lengths, reverse):  # fmt: skip
+    """Part p of step s of :func:`lstm_forward_units`: its units' product and gate math for
+    the step's rows. h_in (N, H) in: the (masked) state every part's product reads; h_next
+    (N, H) or no rows: where the part writes its units of the next step's h_in
+    (``common.masked_units``); proj: the projection from packed row ``base``; panels,
+    b_ih_p, b_hh_p, peep_p, g_p: per part (common.unit_operands); batch_sizes_c, offsets_c:
+    the chunk's rows of ``batch_sizes`` and ``offsets``."""
+    u0, u1 = units[p], units[p + 1]
+    hu, n = u1 - u0, batch_sizes_c[s]
+    if training:
+        for i in range(n):
+            r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+            copy_units(h_in[i], hprev[r], u0, u1)
+            copy_units(c[i], cprev[r], u0, u1)
+    unit_product(h_in[:n], panels, w_hh, 4, p, u0, hu, gh[p, :n, : 4 * hu])
+    g = g_p[p, : 4 * hu]
+    for i in range(n):
+        r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        gather_units(proj[r - base], 4, u0, g)
+        lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
+                          peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
+        copy_units(h[i], out[output_row(out_rows, r), out_col:], u0, u1)
         if training:
-            for i in range(n):
-                copy_units(h_in[i], hprev[rows[i]], 0, hd)
-                copy_units(c[i], cprev[rows[i]], 0, hd)
-        forward_step_units(h_in[:n], w_hh_panels, w_hh, gh, proj, proj_rows[:n], b_ih_p, b_hh_p, peep_p, g_p, peephole,
-                           c, h, out, out_col, out_rows, cnew, rows[:n], training, units)  # fmt: skip
+            scatter_units(g, 4, u0, proj[r - base])
+            copy_units(c[i], cnew[r], u0, u1)
+    if h_next.shape[0]:
+        masked_units(h, rmask, n, u0, u1, h_next)
 
 
 @jit(parallel=True)
-def forward_step_units(h_in, panels, w_hh, gh, proj, proj_rows, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
-                       out_col, out_rows, cnew, rows, training, units):  # fmt: skip
-    """One step of :func:`lstm_forward_units`, its parts across threads. h_in (n, H) in: the
-    (masked) state the product reads; rows (n,): the step's packed rows, proj_rows: their
-    rows of ``proj``; panels, b_ih_p, b_hh_p, peep_p, g_p: per part (common.unit_operands).
-    A parallel function of its own, so that the kernel's time loop around it stays serial
-    code."""
-    n = rows.shape[0]
+def forward_steps_units(h_buf, proj, base, claims, panels, w_hh, gh, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h,
+                        out, out_col, out_rows, cnew, hprev, cprev, training, rmask, units, batch_sizes_c, offsets_c,
+                        lengths, reverse):  # fmt: skip
+    """Every step of :func:`lstm_forward_units` in one parallel region (kernels.sync): thread
+    t takes part t of each step, then waits for the others. h_buf (2, N, H): the state the
+    products read at even and odd steps (h_buf[0] filled first); claims: the steps' counters
+    (``sync.step_claims``). Other arguments: :func:`lstm_part_step`'s."""
+    parts = units.shape[0] - 1
+    for t in prange(parts):
+        for s in range(lengths[0]):
+            at = s * (parts + 1)
+            p = np.int64(t) if take_part(claims, at, t) else wait_or_take(claims, at, parts)
+            while p >= 0:
+                lstm_part_step(s, p, h_buf[s % 2], h_buf[(s + 1) % 2], proj, base, panels, w_hh, gh, b_ih_p, b_hh_p,
+                               peep_p, g_p, peephole, c, h, out, out_col, out_rows, cnew, hprev, cprev, training,
+                               rmask, units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
+                part_done(claims, at, parts)
+                p = wait_or_take(claims, at, parts)
+
+
+@jit(parallel=True)
+def forward_step_units(s, h_in, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, peep_p, g_p, peephole, c, h, out,
+                       out_col, out_rows, cnew, hprev, cprev, training, rmask, units, batch_sizes_c, offsets_c,
+                       lengths, reverse):  # fmt: skip
+    """Step s of :func:`lstm_forward_units`, its parts across threads (:func:`lstm_part_step`;
+    h_in filled first). A parallel function of its own, so that the kernel's time loop
+    around it stays serial code."""
     for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        hu = u1 - u0
-        unit_product(h_in, panels, w_hh, 4, p, u0, hu, gh[p, :n, : 4 * hu])
-        g = g_p[p, : 4 * hu]
-        for i in range(n):
-            r = rows[i]
-            gather_units(proj[proj_rows[i]], 4, u0, g)
-            lstm_cell_forward(g, gh[p, i, : 4 * hu], b_ih_p[p, : 4 * hu], b_hh_p[p, : 4 * hu], peep_p[p],
-                              peephole, c[i, u0:u1], h[i, u0:u1])  # fmt: skip
-            copy_units(h[i], out[output_row(out_rows, r), out_col:], u0, u1)
-            if training:
-                scatter_units(g, 4, u0, proj[proj_rows[i]])
-                copy_units(c[i], cnew[r], u0, u1)
+        lstm_part_step(s, p, h_in, h_in[:0], proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, peep_p, g_p, peephole, c,
+                       h, out, out_col, out_rows, cnew, hprev, cprev, training, rmask, units, batch_sizes_c,
+                       offsets_c, lengths, reverse)  # fmt: skip
 
 
 @jit
