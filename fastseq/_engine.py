@@ -263,7 +263,7 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
         args = (x, w_ih, w_hh, opts.relu, *pk, dout, out_col, dstates[0], gates, hprev, dx, accumulate_dx,
                 grads["w_ih"], grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
         if packing.unit_parts:
-            rnn_backward_units(*args, packing.unit_parts)
+            rnn_backward_units(*args, packing.unit_parts, one_region_threads())
         else:
             rnn_backward(*args)
     elif cell == "lstm":
@@ -271,14 +271,14 @@ def backward(cell, opts, w, ws, dout, out_col, dstates, packing, reverse, dx, ac
                 gates, hprev, ws["cprev"], ws["cnew"], dx, accumulate_dx, grads["w_ih"], grads["w_hh"],
                 grads["b_ih"], grads["b_hh"], grads["w_peep"], rmask, *parts)  # fmt: skip
         if packing.unit_parts:
-            lstm_backward_units(*args, packing.unit_parts)
+            lstm_backward_units(*args, packing.unit_parts, one_region_threads())
         else:
             lstm_backward(*args)
     else:
         args = (x, w_ih, w_hh, *pk, dout, out_col, dstates[0], gates, hprev, ws["hn"], dx, accumulate_dx,
                 grads["w_ih"], grads["w_hh"], grads["b_ih"], grads["b_hh"], rmask, *parts)  # fmt: skip
         if packing.unit_parts:  # reset_after only
-            gru_backward_units(*args, packing.unit_parts)
+            gru_backward_units(*args, packing.unit_parts, one_region_threads())
         else:
             gru_backward(*args[:3], opts.reset_after, *args[3:])
     if give is not None:

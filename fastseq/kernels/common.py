@@ -923,13 +923,6 @@ def unit_projection_block(x, w_ih, w_ih_panels, offsets_c, lengths, s, reverse, 
 
 
 @jit
-def unit_packed_rows(offsets_c, lengths, s, reverse, n, rows):
-    """rows[i] = the packed row of sample i at step s of a one-chunk pass, for i < n."""
-    for i in range(n):
-        rows[i] = packed_row(0, offsets_c, lengths[i], i, s, reverse)
-
-
-@jit
 def masked_units(h, rmask, n, u0, u1, out):
     """out[i, u0:u1] = h[i, u0:u1] times the recurrent dropout mask rmask[i, u0:u1] (rmask
     with 0 rows: none), for i < n: the state a split step's products read (every part reads

@@ -50,7 +50,6 @@ from fastseq.kernels.common import (
     unit_bounds,
     unit_initial_dh,
     unit_operands,
-    unit_packed_rows,
     unit_product,
     unit_projection_start,
     unit_recurrent_panels,
@@ -71,7 +70,7 @@ from fastseq.kernels.gemm import (
     step_product,
 )
 from fastseq.kernels.refs import any_layout, borrow, hold
-from fastseq.kernels.sync import part_done, take_part, wait_or_take
+from fastseq.kernels.sync import part_done, step_claims, take_part, wait_or_take
 
 
 @jit(inline=True)
@@ -512,11 +511,11 @@ def gru_forward_step_units(s, h_in, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p
 def gru_backward_units(
     x, w_ih, w_hh, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse, dout,
     out_col, dh, gates, hprev, hn, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
-    part_w_ih, part_w_hh, parts,
+    part_w_ih, part_w_hh, parts, threads,
 ):  # fmt: skip
-    """:func:`gru_backward` (reset_after=True) for :func:`gru_forward_units`' layout: one
-    parallel region per step (:func:`gru_backward_step_units`), as in
-    :func:`fastseq.kernels.lstm.lstm_backward_units`; dx split by rows, the weight gradients
+    """:func:`gru_backward` (reset_after=True) for :func:`gru_forward_units`' layout, as
+    :func:`fastseq.kernels.lstm.lstm_backward_units` (:func:`gru_backward_part`; all steps
+    in one region when ``threads`` >= ``parts``); dx split by rows, the weight gradients
     over all rows at once (``part_w_ih``, ``part_w_hh`` have no slices)."""
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
@@ -526,51 +525,78 @@ def gru_backward_units(
     dg_p = np.zeros((parts, nb, 3 * widest_part(units)), dh.dtype)  # zero past a part's 3*hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
     dh_direct = np.empty((nb, hd), dh.dtype)  # the gradient reaching h through z*h
-    rows = np.empty(nb, np.int64)
-    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
-    for s in range(lengths[0] - 1, -1, -1):
-        n = batch_sizes[0, s]
-        unit_packed_rows(offsets[0], lengths, s, reverse, n, rows)
-        gru_backward_step_units(gates, hn, hprev, rows[:n], dh, dh_direct, partial[t % 2], done,
-                                partial[(t + 1) % 2], rmask, dout, out_col, g_p, dg_p, w_hh_panels,
-                                units)  # fmt: skip
-        done, t = n, t + 1
-    unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
+    step = (gates, hn, hprev, dh, dh_direct, partial, rmask, dout, out_col, g_p, dg_p, w_hh_panels, units,
+            batch_sizes[0], offsets[0], lengths, reverse)  # fmt: skip
+    if threads >= parts:
+        gru_backward_steps_units(step_claims(lengths[0], parts), *step)
+    else:
+        for s in range(lengths[0] - 1, -1, -1):
+            gru_backward_step_units(s, *step)
+    # the gradient of the initial state, from the products of the first step's rows
+    done = batch_sizes[0, 0]
+    unit_initial_dh(partial[lengths[0] % 2], rmask, done, dh)
     for i in range(done):
         add_units(dh_direct[i], dh[i], 0, hd)
     gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     gru_weight_grads(x, True, gates, hprev, hn, dw_ih, dw_hh, db_ih, db_hh)
 
 
+@jit
+def gru_backward_part(s, p, gates, hn, hprev, dh, dh_direct, partial, rmask, dout, out_col, g_p, dg_p, panels, units,
+                      batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Part p of step s of :func:`gru_backward_units` (see lstm.lstm_backward_part): dh[:done]
+    = partial summed over the parts, times the recurrent dropout mask, plus dh_direct, for
+    its units; then its units' gradients for the step's rows (gates rows in: r, z, n, out:
+    gradients of the pre-activations; hn rows in: W_hn h + b_hn, out: dn * r; hprev rows
+    masked once read, as in gru_backward); then its share of dh: (dr, dz, dn * r of its
+    units, compact in dg_p[p]) @ its gate rows of W_hh (panels[p])."""
+    k = lengths[0] - 1 - s  # steps taken before this one
+    n, done = batch_sizes_c[s], batch_sizes_c[s + 1] if k else 0
+    partial_in, partial_out = partial[k % 2], partial[(k + 1) % 2]
+    u0, u1 = units[p], units[p + 1]
+    hu = u1 - u0
+    for i in range(done):
+        sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+        add_units(dh_direct[i], dh[i], u0, u1)
+    g = g_p[p, : 3 * hu]
+    for i in range(n):
+        r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        gather_units(gates[r], 3, u0, g)
+        gru_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], hprev[r, u0:u1],
+                          hn[r, u0:u1], dh_direct[i, u0:u1], True)  # fmt: skip
+        if rmask.shape[0]:
+            for j in range(u0, u1):
+                hprev[r, j] *= rmask[i, j]
+        scatter_units(g, 3, u0, gates[r])
+        copy_units(g, dg_p[p, i], 0, 2 * hu)
+        copy_units(hn[r, u0:u1], dg_p[p, i, 2 * hu :], 0, hu)
+    gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+
+
 @jit(parallel=True)
-def gru_backward_step_units(gates, hn, hprev, rows, dh, dh_direct, partial_in, done, partial_out, rmask, dout,
-                            out_col, g_p, dg_p, panels, units):  # fmt: skip
-    """One step of :func:`gru_backward_units`, its parts across threads. Part p: dh[:done]
-    = partial_in (parts, N, H) summed over the parts, times the recurrent dropout mask, plus
-    dh_direct, for its units; then its units' gradients for the step's rows (n,) (gates
-    rows in: r, z, n, out: gradients of the pre-activations; hn rows in: W_hn h + b_hn, out:
-    dn * r; hprev rows masked once read, as in gru_backward); then partial_out[p, :n] =
-    (dr, dz, dn * r of its units, compact in dg_p[p]) @ its gate rows of W_hh (panels[p])."""
-    n = rows.shape[0]
+def gru_backward_steps_units(claims, gates, hn, hprev, dh, dh_direct, partial, rmask, dout, out_col, g_p, dg_p,
+                             panels, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Every step of :func:`gru_backward_units` in one parallel region, last step first (see
+    lstm.forward_steps_units; claims: the steps' counters, ``sync.step_claims``)."""
+    parts = units.shape[0] - 1
+    for t in prange(parts):
+        for k in range(lengths[0]):
+            at = k * (parts + 1)
+            p = np.int64(t) if take_part(claims, at, t) else wait_or_take(claims, at, parts)
+            while p >= 0:
+                gru_backward_part(lengths[0] - 1 - k, p, gates, hn, hprev, dh, dh_direct, partial, rmask, dout,
+                                  out_col, g_p, dg_p, panels, units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
+                part_done(claims, at, parts)
+                p = wait_or_take(claims, at, parts)
+
+
+@jit(parallel=True)
+def gru_backward_step_units(s, gates, hn, hprev, dh, dh_direct, partial, rmask, dout, out_col, g_p, dg_p, panels,
+                            units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Step s of :func:`gru_backward_units`, its parts across threads (:func:`gru_backward_part`)."""
     for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        hu = u1 - u0
-        for i in range(done):
-            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
-            add_units(dh_direct[i], dh[i], u0, u1)
-        g = g_p[p, : 3 * hu]
-        for i in range(n):
-            r = rows[i]
-            gather_units(gates[r], 3, u0, g)
-            gru_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], hprev[r, u0:u1],
-                              hn[r, u0:u1], dh_direct[i, u0:u1], True)  # fmt: skip
-            if rmask.shape[0]:
-                for j in range(u0, u1):
-                    hprev[r, j] *= rmask[i, j]
-            scatter_units(g, 3, u0, gates[r])
-            copy_units(g, dg_p[p, i], 0, 2 * hu)
-            copy_units(hn[r, u0:u1], dg_p[p, i, 2 * hu :], 0, hu)
-        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+        gru_backward_part(s, p, gates, hn, hprev, dh, dh_direct, partial, rmask, dout, out_col, g_p, dg_p, panels,
+                          units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
 
 
 @jit(parallel=True)

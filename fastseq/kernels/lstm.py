@@ -49,7 +49,6 @@ from fastseq.kernels.common import (
     unit_bounds,
     unit_initial_dh,
     unit_operands,
-    unit_packed_rows,
     unit_product,
     unit_projection_start,
     unit_recurrent_panels,
@@ -69,7 +68,7 @@ from fastseq.kernels.gemm import (
     step_product,
 )
 from fastseq.kernels.refs import any_layout, borrow, hold
-from fastseq.kernels.sync import part_done, take_part, wait_or_take
+from fastseq.kernels.sync import part_done, step_claims, take_part, wait_or_take
 
 
 @jit(inline=True)
@@ -518,13 +517,15 @@ def forward_step_units(s, h_in, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p, pe
 def lstm_backward_units(
     x, w_ih, w_hh, w_peep, peephole, chunk_rows, chunk_samples, batch_sizes, offsets, lengths,
     reverse, dout, out_col, dh, dc, gates, hprev, cprev, cnew, dx, accumulate_dx, dw_ih, dw_hh,
-    db_ih, db_hh, dw_peep, rmask, part_w_ih, part_w_hh, parts,
+    db_ih, db_hh, dw_peep, rmask, part_w_ih, part_w_hh, parts, threads,
 ):  # fmt: skip
-    """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: one parallel region per
-    step (:func:`backward_step_units`), in which each part takes its units' gate gradients
-    and its share of dh = dG @ W_hh (its gate rows of W_hh, every unit of dh: partial sums
-    added in part order at the next step); dx split by rows. ``part_w_ih``, ``part_w_hh``
-    have no slices (weight gradients over all rows at once)."""
+    """:func:`lstm_backward` for :func:`lstm_forward_units`' layout: at each step each part
+    takes its units' gate gradients and its share of dh = dG @ W_hh (its gate rows of W_hh,
+    every unit of dh: partial sums added in part order at the next step)
+    (:func:`lstm_backward_part`), all steps in one parallel region when numba's team has
+    ``threads`` >= ``parts`` (:func:`backward_steps_units`), else a region per step; dx
+    split by rows. ``part_w_ih``, ``part_w_hh`` have no slices (weight gradients over all
+    rows at once)."""
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
     w_hh_panels = pack_unit_gate_rows(w_hh, 4, units)  # part p: dG_p @ (its gate rows of W_hh)
@@ -532,15 +533,15 @@ def lstm_backward_units(
     _, _, peep_p, g_p = unit_operands(w_peep[0, :0], w_peep[0, :0], w_peep, 4, units)  # compact rows
     dg_p = np.zeros((parts, nb, 4 * widest_part(units)), dh.dtype)  # zero past a part's 4*hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
-    rows = np.empty(nb, np.int64)
-    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
-    for s in range(lengths[0] - 1, -1, -1):
-        n = batch_sizes[0, s]
-        unit_packed_rows(offsets[0], lengths, s, reverse, n, rows)
-        backward_step_units(gates, rows[:n], dh, partial[t % 2], done, partial[(t + 1) % 2], rmask, dout,
-                            out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p, w_hh_panels, units)  # fmt: skip
-        done, t = n, t + 1
-    unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
+    step = (gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p, w_hh_panels,
+            units, batch_sizes[0], offsets[0], lengths, reverse)  # fmt: skip
+    if threads >= parts:
+        backward_steps_units(step_claims(lengths[0], parts), *step)
+    else:
+        for s in range(lengths[0] - 1, -1, -1):
+            backward_step_units(s, *step)
+    # the gradient of the initial state, from the products of the first step's rows
+    unit_initial_dh(partial[lengths[0] % 2], rmask, batch_sizes[0, 0], dh)
     gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, 4 * hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
@@ -548,30 +549,58 @@ def lstm_backward_units(
         peephole_sums(gates, cprev, cnew, dw_peep)
 
 
+@jit
+def lstm_backward_part(s, p, gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p,
+                       panels, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Part p of step s of :func:`lstm_backward_units`: dh[:done] (the rows step s+1's
+    products reached; later rows still hold their incoming gradient) = partial (2, parts,
+    N, H), the half step s+1 wrote, summed over the parts, times the recurrent dropout
+    mask, for its units; then its units' gate gradients for the step's rows (gates rows in:
+    activations, out: gradients of the pre-activations, compact in dg_p[p]); then the
+    other half's [p, :n] = dg_p[p, :n] @ its gate rows of W_hh (panels[p])."""
+    k = lengths[0] - 1 - s  # steps taken before this one
+    n, done = batch_sizes_c[s], batch_sizes_c[s + 1] if k else 0
+    partial_in, partial_out = partial[k % 2], partial[(k + 1) % 2]
+    u0, u1 = units[p], units[p + 1]
+    hu = u1 - u0
+    for i in range(done):
+        sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+    g = g_p[p, : 4 * hu]
+    for i in range(n):
+        r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        gather_units(gates[r], 4, u0, g)
+        lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
+                           cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
+        scatter_units(g, 4, u0, gates[r])
+        copy_units(g, dg_p[p, i], 0, 4 * hu)
+    gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+
+
 @jit(parallel=True)
-def backward_step_units(gates, rows, dh, partial_in, done, partial_out, rmask, dout, out_col, dc, cnew, cprev,
-                        peep_p, peephole, g_p, dg_p, panels, units):  # fmt: skip
-    """One step of :func:`lstm_backward_units`, its parts across threads. Part p: dh[:done]
-    (rows the previous step's products reached; later rows still hold their incoming
-    gradient) = partial_in (parts, N, H) summed over the parts, times the recurrent dropout
-    mask, for its units; then its units' gate gradients for the step's rows (n,) (gates rows
-    in: activations, out: gradients of the pre-activations, compact in dg_p[p]); then
-    partial_out[p, :n] = dg_p[p, :n] @ its gate rows of W_hh (panels[p])."""
-    n = rows.shape[0]
+def backward_steps_units(claims, gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p,
+                         dg_p, panels, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Every step of :func:`lstm_backward_units` in one parallel region, last step first (see
+    lstm.forward_steps_units; claims: the steps' counters, ``sync.step_claims``)."""
+    parts = units.shape[0] - 1
+    for t in prange(parts):
+        for k in range(lengths[0]):
+            at = k * (parts + 1)
+            p = np.int64(t) if take_part(claims, at, t) else wait_or_take(claims, at, parts)
+            while p >= 0:
+                lstm_backward_part(lengths[0] - 1 - k, p, gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev,
+                                   peep_p, peephole, g_p, dg_p, panels, units, batch_sizes_c, offsets_c, lengths,
+                                   reverse)  # fmt: skip
+                part_done(claims, at, parts)
+                p = wait_or_take(claims, at, parts)
+
+
+@jit(parallel=True)
+def backward_step_units(s, gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p, dg_p,
+                        panels, units, batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Step s of :func:`lstm_backward_units`, its parts across threads (:func:`lstm_backward_part`)."""
     for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        hu = u1 - u0
-        for i in range(done):
-            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
-        g = g_p[p, : 4 * hu]
-        for i in range(n):
-            r = rows[i]
-            gather_units(gates[r], 4, u0, g)
-            lstm_cell_backward(g, dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], dc[i, u0:u1],
-                               cnew[r, u0:u1], cprev[r, u0:u1], peep_p[p], peephole)  # fmt: skip
-            scatter_units(g, 4, u0, gates[r])
-            copy_units(g, dg_p[p, i], 0, 4 * hu)
-        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+        lstm_backward_part(s, p, gates, dh, partial, rmask, dout, out_col, dc, cnew, cprev, peep_p, peephole, g_p,
+                           dg_p, panels, units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
 
 
 @jit

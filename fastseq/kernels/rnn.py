@@ -37,7 +37,6 @@ from fastseq.kernels.common import (
     unit_bounds,
     unit_initial_dh,
     unit_operands,
-    unit_packed_rows,
     unit_product,
     unit_projection_start,
     unit_recurrent_panels,
@@ -57,7 +56,7 @@ from fastseq.kernels.gemm import (
     step_product,
 )
 from fastseq.kernels.refs import any_layout, borrow, hold
-from fastseq.kernels.sync import part_done, take_part, wait_or_take
+from fastseq.kernels.sync import part_done, step_claims, take_part, wait_or_take
 
 
 @jit(inline=True)
@@ -342,11 +341,11 @@ def rnn_forward_step_units(s, h_in, proj, base, panels, w_hh, gh, b_ih_p, b_hh_p
 def rnn_backward_units(
     x, w_ih, w_hh, relu, chunk_rows, chunk_samples, batch_sizes, offsets, lengths, reverse,
     dout, out_col, dh, gates, hprev, dx, accumulate_dx, dw_ih, dw_hh, db_ih, db_hh, rmask,
-    part_w_ih, part_w_hh, parts,
+    part_w_ih, part_w_hh, parts, threads,
 ):  # fmt: skip
-    """:func:`rnn_backward` for :func:`rnn_forward_units`' layout: one parallel region per
-    step (:func:`rnn_backward_step_units`), as in
-    :func:`fastseq.kernels.lstm.lstm_backward_units`; dx split by rows, the weight gradients
+    """:func:`rnn_backward` for :func:`rnn_forward_units`' layout, as
+    :func:`fastseq.kernels.lstm.lstm_backward_units` (:func:`rnn_backward_part`; all steps
+    in one region when ``threads`` >= ``parts``); dx split by rows, the weight gradients
     over all rows at once (``part_w_ih``, ``part_w_hh`` have no slices)."""
     hd, nb = dh.shape[1], dh.shape[0]
     units = unit_bounds(hd, parts)
@@ -354,39 +353,64 @@ def rnn_backward_units(
     w_ih_panels = pack_weights(any_layout(w_ih))
     dg_p = np.zeros((parts, nb, widest_part(units)), dh.dtype)  # zero past a part's hu
     partial = np.empty((2, parts, nb, hd), dh.dtype)  # read one, write the other each step
-    rows = np.empty(nb, np.int64)
-    done, t = 0, 0  # rows whose dh the previous step's products hold; steps taken
-    for s in range(lengths[0] - 1, -1, -1):
-        n = batch_sizes[0, s]
-        unit_packed_rows(offsets[0], lengths, s, reverse, n, rows)
-        rnn_backward_step_units(gates, rows[:n], dh, partial[t % 2], done, partial[(t + 1) % 2], rmask, dout,
-                                out_col, relu, dg_p, w_hh_panels, units)  # fmt: skip
-        done, t = n, t + 1
-    unit_initial_dh(partial[t % 2], rmask, done, dh)  # the gradient of the initial state
+    step = (gates, dh, partial, rmask, dout, out_col, relu, dg_p, w_hh_panels, units, batch_sizes[0], offsets[0],
+            lengths, reverse)  # fmt: skip
+    if threads >= parts:
+        rnn_backward_steps_units(step_claims(lengths[0], parts), *step)
+    else:
+        for s in range(lengths[0] - 1, -1, -1):
+            rnn_backward_step_units(s, *step)
+    # the gradient of the initial state, from the products of the first step's rows
+    unit_initial_dh(partial[lengths[0] % 2], rmask, batch_sizes[0, 0], dh)
     gemm_split_rows(gates, large_b(w_ih), w_ih_panels, dx, accumulate_dx, parts)
     no_parts = np.empty((0, hd), dh.dtype)
     weight_grads(gates, x, hprev, part_w_ih, part_w_hh, no_parts, dw_ih, dw_hh, db_ih, db_hh)
 
 
+@jit
+def rnn_backward_part(s, p, gates, dh, partial, rmask, dout, out_col, relu, dg_p, panels, units, batch_sizes_c,
+                      offsets_c, lengths, reverse):  # fmt: skip
+    """Part p of step s of :func:`rnn_backward_units` (see lstm.lstm_backward_part): its
+    units' gradients of the pre-activation for the step's rows (gates rows in: h', out: the
+    gradients), then its share of dh through its rows of W_hh."""
+    k = lengths[0] - 1 - s  # steps taken before this one
+    n, done = batch_sizes_c[s], batch_sizes_c[s + 1] if k else 0
+    partial_in, partial_out = partial[k % 2], partial[(k + 1) % 2]
+    u0, u1 = units[p], units[p + 1]
+    hu = u1 - u0
+    for i in range(done):
+        sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
+    for i in range(n):
+        r = packed_row(0, offsets_c, lengths[i], i, s, reverse)
+        rnn_cell_backward(gates[r, u0:u1], dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], relu)
+        copy_units(gates[r, u0:u1], dg_p[p, i], 0, hu)
+    gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+
+
 @jit(parallel=True)
-def rnn_backward_step_units(gates, rows, dh, partial_in, done, partial_out, rmask, dout, out_col, relu, dg_p,
-                            panels, units):  # fmt: skip
-    """One step of :func:`rnn_backward_units`, its parts across threads. Part p: dh[:done]
-    = partial_in (parts, N, H) summed over the parts, times the recurrent dropout mask, for
-    its units; then its units' gradients of the pre-activation for the step's rows (n,)
-    (gates rows in: h', out: the gradients); then partial_out[p, :n] = (those, in dg_p[p])
-    @ its rows of W_hh (panels[p])."""
-    n = rows.shape[0]
+def rnn_backward_steps_units(claims, gates, dh, partial, rmask, dout, out_col, relu, dg_p, panels, units,
+                             batch_sizes_c, offsets_c, lengths, reverse):  # fmt: skip
+    """Every step of :func:`rnn_backward_units` in one parallel region, last step first (see
+    lstm.forward_steps_units; claims: the steps' counters, ``sync.step_claims``)."""
+    parts = units.shape[0] - 1
+    for t in prange(parts):
+        for k in range(lengths[0]):
+            at = k * (parts + 1)
+            p = np.int64(t) if take_part(claims, at, t) else wait_or_take(claims, at, parts)
+            while p >= 0:
+                rnn_backward_part(lengths[0] - 1 - k, p, gates, dh, partial, rmask, dout, out_col, relu, dg_p,
+                                  panels, units, batch_sizes_c, offsets_c, lengths, reverse)  # fmt: skip
+                part_done(claims, at, parts)
+                p = wait_or_take(claims, at, parts)
+
+
+@jit(parallel=True)
+def rnn_backward_step_units(s, gates, dh, partial, rmask, dout, out_col, relu, dg_p, panels, units, batch_sizes_c,
+                            offsets_c, lengths, reverse):  # fmt: skip
+    """Step s of :func:`rnn_backward_units`, its parts across threads (:func:`rnn_backward_part`)."""
     for p in prange(units.shape[0] - 1):
-        u0, u1 = units[p], units[p + 1]
-        hu = u1 - u0
-        for i in range(done):
-            sum_unit_parts(partial_in, rmask, i, u0, u1, dh[i])
-        for i in range(n):
-            r = rows[i]
-            rnn_cell_backward(gates[r, u0:u1], dh[i, u0:u1], dout[r, out_col + u0 : out_col + u1], relu)
-            copy_units(gates[r, u0:u1], dg_p[p, i], 0, hu)
-        gemm_packed(dg_p[p, :n], panels[p], partial_out[p, :n], OVERWRITE)
+        rnn_backward_part(s, p, gates, dh, partial, rmask, dout, out_col, relu, dg_p, panels, units, batch_sizes_c,
+                          offsets_c, lengths, reverse)  # fmt: skip
 
 
 @jit(parallel=True)
