@@ -16,7 +16,9 @@ step (:func:`take_part`), then waiting for the step's other parts through a coun
 
 (``np.int64(t)``: numba types a ``prange`` index as unsigned, and unsigned with signed as a
 float.) Which thread runs a part never changes the results: a part's work is fixed by its
-index.
+index. Each kernel writes this loop out around its own part function: a loop taking the
+part function as an argument would leave every kernel that calls it out of numba's disk
+cache ("Cannot cache compiled function ... as it uses dynamic globals", tried).
 
 numba has no atomics of its own, so these are LLVM's, emitted through ``@intrinsic``:
 sequentially consistent read-modify-writes and acquire loads on an int64 array.
