@@ -167,13 +167,29 @@ L2_SPLIT_SHARES = ((2, 0.75), (4, 1.0)) if ON_ZEN else ((4, 0.75), (12, 1.0), (1
 L2_SPLIT_MIN_BYTES = 3 << 18
 
 
-def split_bytes(batch: int, splits: bool = True):
+#: A batch of one of a gated cell (LSTM, GRU: W_hh of 3-4 gate blocks) splits from this
+#: size of W_hh already, below SINGLE_SPLIT_BYTES: since the thirtieth session its steps
+#: run in one parallel region (``kernels.sync``), so the split pays sooner. Measured
+#: (float32, Zen 5, in process, 11 rounds alternating, split / one chunk, eval forward at
+#: T=100 unless noted): LSTM H=64 (64 KB) 1.21, H=96 (144 KB) 0.985, H=112 (196 KB) 0.83
+#: (T=200 0.96-1.23), H=128 (256 KB) 0.71 (T=5 0.96, T=20 0.83, T=200 0.72; training T=20
+#: 0.89, T=100 0.80), H=136 (T=200) 0.91 (training 0.92), H=144 0.73, H=160 0.60, H=192
+#: (576 KB) 0.78 (training 0.84); GRU H=96 (108 KB) 1.02, H=112 (T=200) 1.57, H=128 (192 KB)
+#: 0.73-0.75 (T=5 0.99, T=20 0.94; training 0.92, T=20 1.01), H=152 (277 KB, T=200) 0.905,
+#: H=160 0.70, H=192 0.65-0.83 (training 0.87). The RNN keeps SINGLE_SPLIT_BYTES: H=256
+#: (256 KB) 0.82-0.95, but H=264 1.195 and H=320 0.94-0.96.
+SINGLE_SPLIT_GATED_MIN_BYTES = 1 << 18
+
+
+def split_bytes(batch: int, splits: bool = True, gated: bool = False):
     """The range [lo, hi) of W_hh bytes over which a batch of ``batch`` samples splits its
-    steps by units (:func:`unit_parts`), or None where it never does."""
+    steps by units (:func:`unit_parts`), or None where it never does. ``gated``: W_hh of a
+    gated cell (see SINGLE_SPLIT_GATED_MIN_BYTES)."""
     if not splits or numba.config.NUMBA_NUM_THREADS < 2:
         return None
     if batch == 1:
-        return SINGLE_SPLIT_BYTES
+        lo, hi = SINGLE_SPLIT_BYTES
+        return (min(lo, SINGLE_SPLIT_GATED_MIN_BYTES) if gated else lo), hi
     for largest, share in L2_SPLIT_SHARES:
         if batch <= largest:
             return max(share * L2_BYTES, L2_SPLIT_MIN_BYTES), float("inf")
@@ -183,11 +199,12 @@ def split_bytes(batch: int, splits: bool = True):
 def unit_parts(batch: int, w_hh, splits: bool = True) -> int:
     """Parts (threads) that split each step by hidden units, or 0 to split the batch into
     chunks (:func:`num_chunks`): for a batch of one of any cell whose recurrent weights
-    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES, for a larger batch of any cell from a size of
+    ``w_hh`` have bytes in SINGLE_SPLIT_BYTES (for the LSTM and the GRU, from
+    SINGLE_SPLIT_GATED_MIN_BYTES), for a larger batch of any cell from a size of
     W_hh set by the core's L2 (L2_SPLIT_SHARES, L2_SPLIT_MIN_BYTES). See :func:`split_bytes`.
     ``splits``: False for a variant without a split (GRU reset_after=False). As many parts as
     numba's start-up thread count (so results do not depend on the active thread count)."""
-    bounds = split_bytes(batch, splits)
+    bounds = split_bytes(batch, splits, gated=w_hh.shape[0] >= 3 * w_hh.shape[1])
     if bounds is None or not bounds[0] <= w_hh.nbytes < bounds[1]:
         return 0
     return min(numba.config.NUMBA_NUM_THREADS, w_hh.shape[1])

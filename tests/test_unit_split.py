@@ -131,6 +131,14 @@ def test_unit_parts_policy_by_l2(monkeypatch, shares):
     lo, hi = _threads.SINGLE_SPLIT_BYTES
     for nbytes, split in ((lo - 4, False), (lo, True), (hi - 4, True), (hi, False)):
         assert (_threads.unit_parts(1, np.empty((1, nbytes // 4), np.float32)) > 0) == split, nbytes
+    # the LSTM's and the GRU's W_hh (G*H, H) from a lower size
+    gated_lo = _threads.SINGLE_SPLIT_GATED_MIN_BYTES
+    assert gated_lo < lo
+    for gates in (3, 4):
+        for hidden in (96, 128, 256):
+            w_hh = np.empty((gates * hidden, hidden), np.float32)
+            assert (_threads.unit_parts(1, w_hh) > 0) == (w_hh.nbytes >= gated_lo), (gates, hidden)
+    assert _threads.unit_parts(1, np.empty((256, 256), np.float32)) == 0  # an RNN's 256 KB
     gru_without_split = np.empty((1, 1 << 22), np.float32)  # GRU reset_after=False
     assert _threads.unit_parts(2, gru_without_split, splits=False) == 0
     monkeypatch.setattr(_threads, "L2_BYTES", 256 << 10)  # a small L2: never under L2_SPLIT_MIN_BYTES
