@@ -52,12 +52,17 @@ def _run(peer, case):
     return runner(), expected
 
 
-@pytest.mark.parametrize("shape", ["one layer", "2x2 random lengths", "stream"])
+@pytest.mark.parametrize(
+    ("peer", "shape"),
+    [*(("onnxruntime", shape) for shape in ("one layer", "2x2 random lengths", "stream")),
+     *(("numpy", shape) for shape in ("one layer", "2x2", "stream"))],
+)  # fmt: skip
 @pytest.mark.parametrize("cell", CELLS)
-def test_onnxruntime_peer_matches_fastseq(cell, shape):
+def test_inference_peer_matches_fastseq(peer, cell, shape):
+    # the inference peers' outputs (and stream states): ONNX Runtime's graph, the NumPy loop
     case = _case(cell, shape)
-    got, expected = _run("onnxruntime", case)
-    assert_close(got, expected, case.dtype, f"onnxruntime {cell} {shape}")
+    got, expected = _run(peer, case)
+    assert_close(got, expected, case.dtype, f"{peer} {cell} {shape}")
 
 
 def test_onnxruntime_peer_declines_what_it_cannot_run():
@@ -87,11 +92,3 @@ def test_jax_peer_matches_fastseq(cell, shape, dtype):
             for name, grad in zip(GRAD_NAMES, weight_grads[layer][direction], strict=True):
                 key = f"{name}_l{layer}" + ("_reverse" if direction else "")
                 assert_close(np.asarray(grad), fastseq_grads[key], dtype, f"jax {cell} d{key}")
-
-
-@pytest.mark.parametrize("shape", ["one layer", "2x2", "stream"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_numpy_peer_matches_fastseq(cell, shape):
-    case = _case(cell, shape)
-    got, expected = _run("numpy", case)
-    assert_close(got, expected, case.dtype, f"numpy {cell} {shape}")
