@@ -429,9 +429,10 @@ def active_threads() -> int:
 
 def one_region_threads() -> int:
     """The threads a unit-split pass (forward or backward) may count on to run all its steps
-    in one parallel region (``kernels.sync``): numba's active thread count, or 0 (a region per step) while
-    another fastseq kernel runs from another Python thread (RUNNING), where the threads of
-    one region spinning for each other would hold cores the other call needs."""
+    in one parallel region (``kernels.sync``): numba's active thread count, or 0 (a region
+    per step) while another fastseq kernel runs from another Python thread (RUNNING), where
+    the threads of one region spinning for each other would hold cores the other call
+    needs."""
     return active_threads() if len(RUNNING) <= 1 else 0
 
 

@@ -972,10 +972,12 @@ def steps_region_start(x, w_ih, w_ih_panels, offsets_c, lengths, reverse, block,
     base = 0
     one_region = threads >= parts
     if one_region and s_next == 0:
-        rows = x.shape[0]
+        capacity, rows = block.shape[0], x.shape[0]
         if rows * block.shape[1] * block.itemsize <= ONE_REGION_PROJECTION_BYTES:
-            block = np.empty((rows, block.shape[1]), block.dtype)
-        if block_rows(offsets_c, lengths, 0, reverse, block.shape[0])[2] >= lengths[0]:
+            capacity = rows
+        if block_rows(offsets_c, lengths, 0, reverse, capacity)[2] >= lengths[0]:
+            if capacity > block.shape[0]:  # allocated only when it holds every step
+                block = np.empty((capacity, block.shape[1]), block.dtype)
             base, s_next = unit_projection_block(
                 x, w_ih, w_ih_panels, offsets_c, lengths, 0, reverse, block, parts
             )
