@@ -66,6 +66,7 @@ class Packing:
         sizes = np.array([len(p) for p in per_chunk], dtype=np.int64)
         self.widest_chunk = int(sizes.max())  # samples in the largest chunk
         self.order = np.concatenate(per_chunk).astype(np.int64)  # state index -> sample
+        self.in_order = bool(np.array_equal(self.order, np.arange(batch)))  # state order = sample order
         self.inverse = np.empty_like(self.order)
         self.inverse[self.order] = np.arange(batch)
         self.lengths = np.ascontiguousarray(lengths[self.order], dtype=np.int64)
@@ -142,9 +143,21 @@ class Packing:
                     full.reshape(self.steps * self.batch, packed.shape[1]))  # fmt: skip
         return full
 
-    def sorted_states(self, states, row, hidden, dtype):
+    def sorted_states(self, states, row, hidden, dtype, final=None):
         """Each of ``states`` (None, or (L*D, N, H) in the user's sample order) at
-        ``row``, as a contiguous (N, H) copy in state order; (N, H) zeros for None."""
+        ``row``, as a contiguous (N, H) copy in state order; (N, H) zeros for None.
+        ``final``: arrays (L*D, N, H) like ``states`` for the final states; when the state
+        order is the sample order (``in_order``), their ``row`` views are returned, filled
+        with the initial states, for the kernels to overwrite in place (no copies back:
+        :meth:`unsort`). 0.8 of 12 us of Python in an eval call (LSTM, N=1, T=20, H=32)."""
+        if final is not None and self.in_order:
+            views = tuple(f[row] for f in final)
+            for view, s in zip(views, states, strict=True):
+                if s is None:
+                    view.fill(0)
+                else:
+                    view[...] = s[row]
+            return views
         return tuple(
             np.zeros((self.batch, hidden), dtype) if s is None else self.sort(s[row]) for s in states
         )

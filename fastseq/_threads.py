@@ -35,7 +35,12 @@ from numba import prange, types
 from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
-from fastseq.kernels.common import SPREAD_STEP_BYTES
+from fastseq.kernels.common import (
+    CHUNK_PANEL_STEPS,
+    ONE_ROW_DIRECT_BYTES,
+    ONE_ROW_PANEL_STEPS,
+    SPREAD_STEP_BYTES,
+)
 from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, ON_ZEN, panel_columns
 
 _lock = threading.Lock()
@@ -337,14 +342,38 @@ def project_whole_input(packing, w_hh, rows: int, row_bytes: int) -> bool:
     )
 
 
-def kernels_call_blas(packing) -> bool:
+def kernels_call_blas(packing, forward_w_hh=None) -> bool:
     """Whether the layer kernels of ``packing`` may call BLAS inside their parallel region:
     with BLAS_FOR_LARGE (no AVX-512: the chunk-level products and weight gradients go to
     BLAS), or when a chunk holds a single sample (its one-row per-step products may go to
     BLAS, ``kernels.common.step_panels``). Otherwise every product runs on the micro-kernel
     and BLAS's thread count does not matter: switching it costs 7-10 us per call in a
-    training step's flow (36 us of an RNN step at N=32, T=100, C=H=64, four switches)."""
-    return BLAS_FOR_LARGE or packing.widest_chunk <= 1
+    training step's flow (36 us of an RNN step at N=32, T=100, C=H=64, four switches).
+
+    ``forward_w_hh``: the recurrent weights (G*H, H) of a forward pass alone (no backward
+    in the block), whose per-step products by W_hh^T go to BLAS only where
+    :func:`forward_steps_call_blas` says so; switching BLAS's threads and back took 1.6 of
+    a 27 us call's 14 us of Python (LSTM, N=1, T=20, C=H=32, Zen 5)."""
+    if BLAS_FOR_LARGE or packing.widest_chunk > 1:
+        return BLAS_FOR_LARGE
+    if forward_w_hh is None or packing.unit_parts:
+        return True
+    return forward_steps_call_blas(packing, forward_w_hh)
+
+
+def forward_steps_call_blas(packing, w_hh) -> bool:
+    """Whether a forward's per-step products by ``w_hh``^T, over chunks of one sample each,
+    go to BLAS: ``kernels.common.step_panels`` (``forward``) for W_hh's bytes, which bound
+    those of the GRU's blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh
+    would be). They read W_hh in place for sequences shorter than CHUNK_PANEL_STEPS with
+    W_hh under ONE_ROW_DIRECT_BYTES, and run on its panels from ONE_ROW_PANEL_STEPS, unless
+    one chunk lets BLAS spread over every core (SPREAD_STEP_BYTES)."""
+    nbytes, longest = w_hh.nbytes, packing.batch_sizes.shape[1]
+    if packing.n_chunks == 1 and nbytes >= SPREAD_STEP_BYTES:
+        return True
+    if longest < CHUNK_PANEL_STEPS and nbytes < ONE_ROW_DIRECT_BYTES:
+        return False
+    return longest < ONE_ROW_PANEL_STEPS
 
 
 def weight_grads_call_blas(cell, packing, input_sizes, hidden, dtype) -> bool:
@@ -365,16 +394,18 @@ class kernel_threads:
     :func:`weight_grads_call_blas`), except for one chunk, not split by units,
     with ``w_hh.nbytes >= SPREAD_STEP_BYTES``: numba's team at one thread (thread-local),
     BLAS free. Otherwise numba's workers are kept off the calling thread's CPU
-    (:func:`keep_workers_off_caller`). Counted in RUNNING while it lasts.
+    (:func:`keep_workers_off_caller`). Counted in RUNNING while it lasts. ``forward``: the
+    block runs forward kernels only (``kernels_call_blas``' ``forward_w_hh``).
 
     A class, not a generator context: it is entered on every layer and cell call, and as two
     nested generator contexts it cost 3.3 us of a 15 us call's Python (RNN, N=32, T=100,
     H=64, random lengths, kernel replaced by a no-op); 1.45 us as a class."""
 
-    __slots__ = ("_blas", "_inner", "_packing", "_w_hh")
+    __slots__ = ("_blas", "_forward", "_inner", "_packing", "_w_hh")
 
-    def __init__(self, packing, w_hh, blas=False):
+    def __init__(self, packing, w_hh, blas=False, forward=False):
         self._packing, self._w_hh, self._blas, self._inner = packing, w_hh, blas, None
+        self._forward = forward
 
     def __enter__(self):
         RUNNING.append(None)
@@ -383,7 +414,8 @@ class kernel_threads:
                 inner = _numba_threads(1)
             else:
                 keep_workers_off_caller()
-                inner = single_threaded_blas() if self._blas or kernels_call_blas(self._packing) else None
+                calls_blas = self._blas or kernels_call_blas(self._packing, self._w_hh if self._forward else None)
+                inner = single_threaded_blas() if calls_blas else None
             if inner is not None:
                 inner.__enter__()
         except BaseException:

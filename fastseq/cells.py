@@ -121,7 +121,7 @@ class _RecurrentCell(Module):
                        else packing.sort(s.reshape(batch, self.hidden_size)) for s in states)  # fmt: skip
         x_packed = packing.pack(x2[None])
         out = np.empty((batch, self.hidden_size), self.dtype)
-        with kernel_threads(packing, self._weights["w_hh"]):
+        with kernel_threads(packing, self._weights["w_hh"], forward=True):
             ws = _engine.forward(self._cell, self._opts, self._weights, x_packed, states, packing, out, 0, False,
                                  self.training)  # fmt: skip
         if self.training:

@@ -226,7 +226,7 @@ class _RecurrentLayer(Module):
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
             # zeros at padded steps included: no packed output to unpack after.
             output = packing.padded_array(n_dirs * hd, self.dtype)
-        with kernel_threads(packing, w_hh):
+        with kernel_threads(packing, w_hh, forward=True):
             layers_ws = self._run_forward(packing, layer_in, states0, final, training, output, x_rows)
         layer_in = layers_ws.pop()
         if self.check_finite:
@@ -281,7 +281,7 @@ class _RecurrentLayer(Module):
             dirs_ws = []
             for direction in range(n_dirs):
                 row = layer * n_dirs + direction
-                states = packing.sorted_states(states0, row, hd, self.dtype)
+                states = packing.sorted_states(states0, row, hd, self.dtype, final)
                 weights = self._direction_arrays(layer, direction, self.params, self._absent)
                 rmask = None
                 if training and self.recurrent_dropout > 0:
@@ -289,8 +289,9 @@ class _RecurrentLayer(Module):
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing, out,
                                      direction * hd, direction == 1, training, take, rmask, out_rows,
                                      x_rows if layer == 0 else None)  # fmt: skip
-                for f, s in zip(final, states, strict=True):
-                    f[row] = packing.unsort(s)
+                if not packing.in_order:  # else the kernels wrote them in place
+                    for f, s in zip(final, states, strict=True):
+                        f[row] = packing.unsort(s)
                 dirs_ws.append(ws)
             mask = None
             if training and self.dropout > 0 and layer < self.num_layers - 1:
@@ -388,14 +389,15 @@ class _RecurrentLayer(Module):
                 dx = self._pool.take((packing.rows, cols), self.dtype)
                 for direction in range(n_dirs):
                     row = layer * n_dirs + direction
-                    dstates = packing.sorted_states(dfinal, row, hd, self.dtype)
+                    dstates = packing.sorted_states(dfinal, row, hd, self.dtype, dinitial)
                     weights = self._direction_arrays(layer, direction, self.params, self._absent)
                     grads = self._direction_arrays(layer, direction, self.grads, self._absent_grads)
                     _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
                                      direction * hd, dstates, packing, direction == 1, dx,
                                      direction == 1, grads, self._pool.take, self._pool.give)  # fmt: skip
-                    for d, s in zip(dinitial, dstates, strict=True):
-                        d[row] = packing.unsort(s)
+                    if not packing.in_order:  # else the kernels wrote them in place
+                        for d, s in zip(dinitial, dstates, strict=True):
+                            d[row] = packing.unsort(s)
                 # What this layer consumed goes back to the pool for the next training step,
                 # except views of the user's arrays (packed input and gradient, when the
                 # packing is the identity).

@@ -177,6 +177,42 @@ def test_kernel_threads_policy():
         assert _threads.kernels_call_blas(layout) == (BLAS_FOR_LARGE or one_sample)
 
 
+def test_forward_holds_blas_only_where_its_steps_call_it():
+    """A forward pass over chunks of one sample switches BLAS to one thread exactly where
+    ``kernels.common.step_panels`` hands its per-step products to BLAS (empty panels):
+    short sequences with W_hh under ONE_ROW_DIRECT_BYTES read W_hh in place, long ones run
+    on its panels, one chunk with W_hh of SPREAD_STEP_BYTES or more spreads on BLAS."""
+    from fastseq import _threads
+    from fastseq.kernels.common import (
+        CHUNK_PANEL_STEPS,
+        ONE_ROW_DIRECT_BYTES,
+        ONE_ROW_PANEL_STEPS,
+        SPREAD_STEP_BYTES,
+        step_panels,
+    )
+    from fastseq.kernels.gemm import BLAS_FOR_LARGE
+
+    width = 64  # W_hh (rows, 64) float32: 256 bytes a row
+    sizes = (16, SPREAD_STEP_BYTES // 256, ONE_ROW_DIRECT_BYTES // 256)
+    steps = (1, CHUNK_PANEL_STEPS - 1, CHUNK_PANEL_STEPS, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS, 40)
+    seen = set()
+    for rows in sizes:
+        w_hh = np.ones((rows, width), np.float32)
+        for batch in (1, 2):
+            for t in steps:
+                layout = Packing(None, t, batch, chunks=batch)
+                assert layout.widest_chunk == 1
+                to_blas = step_panels(w_hh.T, layout.chunk_samples, layout.lengths, True).shape[0] == 0
+                assert _threads.forward_steps_call_blas(layout, w_hh) == to_blas, (rows, batch, t)
+                assert _threads.kernels_call_blas(layout, w_hh) == (BLAS_FOR_LARGE or to_blas)
+                assert _threads.kernels_call_blas(layout)  # backward too: as before
+                seen.add(to_blas)
+    assert seen == {True, False}
+    # chunks of several samples never call BLAS (with AVX-512); a split layout keeps it held
+    assert _threads.kernels_call_blas(Packing(None, 5, 4, chunks=2), w_hh) == BLAS_FOR_LARGE
+    assert _threads.kernels_call_blas(Packing(None, 5, 1, unit_parts=2), np.ones((16, width), np.float32))
+
+
 def test_step_claims_take_each_part_once_and_wait_for_all():
     # the counters a unit-split forward's single region meets at (kernels.sync)
     from fastseq.kernels.sync import part_done, step_claims, take_part, wait_or_take
