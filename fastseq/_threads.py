@@ -414,7 +414,8 @@ class kernel_threads:
                 inner = _numba_threads(1)
             else:
                 keep_workers_off_caller()
-                calls_blas = self._blas or kernels_call_blas(self._packing, self._w_hh if self._forward else None)
+                forward_w_hh = self._w_hh if self._forward else None
+                calls_blas = self._blas or kernels_call_blas(self._packing, forward_w_hh)
                 inner = single_threaded_blas() if calls_blas else None
             if inner is not None:
                 inner.__enter__()
