@@ -11,6 +11,7 @@ import pytest
 
 import fastseq
 from fastseq import _engine, _threads, layers
+from fastseq._packing import Packing
 from fastseq.kernels.common import (
     CHUNK_PANEL_STEPS,
     DIRECT_PROJECTION_ROWS,
@@ -22,7 +23,9 @@ from fastseq.kernels.common import (
     UPFRONT_PROJECTION_BYTES,
     UPFRONT_PROJECTION_ROWS,
     input_panels,
+    steps_region_start,
     unit_bounds,
+    unit_projection_start,
     unit_recurrent_panels,
 )
 from fastseq.registry import CELLS
@@ -274,6 +277,34 @@ def test_unit_split_inference_over_several_projection_blocks(unit_split, monkeyp
     for out, (h, c) in split:
         for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
             assert_close(a, b, np.float64, "unit split vs chunks, inference")
+
+
+@pytest.mark.parametrize("lengths", [[600, 600, 600], [600, 431, 17]])
+def test_one_region_projects_every_row_first(lengths):
+    # An inference split whose input projection (R x G*H) fits ONE_REGION_PROJECTION_BYTES
+    # projects all R packed rows first and runs its steps in one region (step counters
+    # returned), at unequal lengths too: blocks of steps hold capacity // N steps each, so
+    # over unequal lengths one block would not do.
+    parts, hd, cin = 2, 5, 3
+    packing = Packing(np.array(lengths, np.int64), 600, 3, 1, parts)
+    rows = packing.rows
+    rng = np.random.default_rng(0)
+    x, w_ih = rng.standard_normal((rows, cin)), rng.standard_normal((4 * hd, cin))
+    panels = input_panels(w_ih, rows)
+    gates, h, rmask = np.empty((0, 4 * hd)), np.zeros((3, hd)), np.empty((0, hd))
+    block, proj, s_next = unit_projection_start(x, w_ih, panels, gates, packing.lengths, parts)
+    assert block.shape[0] < rows and s_next == 0  # inference projects a block at a time
+    for threads, one_region in ((parts, True), (1, False)):
+        layout = (packing.offsets[0], packing.lengths, False)
+        proj, base, s_next, h_buf, claims = steps_region_start(
+            x, w_ih, panels, *layout, block, proj, 0, parts, threads, h, rmask
+        )
+        assert (claims.shape[0] > 0) == one_region and (h_buf.shape[0] == 2) == one_region
+        if one_region:
+            assert (base, s_next) == (0, lengths[0])
+            np.testing.assert_allclose(proj[:rows], x @ w_ih.T, rtol=1e-12, atol=1e-12)
+        else:
+            assert s_next == 0
 
 
 @pytest.mark.parametrize("training", [False, True])
