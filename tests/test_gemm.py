@@ -10,6 +10,7 @@ from numba.extending import overload
 from fastseq.kernels.columns import transpose_rows
 from fastseq.kernels.common import (
     CHUNK_PANEL_STEPS,
+    DIRECT_PROJECTION_ROWS,
     ONE_ROW_DIRECT_BYTES,
     ONE_ROW_PANEL_STEPS,
     PACKING_BLOCK_BYTES,
@@ -212,7 +213,9 @@ def test_any_layout_packs_as_the_given_layout(shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 5, 3), (33, 300, 1000), (100, 1024, 97), (256, 64, 4096)])
+@pytest.mark.parametrize(
+    "shape", [(1, 5, 3), (20, 32, 100), (33, 300, 1000), (100, 1024, 97), (256, 64, 4096)]
+)
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_projection_packed_a_block_at_a_time(shape, dtype, parts):
     """x (n, C) @ w.T for w (M, C), w's panels split across ``parts`` threads and packed
@@ -233,6 +236,10 @@ def test_projection_packed_a_block_at_a_time(shape, dtype, parts):
     out[:] = np.nan
     project_all(x, w, out, parts)  # in place up to DIRECT_PROJECTION_ROWS; BLAS_FOR_LARGE: BLAS
     assert_close(out, expected, dtype, "project_all")
+    if n <= DIRECT_PROJECTION_ROWS:  # in place: the same sums on the calling thread or split
+        serial = np.full((n, m), np.nan, dtype)
+        project_all(x, w, serial, 1)
+        np.testing.assert_array_equal(serial, out)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

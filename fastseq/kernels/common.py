@@ -835,7 +835,10 @@ def project_all(x, w_ih, out, parts):
     DIRECT_PROJECTION_ROWS, else packed a block at a time (:func:`project_packing`), or by
     BLAS when BLAS_FOR_LARGE (split by rows, as it packs for itself)."""
     if x.shape[0] <= DIRECT_PROJECTION_ROWS:
-        project_in_place(x, w_ih, out, parts)
+        if parts == 1:  # on the calling thread, no parallel region (SERIAL_PROJECTION_FMAS)
+            few_rows_nt(x, w_ih[0 : w_ih.shape[0]], out[:, 0 : out.shape[1]])
+        else:
+            project_in_place(x, w_ih, out, parts)
     elif BLAS_FOR_LARGE:
         gemm_split_rows(x, large_b(w_ih.T), pack_weights(any_layout(w_ih.T)), out, OVERWRITE, parts)
     else:
@@ -852,6 +855,15 @@ def unit_projection(x, rows, w_ih, w_ih_panels, out, parts):
 #: Threads :func:`upfront_projection` splits its product across: numba's start-up thread
 #: count (each output column is summed the same way whatever the split).
 PROJECTION_PARTS = max(1, numba.config.NUMBA_NUM_THREADS)
+#: Multiply-adds (rows x G*H x C) up to which :func:`upfront_projection` reads W_ih in place
+#: on the calling thread instead of across PROJECTION_PARTS threads: a parallel region's
+#: launch and wake-up cost more than the split saves. The same sums either way
+#: (``gemm.few_rows_nt`` adds w's rows in blocks of 4 from the first it is given, and
+#: :func:`project_in_place` splits w at multiples of 4). Measured (Zen 5, A/B in one process,
+#: serial / split, eval forward): LSTM N=1 T=20 H=32 0.881, T=5 0.958; GRU N=1 T=20 H=32
+#: 0.989, N=4 T=5 0.989; RNN N=1 T=20 H=32 0.958, H=64 0.974; LSTM training N=1 T=20 H=32
+#: 0.985; LSTM N=1 T=20 H=128 (above the bound) 0.986.
+SERIAL_PROJECTION_FMAS = 1 << 17
 
 
 @jit(inline=True)
@@ -868,7 +880,8 @@ def upfront_projection(x, w_ih, gates, x_rows):
     if not projects_upfront(w_ih, rows):
         return gates, False
     out = gates if gates.shape[0] else np.empty((rows, w_ih.shape[0]), x.dtype)
-    parts = np.int64(PROJECTION_PARTS)  # typed as the split passes' parts: one compiled version
+    serial = rows * w_ih.shape[0] * w_ih.shape[1] <= SERIAL_PROJECTION_FMAS
+    parts = np.int64(1 if serial else PROJECTION_PARTS)  # typed as the split passes' parts
     if x_rows.shape[0]:
         packed = np.empty((rows, x.shape[1]), x.dtype)
         for r in range(rows):
