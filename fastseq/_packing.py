@@ -149,7 +149,7 @@ class Packing:
         ``final``: arrays (L*D, N, H) like ``states`` for the final states; when the state
         order is the sample order (``in_order``), their ``row`` views are returned, filled
         with the initial states, for the kernels to overwrite in place (no copies back:
-        :meth:`unsort`). 0.8 of 12 us of Python in an eval call (LSTM, N=1, T=20, H=32)."""
+        :meth:`unsort_into`). 0.8 of 12 us of Python in an eval call (LSTM, N=1, T=20, H=32)."""
         if final is not None and self.in_order:
             views = tuple(f[row] for f in final)
             for view, s in zip(views, states, strict=True):
@@ -161,6 +161,14 @@ class Packing:
         return tuple(
             np.zeros((self.batch, hidden), dtype) if s is None else self.sort(s[row]) for s in states
         )
+
+    def unsort_into(self, final, row, states):
+        """final[k][row] = states[k] (N, H) in the user's sample order, for the ``states``
+        :meth:`sorted_states` gave with ``final``: nothing to do when they are already views
+        of ``final`` (``in_order``)."""
+        if not self.in_order:
+            for f, s in zip(final, states, strict=True):
+                f[row] = self.unsort(s)
 
     def sort(self, state):
         """(..., N, H) in the user's sample order -> contiguous copy in state order."""

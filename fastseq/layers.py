@@ -289,9 +289,7 @@ class _RecurrentLayer(Module):
                 ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing, out,
                                      direction * hd, direction == 1, training, take, rmask, out_rows,
                                      x_rows if layer == 0 else None)  # fmt: skip
-                if not packing.in_order:  # else the kernels wrote them in place
-                    for f, s in zip(final, states, strict=True):
-                        f[row] = packing.unsort(s)
+                packing.unsort_into(final, row, states)
                 dirs_ws.append(ws)
             mask = None
             if training and self.dropout > 0 and layer < self.num_layers - 1:
@@ -395,9 +393,7 @@ class _RecurrentLayer(Module):
                     _engine.backward(self._cell, self._opts, weights, dirs_ws[direction], dout,
                                      direction * hd, dstates, packing, direction == 1, dx,
                                      direction == 1, grads, self._pool.take, self._pool.give)  # fmt: skip
-                    if not packing.in_order:  # else the kernels wrote them in place
-                        for d, s in zip(dinitial, dstates, strict=True):
-                            d[row] = packing.unsort(s)
+                    packing.unsort_into(dinitial, row, dstates)
                 # What this layer consumed goes back to the pool for the next training step,
                 # except views of the user's arrays (packed input and gradient, when the
                 # packing is the identity).
