@@ -35,12 +35,7 @@ from numba import prange, types
 from numba.np.ufunc import parallel as numba_parallel
 
 from fastseq._jit import jit
-from fastseq.kernels.common import (
-    CHUNK_PANEL_STEPS,
-    ONE_ROW_DIRECT_BYTES,
-    ONE_ROW_PANEL_STEPS,
-    SPREAD_STEP_BYTES,
-)
+from fastseq.kernels.common import SPREAD_STEP_BYTES, STEPS_BLAS, step_products
 from fastseq.kernels.gemm import BLAS_FOR_LARGE, FEW_ROWS, NARROW_BLAS_ROWS, ON_ZEN, panel_columns
 
 _lock = threading.Lock()
@@ -362,18 +357,11 @@ def kernels_call_blas(packing, forward_w_hh=None) -> bool:
 
 
 def forward_steps_call_blas(packing, w_hh) -> bool:
-    """Whether a forward's per-step products by ``w_hh``^T, over chunks of one sample each,
-    go to BLAS: ``kernels.common.step_panels`` (``forward``) for W_hh's bytes, which bound
-    those of the GRU's blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh
-    would be). They read W_hh in place for sequences shorter than CHUNK_PANEL_STEPS with
-    W_hh under ONE_ROW_DIRECT_BYTES, and run on its panels from ONE_ROW_PANEL_STEPS, unless
-    one chunk lets BLAS spread over every core (SPREAD_STEP_BYTES)."""
-    nbytes, longest = w_hh.nbytes, packing.batch_sizes.shape[1]
-    if packing.n_chunks == 1 and nbytes >= SPREAD_STEP_BYTES:
-        return True
-    if longest < CHUNK_PANEL_STEPS and nbytes < ONE_ROW_DIRECT_BYTES:
-        return False
-    return longest < ONE_ROW_PANEL_STEPS
+    """Whether a forward's per-step products by ``w_hh``^T go to BLAS: the kernels' own rule
+    (``kernels.common.step_products``) for W_hh's bytes, which bound those of the GRU's
+    blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh would be)."""
+    longest = packing.batch_sizes.shape[1]
+    return step_products(w_hh.nbytes, packing.n_chunks, packing.widest_chunk, longest, True) == STEPS_BLAS
 
 
 def weight_grads_call_blas(cell, packing, input_sizes, hidden, dtype) -> bool:

@@ -180,6 +180,27 @@ CHUNK_PANEL_STEPS = 21
 ONE_ROW_DIRECT_BYTES = 4 << 20
 
 
+#: What :func:`step_panels` gives a pass's per-step products: W_hh read in place, its panels,
+#: or BLAS.
+STEPS_IN_PLACE, STEPS_PACKED, STEPS_BLAS = 0, 1, 2
+
+
+@jit(inline=True)
+def step_products(nbytes, chunks, widest, longest, forward):
+    """How a pass's per-step products by b (``nbytes``) run over ``chunks`` chunks of at
+    most ``widest`` samples, the longest of ``longest`` steps (:func:`step_panels`, which
+    documents the rule): STEPS_IN_PLACE, STEPS_PACKED or STEPS_BLAS. Also asked from Python
+    (``fastseq._threads.forward_steps_call_blas``: whether BLAS is held at one thread)."""
+    spread = chunks == 1 and nbytes >= SPREAD_STEP_BYTES
+    one_row = longest >= ONE_ROW_PANEL_STEPS and not spread
+    short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS
+    if forward and short and (widest > 1 or nbytes < ONE_ROW_DIRECT_BYTES and not spread):
+        return STEPS_IN_PLACE
+    if widest > 1 or one_row:
+        return STEPS_PACKED
+    return STEPS_BLAS
+
+
 @jit
 def step_panels(b, chunk_samples, lengths, forward):
     """Panels of b (K, M) for the per-step products (``gemm.gemm_step``): ``pack(b)`` (packed
@@ -197,12 +218,10 @@ def step_panels(b, chunk_samples, lengths, forward):
     longest = 0  # a loop: np.max compiled in 0.4 s of each cold start
     for length in lengths:
         longest = max(longest, length)
-    spread = chunk_samples.shape[0] == 2 and b.nbytes >= SPREAD_STEP_BYTES
-    one_row = longest >= ONE_ROW_PANEL_STEPS and not spread
-    short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS
-    if forward and short and (widest > 1 or b.nbytes < ONE_ROW_DIRECT_BYTES and not spread):
+    kind = step_products(b.nbytes, chunk_samples.shape[0] - 1, widest, longest, forward)
+    if kind == STEPS_IN_PLACE:
         return np.zeros((1, 0, panel_width(b)), b.dtype)  # b = w.T: ``few_rows_nt`` reads w
-    if widest > 1 or one_row:
+    if kind == STEPS_PACKED:
         return pack_transposed_parallel(b.T)
     return np.zeros((0, b.shape[0], panel_width(b)), b.dtype)
 
