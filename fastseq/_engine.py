@@ -124,7 +124,7 @@ def runs_in_columns(cell, packing, hidden, training, rmask) -> bool:
 
 
 def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, take=np.empty,
-            rmask=None, out_rows=None, x_rows=None):  # fmt: skip
+            rmask=None, out_rows=None, x_rows=None, calls=None):  # fmt: skip
     """Run one layer and direction forward.
 
     Parameters
@@ -173,9 +173,9 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
     if runs_in_columns(cell, packing, hd, training, rmask):
         lstm = cell == "lstm"
         ws = columns_workspace(cell, packing.batch, x.shape[1], hd, rows if training else 0, take, dt)
-        forward_columns(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], lstm,
-                        opts.peephole if lstm else opts.relu, *packing.kernel_args, reverse, out, out_col,
-                        out_rows, states[0], states[-1], x_rows, *(ws[k] for k in COLUMNS_KEYS))  # fmt: skip
+        _call(calls, forward_columns, x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_peep"], lstm,
+              opts.peephole if lstm else opts.relu, *packing.kernel_args, reverse, out, out_col,
+              out_rows, states[0], states[-1], x_rows, *(ws[k] for k in COLUMNS_KEYS))  # fmt: skip
         return dict(ws, x=x) if training else None
     gates = take((0 if in_blocks else rows, CELLS[cell].gates * hd), dt)
     ws_rows = rows if training else 0
@@ -187,9 +187,9 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], opts.relu, *pk,
                 out, out_col, out_rows, states[0], gates, hprev, training, rmask)  # fmt: skip
         if packing.unit_parts:
-            rnn_forward_units(*args, packing.unit_parts, one_region_threads())
+            _call(calls, rnn_forward_units, *args, packing.unit_parts, one_region_threads())
         else:
-            rnn_forward(*args, x_rows)
+            _call(calls, rnn_forward, *args, x_rows)
     elif cell == "lstm":
         ws["cprev"] = take((ws_rows, hd), dt)
         ws["cnew"] = take((ws_rows, hd), dt)
@@ -197,18 +197,30 @@ def forward(cell, opts, w, x, states, packing, out, out_col, reverse, training, 
                 out, out_col, out_rows, states[0], states[1], gates, hprev, ws["cprev"], ws["cnew"], training,
                 rmask)  # fmt: skip
         if packing.unit_parts:
-            lstm_forward_units(*args, packing.unit_parts, one_region_threads())
+            _call(calls, lstm_forward_units, *args, packing.unit_parts, one_region_threads())
         else:
-            lstm_forward(*args, x_rows)
+            _call(calls, lstm_forward, *args, x_rows)
     else:
         ws["hn"] = take((ws_rows, hd), dt)
         args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], *pk,
                 out, out_col, out_rows, states[0], gates, hprev, ws["hn"], training, rmask)  # fmt: skip
         if packing.unit_parts:  # reset_after only (_threads.unit_parts)
-            gru_forward_units(*args, packing.unit_parts, one_region_threads())
+            _call(calls, gru_forward_units, *args, packing.unit_parts, one_region_threads())
         else:
-            gru_forward(*args[:5], opts.reset_after, *args[5:], x_rows)
+            _call(calls, gru_forward, *args[:5], opts.reset_after, *args[5:], x_rows)
     return ws if training else None
+
+
+#: The forward kernels whose last argument is :func:`fastseq._threads.one_region_threads`,
+#: asked again at every call (it depends on the kernels running at the time).
+REGION_THREADS_KERNELS = (rnn_forward_units, lstm_forward_units, gru_forward_units)
+
+
+def _call(calls, kernel, *args):
+    """``kernel(*args)``, first appending ``(kernel, args)`` to ``calls`` unless it is None."""
+    if calls is not None:
+        calls.append((kernel, args))
+    kernel(*args)
 
 
 #: The transposed layout's workspace, in ``columns.forward_columns``' argument order.
