@@ -146,16 +146,16 @@ class Packing:
     def sorted_states(self, states, row, hidden, dtype, final=None):
         """Each of ``states`` (None, or (L*D, N, H) in the user's sample order) at
         ``row``, as a contiguous (N, H) copy in state order; (N, H) zeros for None.
-        ``final``: arrays (L*D, N, H) like ``states`` for the final states; when the state
-        order is the sample order (``in_order``), their ``row`` views are returned, filled
-        with the initial states, for the kernels to overwrite in place (no copies back:
-        :meth:`unsort_into`). 0.8 of 12 us of Python in an eval call (LSTM, N=1, T=20, H=32)."""
+        ``final``: arrays (L*D, N, H) like ``states`` for the final states, zeros where
+        ``states`` has None; when the state order is the sample order (``in_order``), their
+        ``row`` views are returned, filled with the initial states, for the kernels to
+        overwrite in place (no copies back: :meth:`unsort_into`). 0.8 of 12 us of Python in
+        an eval call (LSTM, N=1, T=20, H=32); with ``final`` allocated zeroed rather than
+        filled here, 0.5 of 1.2 us less."""
         if final is not None and self.in_order:
-            views = tuple(f[row] for f in final)
+            views = [f[row] for f in final]
             for view, s in zip(views, states, strict=True):
-                if s is None:
-                    view.fill(0)
-                else:
+                if s is not None:
                     view[...] = s[row]
             return views
         return tuple(

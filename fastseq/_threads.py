@@ -389,22 +389,33 @@ class kernel_threads:
     nested generator contexts it cost 3.3 us of a 15 us call's Python (RNN, N=32, T=100,
     H=64, random lengths, kernel replaced by a no-op); 1.45 us as a class."""
 
-    __slots__ = ("_blas", "_forward", "_inner", "_packing", "_w_hh")
+    __slots__ = ("_blas", "_decided", "_forward", "_inner", "_packing", "_w_hh")
 
-    def __init__(self, packing, w_hh, blas=False, forward=False):
+    def __init__(self, packing, w_hh, blas=False, forward=False, decided=None):
+        """``decided``: what :meth:`decide` returned for these arguments (an eval plan's,
+        ``fastseq.layers.EvalPlan``: 0.3-0.4 us less per call), or None."""
         self._packing, self._w_hh, self._blas, self._inner = packing, w_hh, blas, None
-        self._forward = forward
+        self._forward, self._decided = forward, decided
+
+    @staticmethod
+    def decide(packing, w_hh, blas=False, forward=False):
+        """(numba's team at one thread, BLAS held at one thread) for a block with these
+        arguments; fixed by them (the thread counts are set at each entry)."""
+        if blas_spreads_steps(packing, w_hh):
+            return True, False
+        return False, blas or kernels_call_blas(packing, w_hh if forward else None)
 
     def __enter__(self):
         RUNNING.append(None)
         try:
-            if blas_spreads_steps(self._packing, self._w_hh):
+            decided = self._decided
+            if decided is None:
+                decided = self.decide(self._packing, self._w_hh, self._blas, self._forward)
+            if decided[0]:
                 inner = _numba_threads(1)
             else:
                 keep_workers_off_caller()
-                forward_w_hh = self._w_hh if self._forward else None
-                calls_blas = self._blas or kernels_call_blas(self._packing, forward_w_hh)
-                inner = single_threaded_blas() if calls_blas else None
+                inner = single_threaded_blas() if decided[1] else None
             if inner is not None:
                 inner.__enter__()
         except BaseException:

@@ -76,7 +76,7 @@ class EvalPlan:
     N=32, T=100, H=64: random lengths 0.967, full 0.980; larger calls unchanged (LSTM
     N=64, T=100, H=256 0.996)."""
 
-    __slots__ = ("_key", "_batch_first", "_params", "_weights", "packing", "gathers", "_calls")
+    __slots__ = ("_key", "_batch_first", "_params", "_weights", "packing", "gathers", "threads", "_calls")
 
     @staticmethod
     def key(x, lengths):
@@ -96,6 +96,7 @@ class EvalPlan:
         self._key, self._batch_first, self._params = key, layer.batch_first, layer.params
         self._weights = tuple(layer.params.values())
         self.packing, self.gathers = packing, gathers
+        self.threads = kernel_threads.decide(packing, layer._recurrent_weights, forward=True)
         kept = [*self._weights, *layer._absent.values(), *packing.kernel_args, _engine.NO_ROWS]
         if not packing.identity:
             kept.append(packing.out_rows)
@@ -336,7 +337,7 @@ class _RecurrentLayer(Module):
         steps, batch, features = x3.shape
         n_dirs, hd, n_states = self.num_directions, self.hidden_size, len(states0)
         n_state_rows = self.num_layers * n_dirs
-        final = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in states0]
+        final = [np.zeros((n_state_rows, batch, hd), self.dtype) for _ in states0]  # sorted_states
         self._pool.start_step()
         training = self.training
         x_rows = None
@@ -357,7 +358,8 @@ class _RecurrentLayer(Module):
             # The last layer writes the (T, N, D*H) output itself (kernels' ``out_rows``),
             # zeros at padded steps included: no packed output to unpack after.
             output = packing.padded_array(n_dirs * hd, self.dtype)
-        with kernel_threads(packing, self._recurrent_weights, forward=True):
+        decided = None if plan is None else plan.threads
+        with kernel_threads(packing, self._recurrent_weights, forward=True, decided=decided):
             layers_ws = self._run_forward(
                 packing, layer_in, states0, final, training, output, x_rows, plan, record
             )
@@ -414,6 +416,8 @@ class _RecurrentLayer(Module):
             out_rows = None
             if layer == self.num_layers - 1 and output is not None:
                 out, out_rows = output.reshape(-1, n_dirs * hd), packing.out_rows
+            elif layer == self.num_layers - 1 and not training:  # the caller's, never back in the pool
+                out = np.empty((packing.rows, n_dirs * hd), self.dtype)
             else:
                 out = self._pool.take((packing.rows, n_dirs * hd), self.dtype)
             dirs_ws = []
@@ -512,7 +516,7 @@ class _RecurrentLayer(Module):
         dfinal = state_arrays("grad_h_n", grad_h_n, spec.n_states, state_shape, "h_n's shape", self.dtype)
 
         dfinal = [s if s is None or not unbatched else s[:, None, :] for s in dfinal]  # None: zeros
-        dinitial = [np.empty((n_state_rows, batch, hd), self.dtype) for _ in dfinal]
+        dinitial = [np.zeros((n_state_rows, batch, hd), self.dtype) for _ in dfinal]  # sorted_states
         if unbatched:
             g3 = g[:, None, :]
         else:
