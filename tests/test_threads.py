@@ -342,3 +342,29 @@ def test_single_threaded_blas_through_c_functions_or_threadpoolctl(monkeypatch):
     with _threads.single_threaded_blas():
         assert lib.num_threads == 1
     assert lib.num_threads == 4  # (monkeypatch puts the real libraries back afterwards)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_single_chunk_forward_keeps_the_thread_count(cell):
+    """A forward over one chunk runs its chunk loop on one thread (``kernels.common.chunk_team``)
+    and gives numba's thread count back, on the main thread and on another."""
+    import fastseq
+
+    layer = getattr(fastseq, cell.upper())(4, 8, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((5, 1, 4)).astype(np.float32)
+    before = numba.get_num_threads()
+    expected, _ = layer(x)
+    assert layer._packing.n_chunks == 1
+    assert numba.get_num_threads() == before
+    seen = {}
+
+    def other():
+        seen["before"] = numba.get_num_threads()
+        seen["out"], _ = layer(x)
+        seen["after"] = numba.get_num_threads()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen["after"] == seen["before"]
+    np.testing.assert_array_equal(seen["out"], expected)

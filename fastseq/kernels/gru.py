@@ -26,6 +26,7 @@ from fastseq.kernels.common import (
     add_units,
     add_weight_grad,
     chunk_projection_start,
+    chunk_team,
     column_sums,
     copy_rows,
     copy_units,
@@ -42,6 +43,7 @@ from fastseq.kernels.common import (
     part_step_operands,
     projection_block,
     scatter_units,
+    set_team,
     start_chunk,
     step_ordered,
     step_panels,
@@ -212,7 +214,9 @@ def gru_forward(
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_hrz_panels, w_hn_panels, w_ih_panels, full = borrow(owned)
-    for ch in prange(chunk_samples.shape[0] - 1):
+    n_chunks = chunk_samples.shape[0] - 1
+    team = chunk_team(n_chunks)
+    for ch in prange(n_chunks):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
@@ -264,6 +268,7 @@ def gru_forward(
                     gru_cell_update(proj[proj_rows[i]], ghn[i], b_ih, b_hh, h[k])
                     copy_units(h[k], out[output_row(out_rows, rows[i]), out_col:], 0, hd)
         hold(scratch)
+    set_team(team)
     hold(owned)
 
 

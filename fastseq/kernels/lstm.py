@@ -24,6 +24,7 @@ from fastseq.kernels.activations import sigmoid, tanh
 from fastseq.kernels.common import (
     add_parts,
     chunk_projection_start,
+    chunk_team,
     chunk_weight_grads,
     copy_rows,
     copy_unit_columns,
@@ -41,6 +42,7 @@ from fastseq.kernels.common import (
     part_step_operands,
     projection_block,
     scatter_units,
+    set_team,
     start_chunk,
     step_ordered,
     step_panels,
@@ -201,7 +203,9 @@ def lstm_forward(
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_ih_panels, full = borrow(owned)
-    for ch in prange(chunk_samples.shape[0] - 1):
+    n_chunks = chunk_samples.shape[0] - 1
+    team = chunk_team(n_chunks)
+    for ch in prange(n_chunks):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
@@ -235,6 +239,7 @@ def lstm_forward(
                 if training:
                     copy_units(c[k], cnew[r], 0, hd)
         hold(scratch)
+    set_team(team)
     hold(owned)
 
 

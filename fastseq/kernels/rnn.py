@@ -13,6 +13,7 @@ from fastseq._jit import jit
 from fastseq.kernels.activations import tanh
 from fastseq.kernels.common import (
     chunk_projection_start,
+    chunk_team,
     chunk_weight_grads,
     copy_rows,
     copy_units,
@@ -29,6 +30,7 @@ from fastseq.kernels.common import (
     packed_row,
     part_step_operands,
     projection_block,
+    set_team,
     start_chunk,
     step_ordered,
     step_panels,
@@ -161,7 +163,9 @@ def rnn_forward(
     w_ih_panels, full, projected = chunk_projection_start(x, w_ih, gates, chunk_samples, x_rows)
     owned = (w_hh_panels, w_ih_panels, full)  # held to the end
     w_hh_panels, w_ih_panels, full = borrow(owned)
-    for ch in prange(chunk_samples.shape[0] - 1):
+    n_chunks = chunk_samples.shape[0] - 1
+    team = chunk_team(n_chunks)
+    for ch in prange(n_chunks):
         r0, r1, s0, nc, block = start_chunk(
             x, w_ih, w_ih_panels, full, chunk_rows, chunk_samples, np.int64(ch), projected
         )
@@ -190,6 +194,7 @@ def rnn_forward(
                 copy_units(hc[i], out[output_row(out_rows, r), out_col:], 0, hd)
         copy_rows(hc, h[s0 : s0 + nc])  # the chunk's final states
         hold(scratch)
+    set_team(team)
     hold(owned)
 
 
