@@ -60,21 +60,24 @@ class EvalPlan:
     """The kernel calls of a layer's eval forward for one input layout, made again without
     the layer's decisions.
 
-    An eval call (no ``hx``, ``check_finite`` off, ``x`` an ndarray of the layer's dtype)
-    whose key (:meth:`key`: the input's shape, strides, dtype and writeable flag, and
-    ``lengths``) is the previous such call's records its kernel calls
-    (``_engine.forward``'s ``calls``); the plan built from them serves later calls with
-    that key while the layer's parameters are the same arrays, until ``train()`` or
-    ``_bind``. Each call then fills in the arrays of this call (the layer's input and
-    output, the states, scratch the kernels write first) and the threads of a one-region
-    split, and skips the validation, the threading and layout decisions
+    An eval call (``check_finite`` off, ``x`` an ndarray of the layer's dtype) whose key
+    (:meth:`key`: the input's shape, strides, dtype and writeable flag, and ``lengths``)
+    is the previous such call's records its kernel calls (``_engine.forward``'s
+    ``calls``); the plan built from them serves later calls with that key, and ``hx``
+    None or arrays of the layer's dtype and state shape, while the layer's parameters are
+    the same arrays, until ``train()`` or ``_bind``. Each call then fills in the arrays of
+    this call (the layer's input and output, the states, scratch the kernels write first)
+    and the threads of a one-region split, and skips the validation, the threading and
+    layout decisions
     (``_threads.unit_parts``, ``Packing.built_from``, :meth:`_RecurrentLayer._gathers_input`,
     ``_engine.projects_in_blocks`` and ``runs_in_columns``) and the kernels' arguments built
     per call. The calls and their results are those of the layer's own path. Measured
     (Zen 5, A/B in one process, 11 rounds, planned / layer path): eval forward N=1, T=20,
     C=H=32: LSTM 0.890, GRU 0.875, RNN 0.853 (about 3 of 21-30 us); LSTM N=4 0.900; RNN
     N=32, T=100, H=64: random lengths 0.967, full 0.980; larger calls unchanged (LSTM
-    N=64, T=100, H=256 0.996)."""
+    N=64, T=100, H=256 0.996). A stateful call (``hx`` the previous call's final states,
+    N=1, T=20, H=32, in one process, plan / layer path): LSTM 0.779, GRU 0.783, RNN 0.732;
+    LSTM N=4, H=128 0.931."""
 
     __slots__ = ("_key", "_batch_first", "_params", "_weights", "packing", "gathers", "threads", "_calls")
 
@@ -118,7 +121,8 @@ class EvalPlan:
             self._calls.append((kernel, template, tuple(slots)))
 
     def serves(self, layer, x, lengths) -> bool:
-        """Whether this plan makes the kernel calls of ``layer.forward(x, None, lengths)``."""
+        """Whether this plan makes the kernel calls of ``layer.forward(x, hx, lengths)``
+        (with any valid ``hx``: the kernels take the initial states in arrays of their own)."""
         return (
             type(x) is np.ndarray
             and not (layer.training or layer.check_finite)
@@ -267,9 +271,11 @@ class _RecurrentLayer(Module):
             Final state of every layer and direction.
         """
         plan = self._plan
-        if plan is not None and hx is None and plan.serves(self, x, lengths):
-            x3 = x[:, None, :] if x.ndim == 2 else (x.transpose(1, 0, 2) if self.batch_first else x)
-            return self._forward(x3, x.ndim == 2, [None] * CELLS[self._cell].n_states, plan.packing, plan)
+        if plan is not None and plan.serves(self, x, lengths):
+            states0 = self._planned_states(hx, x.ndim == 2, x.shape[0] if self.batch_first else x.shape[-2])
+            if states0 is not None:
+                x3 = x[:, None, :] if x.ndim == 2 else (x.transpose(1, 0, 2) if self.batch_first else x)
+                return self._forward(x3, x.ndim == 2, states0, plan.packing, plan)
         given = x
         x = v.float_array("x", x, self.dtype)
         if x.ndim not in (2, 3):
@@ -324,9 +330,31 @@ class _RecurrentLayer(Module):
         if unbatched:
             states0 = [s if s is None else s[:, None, :] for s in states0]  # None: zeros
         plan_key = None
-        if hx is None and x is given and not (self.training or self.check_finite):
+        if x is given and not (self.training or self.check_finite):
             plan_key = EvalPlan.key(x, lengths)
         return self._forward(x3, unbatched, states0, packing, None, plan_key)
+
+    def _planned_states(self, hx, unbatched, batch):
+        """``hx`` as :meth:`_forward`'s ``states0`` where it is what a valid call passes
+        (None, or arrays, an LSTM's pair of arrays or None, of the layer's dtype and state
+        shape), for an eval plan's call; else None (the layer's own path checks it)."""
+        n_states = CELLS[self._cell].n_states
+        if hx is None:
+            return [None] * n_states
+        if n_states == 1:
+            items = (hx,)
+        elif type(hx) in (tuple, list) and len(hx) == 2:
+            items = hx
+        else:
+            return None
+        rows, hd = self.num_layers * self.num_directions, self.hidden_size
+        shape = (rows, hd) if unbatched else (rows, batch, hd)
+        states0 = []
+        for s in items:
+            if s is not None and (type(s) is not np.ndarray or s.dtype != self.dtype or s.shape != shape):
+                return None
+            states0.append(s if s is None or not unbatched else s[:, None, :])
+        return states0
 
     def _forward(self, x3, unbatched, states0, packing, plan, plan_key=None):
         """:meth:`forward` from the validated input ``x3`` (T, N, C), initial states (list

@@ -137,3 +137,38 @@ def test_plan_serves_only_its_layout():
     with pytest.raises(ValueError, match="lengths"):
         layer(x, lengths=np.array([6, 0, 4]))
     assert layer._plan is plan
+
+
+@pytest.mark.parametrize("layout", ["time-major", "batch-first", "unbatched"])
+@pytest.mark.parametrize("variant", ["rnn-tanh", "lstm", "gru"])
+def test_plan_takes_initial_states(variant, layout, monkeypatch):
+    """Calls with ``hx`` (arrays of the state shape; an LSTM pair with either part None)
+    run through the plan; any other ``hx`` goes to the layer's checks."""
+    batch_first = layout == "batch-first"
+    planned, fresh = (
+        make_layer(variant, 4, 8, num_layers=2, bidirectional=True, batch_first=batch_first, seed=4).eval()
+        for _ in range(2)
+    )
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 6, 4) if batch_first else (6, 4) if layout == "unbatched" else (6, 3, 4))
+    x = x.astype(np.float32)
+    state_shape = (4, 8) if layout == "unbatched" else (4, 3, 8)
+    states = [rng.standard_normal(state_shape).astype(np.float32) for _ in range(2)]
+    lstm = VARIANTS[variant][0] == "lstm"
+    hxs = [(states[0], states[1]), (None, states[1]), [states[0], None]] if lstm else [states[0]]
+    _two_calls(planned, x)
+    plan = planned._plan
+    expected = [fresh(x, hx) for hx in hxs]
+    with monkeypatch.context() as patched:
+        patched.setattr(_engine, "forward", lambda *a, **k: pytest.fail("the plan should make the calls"))
+        for hx, want in zip(hxs, expected, strict=True):
+            _assert_same(planned(x, hx), want)
+    wrong = states[0][:-1]
+    with pytest.raises(ValueError, match="hx"):
+        planned(x, (wrong, states[1]) if lstm else wrong)
+    with pytest.raises(TypeError, match="hx"):
+        planned(x, (states[0].astype(np.float64), None) if lstm else states[0].astype(np.float64))
+    if lstm:
+        with pytest.raises(TypeError, match="pair"):
+            planned(x, states[0])
+    assert planned._plan is plan
