@@ -79,7 +79,7 @@ class EvalPlan:
     N=1, T=20, H=32, in one process, plan / layer path): LSTM 0.779, GRU 0.783, RNN 0.732;
     LSTM N=4, H=128 0.931."""
 
-    __slots__ = ("_key", "_batch_first", "_params", "_weights", "packing", "gathers", "threads", "_calls")
+    __slots__ = ("_key", "_batch_first", "_weights", "packing", "gathers", "threads", "_calls")
 
     @staticmethod
     def key(x, lengths):
@@ -96,7 +96,7 @@ class EvalPlan:
     def __init__(self, layer, key, packing, gathers, record):
         """``record``: (kernel, args, layer input, output, states) of each layer and
         direction's call, in order (:meth:`_RecurrentLayer._run_forward`)."""
-        self._key, self._batch_first, self._params = key, layer.batch_first, layer.params
+        self._key, self._batch_first = key, layer.batch_first
         self._weights = tuple(layer.params.values())
         self.packing, self.gathers = packing, gathers
         self.threads = kernel_threads.decide(packing, layer._recurrent_weights, forward=True)
@@ -127,7 +127,6 @@ class EvalPlan:
             type(x) is np.ndarray
             and not (layer.training or layer.check_finite)
             and layer.batch_first == self._batch_first
-            and layer.params is self._params
             and self.key(x, lengths) == self._key
             and all(map(operator.is_, layer.params.values(), self._weights))
         )
@@ -271,7 +270,8 @@ class _RecurrentLayer(Module):
             Final state of every layer and direction.
         """
         plan = self._plan
-        if plan is not None and plan.serves(self, x, lengths):
+        served = plan is not None and plan.serves(self, x, lengths)
+        if served:
             states0 = self._planned_states(hx, x.ndim == 2, x.shape[0] if self.batch_first else x.shape[-2])
             if states0 is not None:
                 x3 = x[:, None, :] if x.ndim == 2 else (x.transpose(1, 0, 2) if self.batch_first else x)
@@ -329,8 +329,8 @@ class _RecurrentLayer(Module):
                     v.finite("hx" if spec.n_states == 1 else f"hx[{k}]", s)
         if unbatched:
             states0 = [s if s is None else s[:, None, :] for s in states0]  # None: zeros
-        plan_key = None
-        if x is given and not (self.training or self.check_finite):
+        plan_key = None  # the plan serves this key already when ``served`` (hx checked here)
+        if x is given and not (served or self.training or self.check_finite):
             plan_key = EvalPlan.key(x, lengths)
         return self._forward(x3, unbatched, states0, packing, None, plan_key)
 
@@ -454,19 +454,18 @@ class _RecurrentLayer(Module):
                 states = packing.sorted_states(states0, row, hd, self.dtype, final)
                 if plan is not None:
                     plan.call(row, layer_in, out, states)
-                    packing.unsort_into(final, row, states)
-                    dirs_ws.append(None)
-                    continue
-                weights = self._direction_arrays(layer, direction, self.params, self._absent)
-                rmask = None
-                if training and self.recurrent_dropout > 0:
-                    rmask = packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
-                calls = None if record is None else []
-                ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing, out,
-                                     direction * hd, direction == 1, training, take, rmask, out_rows,
-                                     x_rows if layer == 0 else None, calls)  # fmt: skip
-                if record is not None:
-                    record.append((*calls[0], layer_in, out, states))
+                    ws = None  # eval: no workspace
+                else:
+                    weights = self._direction_arrays(layer, direction, self.params, self._absent)
+                    rmask = None
+                    if training and self.recurrent_dropout > 0:
+                        rmask = packing.sort(self._dropout_mask((packing.batch, hd), self.recurrent_dropout))
+                    calls = None if record is None else []
+                    ws = _engine.forward(self._cell, self._opts, weights, layer_in, states, packing, out,
+                                         direction * hd, direction == 1, training, take, rmask, out_rows,
+                                         x_rows if layer == 0 else None, calls)  # fmt: skip
+                    if record is not None:
+                        record.append((*calls[0], layer_in, out, states))
                 packing.unsort_into(final, row, states)
                 dirs_ws.append(ws)
             mask = None

@@ -40,9 +40,8 @@ def _assert_same(got, expected):
     out, states = got
     out_ref, states_ref = expected
     np.testing.assert_array_equal(out, out_ref)
-    for s, s_ref in zip(np.atleast_1d(states) if not isinstance(states, tuple) else states,
-                        np.atleast_1d(states_ref) if not isinstance(states_ref, tuple) else states_ref,
-                        strict=True):  # fmt: skip
+    pairs = zip(states, states_ref, strict=True) if isinstance(states, tuple) else [(states, states_ref)]
+    for s, s_ref in pairs:
         np.testing.assert_array_equal(s, s_ref)
 
 
@@ -163,6 +162,10 @@ def test_plan_takes_initial_states(variant, layout, monkeypatch):
         patched.setattr(_engine, "forward", lambda *a, **k: pytest.fail("the plan should make the calls"))
         for hx, want in zip(hxs, expected, strict=True):
             _assert_same(planned(x, hx), want)
+    # valid but not arrays of the layer's dtype: the layer's checks convert it; the plan stays
+    listed = [s.tolist() for s in hxs[0]] if lstm else hxs[0].tolist()
+    _assert_same(planned(x, listed), expected[0])
+    assert planned._plan is plan
     wrong = states[0][:-1]
     with pytest.raises(ValueError, match="hx"):
         planned(x, (wrong, states[1]) if lstm else wrong)

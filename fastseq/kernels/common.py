@@ -914,7 +914,7 @@ def upfront_projection(x, w_ih, gates, x_rows):
 @jit(inline=True)
 def chunk_team(n_chunks):
     """numba's thread count before a forward's loop over its ``n_chunks`` chunks, given back
-    to ``numba.set_num_threads`` after it; a loop over one chunk runs on the calling thread
+    to :data:`set_team` after it; a loop over one chunk runs on the calling thread
     alone, as a region of one thread: the other thread had no chunk but still cost its
     wake-up and the region's end. Measured (Zen 5, a layer's kernel alone, N=1, H=32, us,
     two threads / one): RNN T=1 7.5 / 3.7, T=20 10.2 / 6.5; LSTM T=20 16.8 / 13.3; GRU
