@@ -713,10 +713,9 @@ def copied_tiles_products(a, panels, out, panels2, out2, accumulate):
 def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     """``mr`` <= HALF_MR rows left after the full tiles of a block of :func:`gemm_packed`, over
     the ``panels`` given (a group of FEW_ROWS_PANELS), on tiles of HALF_MR rows by
-    HALF_PANELS panels or, up to QUARTER_MR rows, QUARTER_MR rows by 4 (of the 1-3 panels
-    left over then, a pair runs at once, the rest one at a time). a: the rows' first
-    element, strides as in :func:`_tile_typing`; panels (P, K, NR) with K = ``k``, read
-    from depth ``k0`` for ``kc``; c (mr, M): the rows' output.
+    HALF_PANELS panels or, up to QUARTER_MR rows, on :func:`quarter_rows`' tiles. a: the
+    rows' first element, strides as in :func:`_tile_typing`; panels (P, K, NR) with K =
+    ``k``, read from depth ``k0`` for ``kc``; c (mr, M): the rows' output.
 
     A tile of one panel with few rows keeps few accumulators: at one row and 2 vectors,
     each FMA waits for the previous one. Rows are summed as in a full tile (bitwise the
@@ -726,20 +725,39 @@ def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     at about 32 bytes of panel per cycle from L2, the limit here.
     """
     mr, m = c.shape
+    if mr <= QUARTER_MR:
+        quarter_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate)
+        return
     nr = panels.shape[2]
     step = k * nr
     n_panels = panels.shape[0]
-    group = 4 if mr <= QUARTER_MR else HALF_PANELS
-    grouped = n_panels - n_panels % group
-    for p in range(0, grouped, group):
+    grouped = n_panels - n_panels % HALF_PANELS
+    for p in range(0, grouped, HALF_PANELS):
         off = (p * k + k0) * nr
-        width = min(group * nr, m - p * nr)
-        c_p = c[:, p * nr :]
-        if group == 4:
-            _tile_quarter_wide(kc, a, a_row, a_col, panels, off, step, c_p, c_row, mr, width, accumulate)
-        else:
-            _tile_half_wide(kc, a, a_row, a_col, panels, off, step, c_p, c_row, mr, width, accumulate)
-    if group == 4 and HALF_PANELS > 1 and n_panels - grouped >= HALF_PANELS:
+        width = min(HALF_PANELS * nr, m - p * nr)
+        _tile_half_wide(kc, a, a_row, a_col, panels, off, step, c[:, p * nr :], c_row, mr, width, accumulate)
+    for p in range(grouped, n_panels):
+        _tile_half(kc, a, a_row, a_col, panels, (p * k + k0) * nr, 0, c[:, p * nr :], c_row, mr,
+                   min(nr, m - p * nr), accumulate)  # fmt: skip
+
+
+@jit(inline=True)
+def quarter_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
+    """:func:`few_rows` for up to QUARTER_MR rows: tiles of QUARTER_MR rows by 4 panels (of
+    the 1-3 panels left over then, a pair runs at once, the rest one at a time). Inlined,
+    also into the forwards' per-step products of one row (:func:`gemm_step_rows`)."""
+    mr, m = c.shape
+    nr = panels.shape[2]
+    step = k * nr
+    n_panels = panels.shape[0]
+    grouped = n_panels - n_panels % 4
+    for p in range(0, grouped, 4):
+        off = (p * k + k0) * nr
+        width = min(4 * nr, m - p * nr)
+        _tile_quarter_wide(
+            kc, a, a_row, a_col, panels, off, step, c[:, p * nr :], c_row, mr, width, accumulate
+        )
+    if HALF_PANELS > 1 and n_panels - grouped >= HALF_PANELS:
         # 2-3 panels left (M = 64 or 96, say): a pair of them at once keeps twice the
         # accumulators of one panel at a time. Measured (float32, one thread, Zen 5, K = 64,
         # ns per product, one panel at a time / a pair): M = 64, 1-2 rows 245 / 172, 9-10
@@ -824,6 +842,42 @@ def gemm_step_forward(a, b, b_panels, out):
     if b_panels.shape[0] == 1 and b_panels.shape[1] == 0:
         few_rows_nt(a, b.T, out[:, 0:])  # out's type as in the other calls: compiled once
     else:
+        gemm_step(a, b, b_panels, out)
+
+
+@jit(inline=True)
+def few_rows_step(a, b_panels, out):
+    """Run a per-step product out (n, M) = a (n, K) @ B here, inlined into the time loop,
+    when it has at most QUARTER_MR rows and B's panels (:func:`gemm_step`): the tiles
+    :func:`gemm_packed` runs there (:func:`quarter_rows`, bitwise the same) without its
+    calls. Returns whether it did. Measured (float32, one thread, Zen 5, a loop of LSTM
+    steps of one row, the product and the gate math, ns a step, called / inlined): H = 16
+    109 / 68, 32 174 / 89, 64 452 / 376."""
+    n, k = a.shape
+    if n == 0 or n > QUARTER_MR or b_panels.shape[0] == 0 or b_panels.shape[1] != k or k > K_BLOCK_ROWS:
+        return False
+    if a.strides[1] != a.itemsize:
+        return False
+    isz = a.itemsize
+    quarter_rows(
+        k, a[0:, 0:], a.strides[0] // isz, 1, b_panels, k, k * 0, out[0:, 0:], out.strides[0] // isz, k < 0
+    )
+    return True
+
+
+@jit(inline=True)
+def gemm_step_rows(a, b, b_panels, out):
+    """:func:`gemm_step_forward` for the forwards' time loops: steps of few rows on panels
+    inlined (:func:`few_rows_step`)."""
+    if not few_rows_step(a, b_panels, out):
+        gemm_step_forward(a, b, b_panels, out)
+
+
+@jit(inline=True)
+def gemm_step_rows_back(a, b, b_panels, out):
+    """:func:`gemm_step` for the backwards' time loops: steps of few rows on panels inlined
+    (:func:`few_rows_step`)."""
+    if not few_rows_step(a, b_panels, out):
         gemm_step(a, b, b_panels, out)
 
 

@@ -64,8 +64,8 @@ from fastseq.kernels.gemm import (
     gemm,
     gemm_large,
     gemm_packed,
-    gemm_step,
-    gemm_step_forward,
+    gemm_step_rows,
+    gemm_step_rows_back,
     large_b,
     pack,
     pack_weights,
@@ -240,9 +240,9 @@ def gru_forward(
             # Recurrent dropout masks the h the GEMMs (and r*h) read, not the z*h term.
             h_in = masked_rows(h, rmask, s0, n, hm)
             if reset_after:
-                gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
+                gemm_step_rows(h_in, w_hh.T, w_hh_panels, gh[:n])
             else:
-                gemm_step_forward(h_in, w_hrz.T, w_hrz_panels, grz[:n])
+                gemm_step_rows(h_in, w_hrz.T, w_hrz_panels, grz[:n])
             for i in range(n):
                 k = s0 + i
                 rows[i] = r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -255,14 +255,17 @@ def gru_forward(
                     if training:
                         copy_units(rh[i], hn[r], 0, hd)
             if reset_after:
-                gru_rows_forward(proj, proj_rows[:n], gh, b_ih, b_hh, h, s0)
+                if n == 1:  # inlined: see lstm.lstm_forward
+                    gru_gates_forward(proj[proj_rows[0]], gh[0], b_ih, b_hh, h[s0])
+                else:
+                    gru_rows_forward(proj, proj_rows[:n], gh, b_ih, b_hh, h, s0)
                 for i in range(n):
                     r = rows[i]
                     copy_units(h[s0 + i], out[output_row(out_rows, r), out_col:], 0, hd)
                     if training:
                         copy_units(gh[i, 2 * hd :], hn[r], 0, hd)
             if not reset_after:
-                gemm_step_forward(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
+                gemm_step_rows(rh[:n], w_hn.T, w_hn_panels, ghn[:n])
                 for i in range(n):
                     k = s0 + i
                     gru_cell_update(proj[proj_rows[i]], ghn[i], b_ih, b_hh, h[k])
@@ -330,14 +333,14 @@ def gru_backward(
                 else:
                     copy_units(gates[r, 2 * hd :], dn[i], 0, hd)
             if reset_after:
-                gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
+                gemm_step_rows_back(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             else:
-                gemm_step(dn[:n], w_hn, w_hn_panels, drh[:n])
+                gemm_step_rows_back(dn[:n], w_hn, w_hn_panels, drh[:n])
                 for i in range(n):
                     r = rows[i]
                     gru_cell_backward_reset(gates[r], drh[i], hprev[r])
                     copy_units(gates[r], dgrz[i], 0, 2 * hd)
-                gemm_step(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
+                gemm_step_rows_back(dgrz[:n], w_hrz, w_hrz_panels, dh[s0 : s0 + n])
                 for i in range(n):
                     add_units(drh[i], dh[s0 + i], 0, hd)
             mask_rows(dh, rmask, s0, n)

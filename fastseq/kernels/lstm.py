@@ -63,8 +63,8 @@ from fastseq.kernels.gemm import (
     OVERWRITE,
     gemm_large,
     gemm_packed,
-    gemm_step,
-    gemm_step_forward,
+    gemm_step_rows,
+    gemm_step_rows_back,
     large_b,
     pack_weights,
     step_product,
@@ -224,7 +224,7 @@ def lstm_forward(
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
                                                       s, reverse, full, block, x_rows)  # fmt: skip
             h_in = masked_rows(h, rmask, s0, n, hm)
-            gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
+            gemm_step_rows(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
                 k = s0 + i
                 rows[i] = r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -232,7 +232,10 @@ def lstm_forward(
                 if training:
                     copy_units(h_in[i], hprev[r], 0, hd)
                     copy_units(c[k], cprev[r], 0, hd)
-            lstm_rows_forward(proj, proj_rows[:n], gh, b_ih, b_hh, w_peep, peephole, c, h, s0)
+            if n == 1:  # inlined: a call costs about 100 ns here (see lstm_rows_forward)
+                lstm_gates_forward(proj[proj_rows[0]], gh[0], b_ih, b_hh, w_peep, peephole, c[s0], h[s0])
+            else:
+                lstm_rows_forward(proj, proj_rows[:n], gh, b_ih, b_hh, w_peep, peephole, c, h, s0)
             for i in range(n):
                 k, r = s0 + i, rows[i]
                 copy_units(h[k], out[output_row(out_rows, r), out_col:], 0, hd)
@@ -386,7 +389,7 @@ def lstm_backward(
             lstm_rows_backward(gates, rows[:n], dh, dout, out_col, dc, cnew, cprev, w_peep, peephole, s0)
             for i in range(n):
                 copy_units(gates[rows[i]], dg[i], 0, 4 * hd)
-            gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
+            gemm_step_rows_back(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
             gemm_large(gates[r0:r1], large_b(w_ih), w_ih_panels, dx[r0:r1], accumulate_dx)

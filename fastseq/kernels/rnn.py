@@ -51,8 +51,8 @@ from fastseq.kernels.gemm import (
     OVERWRITE,
     gemm_large,
     gemm_packed,
-    gemm_step,
-    gemm_step_forward,
+    gemm_step_rows,
+    gemm_step_rows_back,
     large_b,
     pack_weights,
     step_product,
@@ -183,7 +183,7 @@ def rnn_forward(
                 proj, base, s_next = projection_block(x, w_ih, w_ih_panels, r0, offsets[ch], lengths[s0 : s0 + nc],
                                                       s, reverse, full, block, x_rows)  # fmt: skip
             h_in = masked_rows(hc, mask_c, 0, n, hm)
-            gemm_step_forward(h_in, w_hh.T, w_hh_panels, gh[:n])
+            gemm_step_rows(h_in, w_hh.T, w_hh_panels, gh[:n])
             for i in range(n):
                 k = s0 + i
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
@@ -233,7 +233,7 @@ def rnn_backward(
                 r = packed_row(r0, offsets[ch], lengths[k], i, s, reverse)
                 rnn_cell_backward(gates[r], dh[k], dout[r, out_col : out_col + hd], relu)
                 copy_units(gates[r], dg[i], 0, hd)
-            gemm_step(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
+            gemm_step_rows_back(dg[:n], w_hh, w_hh_panels, dh[s0 : s0 + n])
             mask_rows(dh, rmask, s0, n)
         if not pieces:  # else after the loop, split across threads
             gemm_large(gates[r0:r1], large_b(w_ih), w_ih_panels, dx[r0:r1], accumulate_dx)
