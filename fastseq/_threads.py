@@ -361,7 +361,10 @@ def forward_steps_call_blas(packing, w_hh) -> bool:
     (``kernels.common.step_products``) for W_hh's bytes, which bound those of the GRU's
     blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh would be)."""
     longest = packing.batch_sizes.shape[1]
-    return step_products(w_hh.nbytes, packing.n_chunks, packing.widest_chunk, longest, True) == STEPS_BLAS
+    return (
+        step_products(w_hh.nbytes, w_hh.shape[1], packing.n_chunks, packing.widest_chunk, longest, True)
+        == STEPS_BLAS
+    )
 
 
 def weight_grads_call_blas(cell, packing, input_sizes, hidden, dtype) -> bool:

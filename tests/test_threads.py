@@ -187,6 +187,7 @@ def test_forward_holds_blas_only_where_its_steps_call_it():
         CHUNK_PANEL_STEPS,
         ONE_ROW_DIRECT_BYTES,
         ONE_ROW_PANEL_STEPS,
+        ONE_ROW_SHALLOW_DEPTH,
         SPREAD_STEP_BYTES,
         step_panels,
     )
@@ -196,8 +197,12 @@ def test_forward_holds_blas_only_where_its_steps_call_it():
     sizes = (16, SPREAD_STEP_BYTES // 256, ONE_ROW_DIRECT_BYTES // 256)
     steps = (1, CHUNK_PANEL_STEPS - 1, CHUNK_PANEL_STEPS, ONE_ROW_PANEL_STEPS - 1, ONE_ROW_PANEL_STEPS, 40)
     seen = set()
-    for rows in sizes:
-        w_hh = np.ones((rows, width), np.float32)
+    shallow = ONE_ROW_SHALLOW_DEPTH  # W_hh of few columns: packed from fewer steps
+    for rows, cols in [(rows, width) for rows in sizes] + [
+        (16, shallow),
+        (SPREAD_STEP_BYTES // 4 // shallow, shallow),
+    ]:
+        w_hh = np.ones((rows, cols), np.float32)
         for batch in (1, 2):
             for t in steps:
                 layout = Packing(None, t, batch, chunks=batch)
