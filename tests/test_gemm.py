@@ -296,26 +296,30 @@ def test_step_panels_for_one_row_chunks():
     # a forward's W_hh^T (rows of W_hh contiguous) for chunks of two samples: read in place
     # (panels (1, 0, NR)) below CHUNK_PANEL_STEPS, packed from there; W_hh (backward's dh)
     # is packed whatever the steps
-    w_t = np.ones((64, 16), np.float32).T
+    w_t = np.ones((64, ONE_ROW_SHALLOW_DEPTH + 16), np.float32).T
     below, at = np.array([CHUNK_PANEL_STEPS - 1] * 2), np.array([CHUNK_PANEL_STEPS] * 2)
     assert step_panels(w_t, one_chunk_of_two, below, True).shape[:2] == (1, 0)
     assert step_panels(w_t, np.array([0, 1, 3]), below[[0, 0, 0]], True).shape[:2] == (1, 0)
-    assert step_panels(w_t, one_chunk_of_two, at, True).shape[1] == 16
+    assert step_panels(w_t, one_chunk_of_two, at, True).shape[1] == w_t.shape[0]
     assert step_panels(w, one_chunk_of_two, below, False).shape[1] == 16
-    assert step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]], True).shape[1] == 16  # three samples
+    assert (
+        step_panels(w_t, np.array([0, 3]), below[[0, 0, 0]], True).shape[1] == w_t.shape[0]
+    )  # three samples
     # chunks of one sample (W_hh^T deeper than ONE_ROW_SHALLOW_DEPTH): in place below
     # ONE_ROW_DIRECT_BYTES unless one chunk spreads on BLAS; else BLAS as before (empty panels)
-    deep_t = np.ones((64, ONE_ROW_SHALLOW_DEPTH + 1), np.float32).T
-    assert step_panels(deep_t, two_chunks, below, True).shape[:2] == (1, 0)
-    assert step_panels(deep_t, one, below[:1], True).shape[:2] == (1, 0)
-    assert step_panels(deep_t, two_chunks, short, True).shape[0] == 0
-    # shallow ones (w_t: depth 16) are packed from ONE_ROW_SHALLOW_STEPS steps, in place
-    # below; their backward as the deep ones'
+    assert step_panels(w_t, two_chunks, below, True).shape[:2] == (1, 0)
+    assert step_panels(w_t, one, below[:1], True).shape[:2] == (1, 0)
+    assert step_panels(w_t, two_chunks, short, True).shape[0] == 0
+    # shallow ones (depth 16) of one or two samples are packed from ONE_ROW_SHALLOW_STEPS
+    # steps, in place below; their backward as the deep ones'
+    shallow_t = np.ones((64, 16), np.float32).T
     fewer, from_shallow = np.array([ONE_ROW_SHALLOW_STEPS - 1] * 2), np.array([ONE_ROW_SHALLOW_STEPS] * 2)
-    assert step_panels(w_t, two_chunks, fewer, True).shape[:2] == (1, 0)
-    assert step_panels(w_t, one, from_shallow[:1], True).shape[1] == 16
-    assert step_panels(w_t, two_chunks, below, True).shape[1] == 16
-    assert step_panels(w_t, two_chunks, short, True).shape[1] == 16
+    assert step_panels(shallow_t, two_chunks, fewer, True).shape[:2] == (1, 0)
+    assert step_panels(shallow_t, one_chunk_of_two, fewer, True).shape[:2] == (1, 0)
+    assert step_panels(shallow_t, one, from_shallow[:1], True).shape[1] == 16
+    assert step_panels(shallow_t, one_chunk_of_two, from_shallow, True).shape[1] == 16
+    assert step_panels(shallow_t, two_chunks, below, True).shape[1] == 16
+    assert step_panels(shallow_t, two_chunks, short, True).shape[1] == 16
     assert step_panels(np.ones((16, 16), np.float32), two_chunks, short, False).shape[0] == 0
     assert step_panels(np.ascontiguousarray(big.T).T, one, below[:1], True).shape[0] == 0
     huge_t = np.ones((64, ONE_ROW_DIRECT_BYTES // 4 // 64), np.float32).T

@@ -178,15 +178,17 @@ CHUNK_PANEL_STEPS = 21
 #: H=128 0.84, H=512 0.97, H=768 0.98, H=1024 (4 MB) 1.04; GRU H=256 0.90, H=512 0.94; LSTM
 #: H=256 0.98; GRU N=2, T=10, H=1024 (12 MB) 1.10.
 ONE_ROW_DIRECT_BYTES = 4 << 20
-#: Depth (K = H, the forward's W_hh^T rows) up to which chunks of one sample pack W_hh for
-#: their forward from ONE_ROW_SHALLOW_STEPS steps instead of ONE_ROW_PANEL_STEPS (and of
-#: CHUNK_PANEL_STEPS for reading it in place): at K = 32 a one-row product on panels takes
-#: a quarter of the time in place (a horizontal sum per output of ``gemm.few_rows_nt``),
-#: since its tiles run inlined (``gemm.few_rows_step``). Measured (float32, Zen 5, in
-#: process, A/B medians, eval forward N=1, packed from 8 steps / before): H=32: LSTM T=20
-#: 0.927, T=25 0.805 (BLAS before), T=10 1.001; GRU T=20 0.951; RNN T=20 0.973, T=25 0.804;
-#: H=16, LSTM T=10 0.984; H=64: LSTM T=20 0.964, RNN T=20 1.004, GRU T=12 1.024; H=128, T=20-25:
-#: LSTM 1.013-1.026, GRU 1.047, RNN 1.049-1.107.
+#: Depth (K = H, the forward's W_hh^T rows) up to which chunks of one or two samples pack
+#: W_hh for their forward from ONE_ROW_SHALLOW_STEPS steps instead of ONE_ROW_PANEL_STEPS
+#: (one sample) and CHUNK_PANEL_STEPS (reading it in place below): at K = 32 a one-row
+#: product on panels takes a quarter of the time in place (a horizontal sum per output of
+#: ``gemm.few_rows_nt``), since its tiles run inlined (``gemm.few_rows_step``). Measured
+#: (float32, Zen 5, in process, A/B medians, eval forward, packed from 8 steps / before):
+#: N=1, H=32: LSTM T=20 0.927, T=25 0.805 (BLAS before), T=10 1.001; GRU T=20 0.951; RNN
+#: T=20 0.973, T=25 0.804; H=16, LSTM T=10 0.984; H=64: LSTM T=20 0.964, RNN T=20 1.004, GRU
+#: T=12 1.024; H=128, T=20-25: LSTM 1.013-1.026, GRU 1.047, RNN 1.049-1.107. Chunks of two
+#: (N=4): H=32, T=20 LSTM 0.833, GRU 0.855, RNN 0.926; H=16, LSTM T=10 0.943; LSTM N=3,
+#: T=12, H=32 1.001.
 ONE_ROW_SHALLOW_DEPTH = 32
 ONE_ROW_SHALLOW_STEPS = 8
 
@@ -204,7 +206,7 @@ def step_products(nbytes, depth, chunks, widest, longest, forward):
     STEPS_BLAS. Also asked from Python (``fastseq._threads.forward_steps_call_blas``:
     whether BLAS is held at one thread)."""
     spread = chunks == 1 and nbytes >= SPREAD_STEP_BYTES
-    shallow = forward and widest == 1 and depth <= ONE_ROW_SHALLOW_DEPTH
+    shallow = forward and depth <= ONE_ROW_SHALLOW_DEPTH  # chunks of 1-2 samples: see there
     one_row = longest >= (ONE_ROW_SHALLOW_STEPS if shallow else ONE_ROW_PANEL_STEPS) and not spread
     short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS and not (shallow and one_row)
     if forward and short and (widest > 1 or nbytes < ONE_ROW_DIRECT_BYTES and not spread):
@@ -223,8 +225,8 @@ def step_panels(b, chunk_samples, lengths, forward):
     (b of SPREAD_STEP_BYTES or more). For a ``forward`` (b = w.T, W_hh^T) and chunks of at most
     DIRECT_STEP_ROWS samples shorter than CHUNK_PANEL_STEPS (of one sample each: b below
     ONE_ROW_DIRECT_BYTES, and not spread): panels of shape (1, 0, NR), for which
-    ``gemm.gemm_step_forward`` reads w in place. A forward's chunks of one sample with b
-    of at most ONE_ROW_SHALLOW_DEPTH rows are packed from ONE_ROW_SHALLOW_STEPS steps.
+    ``gemm.gemm_step_forward`` reads w in place. A forward's chunks of one or two samples
+    with b of at most ONE_ROW_SHALLOW_DEPTH rows are packed from ONE_ROW_SHALLOW_STEPS steps.
     chunk_samples (K+1,): the chunks' first state indices; lengths (N,): the samples'
     lengths."""
     widest = 0
