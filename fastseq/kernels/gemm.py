@@ -745,7 +745,7 @@ def few_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
 def quarter_rows(kc, a, a_row, a_col, panels, k, k0, c, c_row, accumulate):
     """:func:`few_rows` for up to QUARTER_MR rows: tiles of QUARTER_MR rows by 4 panels (of
     the 1-3 panels left over then, a pair runs at once, the rest one at a time). Inlined,
-    also into the forwards' per-step products of one row (:func:`gemm_step_rows`)."""
+    also into the time loops' per-step products of one or two rows (:func:`few_rows_step`)."""
     mr, m = c.shape
     nr = panels.shape[2]
     step = k * nr
@@ -851,8 +851,8 @@ def few_rows_step(a, b_panels, out):
     when it has at most QUARTER_MR rows and B's panels (:func:`gemm_step`): the tiles
     :func:`gemm_packed` runs there (:func:`quarter_rows`, bitwise the same) without its
     calls. Returns whether it did. Measured (float32, one thread, Zen 5, a loop of LSTM
-    steps of one row, the product and the gate math, ns a step, called / inlined): H = 16
-    109 / 68, 32 174 / 89, 64 452 / 376."""
+    steps of one row with the gate math inlined, ns a step, the product through
+    :func:`gemm_packed` / here): H = 16 109 / 68, 32 174 / 89, 64 452 / 376."""
     n, k = a.shape
     if n == 0 or n > QUARTER_MR or b_panels.shape[0] == 0 or b_panels.shape[1] != k or k > K_BLOCK_ROWS:
         return False
