@@ -359,7 +359,8 @@ def kernels_call_blas(packing, forward_w_hh=None) -> bool:
 def forward_steps_call_blas(packing, w_hh) -> bool:
     """Whether a forward's per-step products by ``w_hh``^T go to BLAS: the kernels' own rule
     (``kernels.common.step_products``) for W_hh's bytes, which bound those of the GRU's
-    blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh would be)."""
+    blocks (W_hr and W_hz, W_hn: read in place or packed whenever W_hh would be), and its
+    depth H (W_hh^T's rows, the blocks' too)."""
     longest = packing.batch_sizes.shape[1]
     return (
         step_products(w_hh.nbytes, w_hh.shape[1], packing.n_chunks, packing.widest_chunk, longest, True)

@@ -206,7 +206,7 @@ def step_products(nbytes, depth, chunks, widest, longest, forward):
     STEPS_BLAS. Also asked from Python (``fastseq._threads.forward_steps_call_blas``:
     whether BLAS is held at one thread)."""
     spread = chunks == 1 and nbytes >= SPREAD_STEP_BYTES
-    shallow = forward and depth <= ONE_ROW_SHALLOW_DEPTH  # chunks of 1-2 samples: see there
+    shallow = forward and depth <= ONE_ROW_SHALLOW_DEPTH  # matters for 1-2 samples a chunk only
     one_row = longest >= (ONE_ROW_SHALLOW_STEPS if shallow else ONE_ROW_PANEL_STEPS) and not spread
     short = widest <= DIRECT_STEP_ROWS and longest < CHUNK_PANEL_STEPS and not (shallow and one_row)
     if forward and short and (widest > 1 or nbytes < ONE_ROW_DIRECT_BYTES and not spread):

@@ -859,6 +859,8 @@ def few_rows_step(a, b_panels, out):
     if a.strides[1] != a.itemsize:
         return False
     isz = a.itemsize
+    # the arguments of gemm_packed's call to few_rows (k0 and accumulate typed as run-time
+    # values, not literals): the same tiles with the same types
     quarter_rows(
         k, a[0:, 0:], a.strides[0] // isz, 1, b_panels, k, k * 0, out[0:, 0:], out.strides[0] // isz, k < 0
     )
